@@ -1,0 +1,81 @@
+"""Everything qllava prints with rich: training progress, summary tables. The CLI's edge; nothing imports it but cli.py."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(highlight=False)
+if not console.is_terminal:  # logs and notebooks: wide enough for the summary tables, no live bar
+    console.width = max(console.width, 140)
+
+
+def say(message: str) -> None:
+    console.print(message, soft_wrap=True)
+
+
+class TrainingProgress:
+    """A progress bar per stage: step, loss, lr, tokens/s (all and trained), pad fraction, memory, ETA."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.progress = None
+        self.task = None
+
+    def __call__(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == "begin" and console.is_terminal:
+            self.progress = Progress(TextColumn(f"[bold]{self.stage}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                     TimeRemainingColumn(), console=console)
+            self.progress.start()
+            self.task = self.progress.add_task(self.stage, total=event["max_steps"], stats="")
+        elif kind == "log":
+            stats = (f"loss {event['loss']:.4f}  lr {event['lr']:.2e}  {event['tokens_per_s']:,.0f} tok/s "
+                     f"({event['label_tokens_per_s']:,.0f} trained)  pad {event['pad_fraction']:.1%}  "
+                     f"mem {event['memory_gib']:.1f} GiB")
+            eta = event["elapsed_s"] / event["step"] * (event["max_steps"] - event["step"])
+            console.print(f"{self.stage} step {event['step']}/{event['max_steps']}  {stats}  ETA {eta:.0f}s")
+            if self.progress:
+                self.progress.update(self.task, completed=event["step"], stats=stats)
+        elif kind == "end" and self.progress:
+            self.progress.update(self.task, completed=event["step"])
+            self.progress.stop()
+
+
+def stage_table(metrics: dict) -> Table:
+    table = Table(title="training summary")
+    for column in ("stage", "steps", "loss first -> last", "time", "tokens/s", "trained tok/s", "pad", "samples",
+                   "skipped", "attention", "peak mem"):
+        table.add_column(column, justify="right" if column not in ("stage", "attention") else "left")
+    for name in ("stage1", "stage2"):
+        m = metrics.get(name)
+        if not m:
+            continue
+        data = m["data"]
+        loss = f"{m['first_loss']:.3f} -> {m['final_loss']:.3f}" if m["first_loss"] is not None else "-"
+        table.add_row(name, str(m["steps"]), loss, f"{m['train_seconds']:.0f}s", f"{m['tokens_per_s']:,.0f}",
+                      f"{m['label_tokens_per_s']:,.0f}", f"{m['pad_fraction']:.1%}", f"{data['used']:,}",
+                      f"{sum(data['skipped'].values()):,}", m["attn_implementation"], f"{m['peak_memory_gib']:.2f} GiB")
+    return table
+
+
+def accuracy_table(metrics: dict) -> Table | None:
+    points = [p for p in ("before", "stage1", "stage2", "blank_images") if f"accuracy_{p}" in metrics]
+    if not points:
+        return None
+    categories = sorted({c for p in points for c in metrics.get(f"by_category_{p}", {})})
+    table = Table(title="held-out accuracy")
+    table.add_column("model")
+    table.add_column("accuracy", justify="right")
+    for c in categories:
+        table.add_column(c, justify="right")
+    labels = {"before": "before training", "stage1": "after stage 1", "stage2": "after stage 2",
+              "blank_images": "after stage 2, blank images"}
+    for p in points:
+        by = metrics.get(f"by_category_{p}", {})
+        table.add_row(labels[p], f"{metrics[f'accuracy_{p}']:.3f}", *(f"{by.get(c, 0):.3f}" for c in categories))
+    if "chance" in metrics:
+        table.add_row("chance", f"{metrics['chance']:.3f}", *("" for _ in categories))
+    return table

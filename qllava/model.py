@@ -1,0 +1,208 @@
+"""Building LLaVA: processor, the model assembled from a vision tower + a decoder (4-bit), LoRA, projector files.
+
+Stage 1 assembles LlavaForConditionalGeneration in memory from two checkpoints: the decoder is loaded by
+from_pretrained straight into NF4 (weights are quantized shard by shard as they stream in, so no
+full-precision copy of the 7B decoder is ever written or held), the CLIP vision tower is loaded in the
+recipe's dtype, and the 2-layer MLP projector is new (or read from a projector file). A llava-hf checkpoint
+is loaded whole, with the vision tower, projector and lm_head kept out of quantization.
+Everything is frozen here; train.py decides what learns.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor, AutoTokenizer, BitsAndBytesConfig,
+                          CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+from .recipe import LoraConfig, ModelConfig, QuantizationConfig, Recipe, load_recipe
+
+IMAGE_TOKEN = "<image>"
+PROJECTOR_FILE = "projector.safetensors"
+# Full module-name prefixes: bitsandbytes silently quantizes a module named by its bare name (STACK.md).
+NOT_QUANTIZED = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+
+
+def attention_implementation(requested: str) -> str:
+    """flash_attention_2 when flash-attn is importable and CUDA is present, else sdpa (or what was asked)."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def device() -> torch.device:
+    """This process's device: its own GPU under torchrun (LOCAL_RANK), else GPU 0, else CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def build_processor(cfg: ModelConfig) -> LlavaProcessor:
+    """Image processor of the vision tower + the decoder's tokenizer with an image token and a pad token."""
+    if cfg.llava:
+        return AutoProcessor.from_pretrained(cfg.llava)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.decoder)
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    if tokenizer.pad_token is None:
+        # LLaVA pads with <unk>; padded positions never reach the loss or attention anyway.
+        if tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    image_processor = AutoImageProcessor.from_pretrained(cfg.vision_tower)
+    vision_config = AutoConfig.from_pretrained(cfg.vision_tower)
+    vision_config = getattr(vision_config, "vision_config", vision_config)  # a full CLIP checkpoint nests it
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
+                          vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                          num_additional_image_tokens=1, image_token=IMAGE_TOKEN)
+
+
+def image_tokens_per_image(model: LlavaForConditionalGeneration) -> int:
+    """(image_size / patch)^2 features per image, +1 when the CLS feature is kept ("full")."""
+    vision = model.config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches + (1 if model.config.vision_feature_select_strategy == "full" else 0)
+
+
+def load_base_model(recipe: Recipe, processor: LlavaProcessor, quantized: bool = True,
+                    dtype: str | None = None) -> LlavaForConditionalGeneration:
+    """LLaVA with every parameter frozen: 4-bit decoder when `quantized` and the recipe asks for it.
+
+    `dtype` overrides the recipe's model dtype (merge reloads the base in the dtype it exports).
+    """
+    cfg = recipe.model
+    torch_dtype = getattr(torch, dtype or cfg.dtype)
+    quantization = build_quantization_config(recipe.quantization) if quantized else None
+    attn = attention_implementation(cfg.attn_implementation)
+    place = {"device_map": {"": device()}} if torch.cuda.is_available() else {}
+    if cfg.llava:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            cfg.llava, dtype=torch_dtype, quantization_config=quantization, attn_implementation=attn, **place)
+    else:
+        model = _assemble(cfg, processor, torch_dtype, quantization, attn, place)
+    model.requires_grad_(False)
+    _keep_4bit_trainable_on_cpu(model)
+    model.config.use_cache = False
+    return model
+
+
+def build_quantization_config(q: QuantizationConfig) -> BitsAndBytesConfig | None:
+    if not q.load_in_4bit:
+        return None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, q.bnb_4bit_compute_dtype),
+                              llm_int8_skip_modules=NOT_QUANTIZED)
+
+
+def attach_lora(model: LlavaForConditionalGeneration, cfg: LoraConfig):
+    """peft LoRA on the decoder's linear layers only (CLIP has q/k/v_proj too, so names are anchored)."""
+    import peft
+    targets = "|".join(cfg.target_modules)
+    lora = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                           target_modules=rf".*language_model\..*\.({targets})",
+                           modules_to_save=list(cfg.modules_to_save) or None, task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, lora)
+
+
+def projector(model) -> torch.nn.Module:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.multi_modal_projector
+
+
+def save_projector(model, folder: Path) -> Path:
+    path = Path(folder) / PROJECTOR_FILE
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in projector(model).state_dict().items()}
+    save_file(state, path)
+    return path
+
+
+def load_projector(model, path: Path) -> None:
+    """Load projector weights, keeping the projector's current dtype and device."""
+    target = projector(model)
+    ref = next(target.parameters())
+    state = load_file(str(path))
+    expected = set(target.state_dict())
+    if set(state) != expected:
+        raise ValueError(f"{path}: not a projector for this model (keys {sorted(state)}, expected {sorted(expected)})")
+    for key, value in state.items():
+        if value.shape != target.state_dict()[key].shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, this model's projector needs "
+                             f"{tuple(target.state_dict()[key].shape)} (a run of another base model?)")
+    target.load_state_dict({k: v.to(ref.device, ref.dtype) for k, v in state.items()})
+
+
+def load_run(run_dir: Path, quantized: bool = True, dtype: str | None = None):
+    """A finished run folder -> (model, processor, recipe): the base, its projector and adapter (stage 2)."""
+    run_dir = Path(run_dir)
+    stage_dir = run_dir / "stage2" if (run_dir / "stage2" / PROJECTOR_FILE).exists() else run_dir / "stage1"
+    if not (stage_dir / PROJECTOR_FILE).exists():
+        raise FileNotFoundError(f"{run_dir} is not a qllava run: no stage2/{PROJECTOR_FILE} or stage1/{PROJECTOR_FILE}")
+    recipe = load_recipe(stage_dir / "recipe.toml")
+    processor = AutoProcessor.from_pretrained(stage_dir) if (stage_dir / "processor_config.json").exists() \
+        else build_processor(recipe.model)
+    model = load_base_model(recipe, processor, quantized=quantized, dtype=dtype)
+    load_projector(model, stage_dir / PROJECTOR_FILE)
+    if (stage_dir / "adapter_config.json").exists():
+        import peft
+        model = peft.PeftModel.from_pretrained(model, stage_dir)
+        model.requires_grad_(False)
+    return model.eval(), processor, recipe
+
+
+def _assemble(cfg: ModelConfig, processor, torch_dtype, quantization, attn, place) -> LlavaForConditionalGeneration:
+    tokenizer = processor.tokenizer
+    decoder = AutoModelForCausalLM.from_pretrained(cfg.decoder, dtype=torch_dtype, quantization_config=quantization,
+                                                   attn_implementation=attn, **place)
+    _fit_embeddings(decoder, len(tokenizer))
+    vision = CLIPVisionModel.from_pretrained(cfg.vision_tower, dtype=torch_dtype, attn_implementation=attn, **place)
+    config = LlavaConfig(vision_config=vision.config, text_config=decoder.config,
+                         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                         vision_feature_layer=cfg.vision_feature_layer,
+                         vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                         projector_hidden_act=cfg.projector_hidden_act, tie_word_embeddings=False)
+    config._attn_implementation = attn
+    # The shell is built on the meta device: its vision tower and decoder are replaced by the loaded ones,
+    # so no memory is spent on weights that would be thrown away.
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = vision
+    model.model.language_model = decoder.model
+    model.lm_head = decoder.lm_head
+    model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(vision.device, torch_dtype)
+    model.generation_config = decoder.generation_config
+    model.config.text_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _fit_embeddings(decoder, vocab_size: int) -> None:
+    """Grow embeddings and lm_head for the added image/pad tokens, to a multiple of 64.
+
+    New rows are the mean of the old ones (as LLaVA does), not random: a reloaded base must be identical
+    to the trained one, or merged weights and adapters would not match.
+    """
+    old = decoder.get_input_embeddings().weight.shape[0]
+    if vocab_size <= old:
+        return
+    decoder.resize_token_embeddings(vocab_size, pad_to_multiple_of=64, mean_resizing=False)
+    with torch.no_grad():
+        for weight in (decoder.get_input_embeddings().weight, decoder.get_output_embeddings().weight):
+            weight[old:] = weight[:old].mean(dim=0, keepdim=True)
+
+
+def _keep_4bit_trainable_on_cpu(model) -> None:
+    """On CPUs with AVX512-BF16, a no-grad forward repacks a Linear4bit's weight and every later training step
+    runs a kernel without autograd: gradients silently wrong (STACK.md). Turning that path off keeps them exact."""
+    import bitsandbytes as bnb
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False

@@ -1,0 +1,151 @@
+"""Rows and batches: samples grouped into rows (packed best-fit decreasing, or one per row) and the collator.
+
+Packed rows are exact, not approximate: transformers isolates the samples of a row (block-diagonal causal
+attention, or FlashAttention varlen) only when position_ids restart at 0 for every sample, the attention
+mask is None and no cache is built (STACK.md). The collator produces exactly that, masks the first label
+of every sample (so no sample learns from its predecessor's last token), and orders pixel_values as their
+image tokens appear. Unpacked rows are right-padded with an attention mask, the classic way.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+
+from .data import ImageStore, pad_to_square
+
+
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Sample indices grouped into rows of total length <= capacity, longest samples placed first,
+    each into the row it fills best. Equal lengths keep the order given (the caller shuffles them)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, row index), sorted
+    for i in order:
+        at = bisect.bisect_left(free, (lengths[i], -1))
+        if at == len(free):
+            rows.append([i])
+            bisect.insort(free, (capacity - lengths[i], len(rows) - 1))
+        else:
+            space, row = free.pop(at)
+            rows[row].append(i)
+            bisect.insort(free, (space - lengths[i], row))
+    return rows
+
+
+class Rows:
+    """The rows of the current epoch: lists of sample indices, one sample per row unless packing.
+
+    Packed rows are re-drawn every epoch (set_epoch): samples of equal length are shuffled among themselves
+    before best-fit decreasing, so rows change but their number and lengths stay fixed, as the trainer's
+    step count requires. The trainer sees only row numbers (as_dataset); the collator looks rows up here.
+    """
+
+    def __init__(self, samples, max_seq_len: int, packing: bool, seed: int):
+        self.samples = samples
+        self.lengths = list(samples["length"])
+        self.max_seq_len = max_seq_len
+        self.packing = packing
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        if not self.packing:
+            self.rows = [[i] for i in range(len(self.lengths))]
+            return
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        by_length = defaultdict(list)
+        for i, n in enumerate(self.lengths):
+            by_length[n].append(i)
+        shuffled = []
+        for n in sorted(by_length):
+            group = by_length[n]
+            rng.shuffle(group)
+            shuffled += group
+        rows = best_fit_decreasing([self.lengths[i] for i in shuffled], self.max_seq_len)
+        self.rows = [[shuffled[j] for j in row] for row in rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def samples_of(self, row: int) -> list[dict]:
+        return [self.samples[j] for j in self.rows[row]]
+
+    def as_dataset(self) -> datasets.Dataset:
+        """Row numbers as a datasets.Dataset: what TRL's trainer accepts and its sampler shuffles."""
+        return datasets.Dataset.from_dict({"row": list(range(len(self.rows)))})
+
+
+@dataclass
+class TokenCounts:
+    """What the collator has built so far: real tokens, label tokens and padded slots."""
+
+    tokens: int = 0
+    label_tokens: int = 0
+    slots: int = 0
+
+    @property
+    def pad_fraction(self) -> float:
+        return 1 - self.tokens / self.slots if self.slots else 0.0
+
+
+@dataclass
+class Collator:
+    """Turns a list of row numbers into one batch for LlavaForConditionalGeneration."""
+
+    rows: Rows
+    images: ImageStore
+    image_processor: object
+    image_aspect_ratio: str
+    pad_token_id: int
+    counts: TokenCounts = field(default_factory=TokenCounts)
+
+    def __call__(self, features: list[dict]) -> dict:
+        return self.batch([self.rows.samples_of(f["row"]) for f in features])
+
+    def batch(self, rows: list[list[dict]]) -> dict:
+        """The batch of rows given as lists of tokenized samples."""
+        row_lengths = torch.tensor([sum(len(s["input_ids"]) for s in row) for row in rows])
+        width = int(row_lengths.max())
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            at = 0
+            for sample in row:
+                n = len(sample["input_ids"])
+                ids[r, at:at + n] = torch.tensor(sample["input_ids"])
+                labels[r, at:at + n] = torch.tensor(sample["labels"])
+                labels[r, at] = -100  # never learn a sample's first token from the previous sample's last one
+                positions[r, at:at + n] = torch.arange(n)
+                at += n
+            positions[r, at:] = torch.arange(width - at)  # padding is a sequence of its own
+        batch = {"input_ids": ids, "labels": labels}
+        if self.rows.packing:
+            batch["position_ids"] = positions
+        else:
+            batch["attention_mask"] = (torch.arange(width)[None, :] < row_lengths[:, None]).long()
+        pixel_values = self.pixel_values([s for row in rows for s in row])
+        if pixel_values is not None:
+            batch["pixel_values"] = pixel_values
+        self._count(row_lengths, labels, width)
+        return batch
+
+    def pixel_values(self, samples: list[dict]) -> torch.Tensor | None:
+        """Images of the samples that have one, in sample order (the order of their image tokens)."""
+        images = [self.images.open(s["source"], s["image"]) for s in samples if s["image"]]
+        if not images:
+            return None
+        if self.image_aspect_ratio == "pad":
+            images = [pad_to_square(img, self.image_processor.image_mean) for img in images]
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def _count(self, row_lengths: torch.Tensor, labels: torch.Tensor, width: int) -> None:
+        self.counts.tokens += int(row_lengths.sum())
+        self.counts.label_tokens += int((labels != -100).sum())
+        self.counts.slots += len(row_lengths) * width

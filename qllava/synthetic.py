@@ -1,0 +1,175 @@
+"""The demo's synthetic visual-question dataset: one coloured shape per picture, written as LLaVA JSON + PNG.
+
+Deterministic from a seed. Stage 1 gets captions ("a red circle on the left"), stage 2 gets 1-3 questions
+per image about colour, shape and position (plus a few text-only samples, as LLaVA's mix has), and the
+held-out split is drawn from another seed with every (colour, shape, side, question) combination equally
+often, so that a model blind to the image scores exactly chance. Nothing downstream knows these are
+synthetic: the files are read by the normal LLaVA JSON loader.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from . import tiny
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+SIDES = ("left", "right")
+QUESTIONS = {
+    "color": ("What color is the shape?", tuple(COLORS)),
+    "shape": ("What shape is in the image?", SHAPES),
+    "position": ("Is the shape on the left or the right?", SIDES),
+}
+TEXT_ONLY = [
+    ("Which colors can the shapes have?", "red, green, blue or yellow"),
+    ("Which shapes can appear in the pictures?", "circle, square or triangle"),
+    ("Where can the shape be?", "on the left or on the right"),
+]
+IMAGE_SIZE = (72, 64)  # not square on purpose: LLaVA's "pad" preprocessing is exercised
+SPLIT_SEED_OFFSET = {"train": 0, "eval": 1_000_003}
+
+
+def write_shapes_dataset(data_dir: Path, train_samples: int, eval_samples: int, seed: int) -> dict[str, Path]:
+    """Write images/, captions.json (stage 1), questions.json (stage 2), eval.json (held out); return the paths."""
+    data_dir = Path(data_dir)
+    (data_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed + SPLIT_SEED_OFFSET["train"])
+    train = [_random_scene(rng) for _ in range(train_samples)]
+    captions = [_caption_sample(f"train-{i}", scene) for i, scene in enumerate(train)]
+    questions = [_question_sample(f"train-{i}", scene, rng) for i, scene in enumerate(train)]
+    questions += [_text_only_sample(f"text-{i}", rng) for i in range(max(1, train_samples // 20))]
+    rng.shuffle(questions)
+    eval_rng = random.Random(seed + SPLIT_SEED_OFFSET["eval"])
+    held_out = [_eval_sample(i, eval_rng) for i in range(eval_samples)]
+    for sample, scene in [(c, s) for c, s in zip(captions, train)] + [(e, e.pop("_scene")) for e in held_out]:
+        _draw(scene).save(data_dir / "images" / sample["image"])
+    paths = {"captions": data_dir / "captions.json", "questions": data_dir / "questions.json",
+             "eval": data_dir / "eval.json"}
+    for name, samples in (("captions", captions), ("questions", questions), ("eval", held_out)):
+        paths[name].write_text(json.dumps(samples, indent=1))
+    return paths
+
+
+def corpus(data_dir: Path) -> list[str]:
+    """Every text of the written dataset (for training the tiny tokenizer)."""
+    texts = []
+    for name in ("captions.json", "questions.json", "eval.json"):
+        for sample in json.loads((Path(data_dir) / name).read_text()):
+            texts += [turn["value"].replace("<image>", "") for turn in sample["conversations"]]
+    return texts
+
+
+def _random_scene(rng: random.Random) -> dict:
+    return {"color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES), "side": rng.choice(SIDES),
+            "size": rng.randint(18, 26), "jitter": (rng.randint(-5, 5), rng.randint(-12, 12)),
+            "noise_seed": rng.randrange(1 << 30)}
+
+
+def _caption_sample(sample_id: str, scene: dict) -> dict:
+    caption = f"a {scene['color']} {scene['shape']} on the {scene['side']}"
+    return {"id": sample_id, "image": f"{sample_id}.png",
+            "conversations": [{"from": "human", "value": "<image>\nDescribe the image briefly."},
+                              {"from": "gpt", "value": caption}]}
+
+
+def _question_sample(sample_id: str, scene: dict, rng: random.Random) -> dict:
+    kinds = rng.sample(list(QUESTIONS), rng.randint(1, 3))
+    turns = []
+    for i, kind in enumerate(kinds):
+        question = QUESTIONS[kind][0]
+        turns += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + question},
+                  {"from": "gpt", "value": _answer(scene, kind)}]
+    return {"id": sample_id, "image": f"{sample_id}.png", "conversations": turns}
+
+
+def _text_only_sample(sample_id: str, rng: random.Random) -> dict:
+    question, answer = rng.choice(TEXT_ONLY)
+    return {"id": sample_id, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+
+
+def _eval_sample(i: int, rng: random.Random) -> dict:
+    # Walk every combination in turn so each attribute and question kind is balanced in the split.
+    kind = list(QUESTIONS)[i % 3]
+    scene = _random_scene(rng)
+    scene.update(color=list(COLORS)[(i // 3) % 4], shape=SHAPES[(i // 12) % 3], side=SIDES[(i // 36) % 2])
+    question, options = QUESTIONS[kind]
+    sample_id = f"eval-{i}"
+    return {"id": sample_id, "image": f"{sample_id}.png", "category": kind, "options": list(options),
+            "conversations": [{"from": "human", "value": "<image>\n" + question},
+                              {"from": "gpt", "value": _answer(scene, kind)}], "_scene": scene}
+
+
+def _answer(scene: dict, kind: str) -> str:
+    return {"color": scene["color"], "shape": scene["shape"], "position": scene["side"]}[kind]
+
+
+def _draw(scene: dict) -> Image.Image:
+    width, height = IMAGE_SIZE
+    noise = random.Random(scene["noise_seed"])
+    image = Image.new("RGB", IMAGE_SIZE, tuple(235 + noise.randint(-10, 10) for _ in range(3)))
+    draw = ImageDraw.Draw(image)
+    cx = (width // 4 if scene["side"] == "left" else 3 * width // 4) + scene["jitter"][0]
+    cy = height // 2 + scene["jitter"][1]
+    r = scene["size"] // 2
+    fill = COLORS[scene["color"]]
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if scene["shape"] == "circle":
+        draw.ellipse(box, fill=fill)
+    elif scene["shape"] == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return image
+
+
+def prepare(synthetic, vision_tower: str, decoder: str, say=print) -> None:
+    """Write the dataset and tiny checkpoints the recipe names, unless identical ones are already there.
+
+    A marker file records what was written; a folder without one is never overwritten.
+    """
+    data_dir = Path(synthetic.data_dir)
+    data_key = {"version": FORMAT_VERSION, "train_samples": synthetic.train_samples,
+                "eval_samples": synthetic.eval_samples, "seed": synthetic.seed}
+    if _marker(data_dir) != data_key:
+        _refuse_foreign(data_dir)
+        say(f"writing the synthetic shapes dataset to {data_dir} ({synthetic.train_samples} training samples)")
+        write_shapes_dataset(data_dir, synthetic.train_samples, synthetic.eval_samples, synthetic.seed)
+        _write_marker(data_dir, data_key)
+    vision_key = {"version": FORMAT_VERSION, "kind": "vision", "seed": synthetic.seed}
+    if _marker(Path(vision_tower)) != vision_key:
+        _refuse_foreign(Path(vision_tower))
+        say(f"writing a tiny CLIP vision tower to {vision_tower}")
+        tiny.write_vision_tower(Path(vision_tower), synthetic.seed)
+        _write_marker(Path(vision_tower), vision_key)
+    decoder_key = {**data_key, "kind": synthetic.decoder_family}
+    if _marker(Path(decoder)) != decoder_key:
+        _refuse_foreign(Path(decoder))
+        say(f"writing a tiny {synthetic.decoder_family} decoder and tokenizer to {decoder}")
+        tiny.write_decoder(Path(decoder), synthetic.decoder_family, corpus(data_dir), synthetic.seed)
+        _write_marker(Path(decoder), decoder_key)
+
+
+FORMAT_VERSION = 2
+MARKER = "qllava_synthetic.json"
+
+
+def _marker(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_marker(folder: Path, key: dict) -> None:
+    (folder / MARKER).write_text(json.dumps(key))
+
+
+def _refuse_foreign(folder: Path) -> None:
+    if folder.exists() and any(folder.iterdir()) and not (folder / MARKER).exists():
+        raise FileExistsError(f"{folder} exists and was not written by qllava's [synthetic] step; "
+                              "point the recipe elsewhere or remove it")

@@ -1,0 +1,145 @@
+"""LLaVA conversation templates, rendered character for character as official LLaVA renders them.
+
+The reference is LLaVA's llava/conversation.py (get_prompt) and the preprocess_* functions of
+llava/train/train.py. A template turns a conversation into one string plus the character spans that
+are trained on (each assistant message and the end token LLaVA appends to it). Tokenization and the
+token-level labels are data.py's job; spans keep this module free of any tokenizer.
+
+Rules reproduced from LLaVA:
+- `plain` (stage 1): "<image>" + caption + "\\n"; the human text is dropped, the caption and newline are trained.
+- `vicuna_v1` (SeparatorStyle.TWO): system + " " + "USER: q ASSISTANT: a</s>USER: ..." ; the generation
+  prompt ends with "ASSISTANT:".
+- `mistral_instruct` / `llava_llama_2` (SeparatorStyle.LLAMA_2): "[INST] q [/INST] a </s>" rounds, joined by
+  the template's sep ("" / "<s>"); llava_llama_2 wraps its system prompt in <<SYS>> inside the first [INST].
+- the image tag is moved to the start of the first human turn as "<image>\\n" (preprocess_multimodal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IMAGE_TAG = "<image>"
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+LLAVA_LLAMA_2_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that "
+    "the user provides, and assist the user with a variety of tasks using natural language."
+)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A conversation as text, and the [start, end) character spans whose tokens are labels."""
+
+    text: str
+    trained: tuple[tuple[int, int], ...]
+
+
+class TemplateError(ValueError):
+    """A conversation the template cannot render (the message says why)."""
+
+
+def render(template: str, turns: list[tuple[str, str]], bos: str, eos: str,
+           generation_prompt: bool = False) -> Rendered:
+    """Render (role, text) turns, roles "user"/"assistant", alternating and starting with the user.
+
+    With generation_prompt, the turns end with a user turn and the text ends where the model starts to answer.
+    LLaVA writes the end token literally ("</s>"); `eos`/`bos` are the tokenizer's own strings for it.
+    """
+    _check_turns(turns, generation_prompt)
+    if template == "plain":
+        return _render_plain(turns, generation_prompt)
+    if template == "vicuna_v1":
+        return _render_two(VICUNA_SYSTEM, ("USER", "ASSISTANT"), turns, eos, generation_prompt)
+    if template == "mistral_instruct":
+        return _render_llama_2("", sep="", turns=turns, eos=eos)
+    if template == "llava_llama_2":
+        return _render_llama_2(LLAVA_LLAMA_2_SYSTEM, sep=bos, turns=turns, eos=eos)
+    raise TemplateError(f"unknown template {template!r}")
+
+
+def move_image_tag_first(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """LLaVA's preprocess_multimodal: the tag leaves its place and opens the first user turn as "<image>\\n"."""
+    out = []
+    for i, (role, text) in enumerate(turns):
+        if i == 0:
+            text = (IMAGE_TAG + "\n" + text.replace(IMAGE_TAG, "").strip()).strip()
+        out.append((role, text))
+    return out
+
+
+class _Builder:
+    """Appends text pieces and remembers which of them are trained."""
+
+    def __init__(self):
+        self.text = ""
+        self.spans: list[tuple[int, int]] = []
+
+    def add(self, piece: str, trained: bool = False):
+        if trained and piece:
+            self.spans.append((len(self.text), len(self.text) + len(piece)))
+        self.text += piece
+
+    def done(self) -> Rendered:
+        return Rendered(self.text, tuple(self.spans))
+
+
+def _render_plain(turns, generation_prompt: bool) -> Rendered:
+    # preprocess_plain: the human value is replaced by the image tag alone; caption + sep ("\n") are trained.
+    if not generation_prompt and len(turns) != 2:
+        raise TemplateError(f"the plain template takes one caption turn, got {len(turns) // 2} rounds")
+    if IMAGE_TAG not in turns[0][1]:
+        raise TemplateError("the plain template needs an image (it renders only <image> + caption)")
+    b = _Builder()
+    b.add(IMAGE_TAG)
+    if not generation_prompt:
+        b.add(turns[1][1] + "\n", trained=True)
+    return b.done()
+
+
+def _render_two(system: str, roles: tuple[str, str], turns, eos: str, generation_prompt: bool) -> Rendered:
+    # SeparatorStyle.TWO with sep=" ", sep2=eos: "SYSTEM USER: q ASSISTANT: a</s>USER: ..."
+    b = _Builder()
+    b.add(system + " ")
+    for role, text in turns:
+        if role == "user":
+            b.add(f"{roles[0]}: {text} ")
+        else:
+            b.add(f"{roles[1]}: ")
+            b.add(text + eos, trained=True)
+    if generation_prompt:
+        b.add(f"{roles[1]}:")
+    return b.done()
+
+
+def _render_llama_2(system: str, sep: str, turns, eos: str) -> Rendered:
+    # SeparatorStyle.LLAMA_2: sep + "[INST] q [/INST]" then " a " + eos; the leading sep is stripped.
+    # A generation prompt adds nothing: the text ends with "[/INST]".
+    b = _Builder()
+    for i, (role, text) in enumerate(turns):
+        if role == "user":
+            if i == 0 and system:
+                text = f"<<SYS>>\n{system}\n<</SYS>>\n\n" + text
+            b.add(("" if i == 0 else sep) + f"[INST] {text} [/INST]")
+        else:
+            b.add(" ")
+            b.add(f"{text} {eos}", trained=True)
+    return b.done()
+
+
+def _check_turns(turns, generation_prompt: bool):
+    if not turns:
+        raise TemplateError("the conversation is empty")
+    for i, (role, _) in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            raise TemplateError(f"turn {i + 1} is from {role!r}; turns must alternate user, assistant, starting with user")
+    last = turns[-1][0]
+    if generation_prompt and last != "user":
+        raise TemplateError("a generation prompt must end with a user turn")
+    if not generation_prompt and last != "assistant":
+        raise TemplateError("the conversation has no assistant turn to train on" if len(turns) == 1
+                            else "the conversation ends with a user turn that has no answer")

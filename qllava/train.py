@@ -1,0 +1,294 @@
+"""`qllava finetune`: LLaVA's two stages, each = build model + data + TRL SFTTrainer, train, save.
+
+Stage 1 (alignment) trains only the projector; stage 2 (visual instruction tuning) trains LoRA adapters on
+the decoder's linear layers and the projector, at its own learning rate. qllava owns tokenization, label
+masking, packing and the collator and hands TRL a pre-tokenized dataset of rows (TRL refuses packing for
+vision data and its VLM collator trains on image tokens). Outputs: RUN/stage1 (projector, recipe, metrics),
+RUN/stage2 (adapter, projector, processor, recipe, metrics, loss plot), RUN/metrics.json (held-out scores).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PrinterCallback, TrainerCallback, set_seed
+
+from . import evaluate, model as modeling, synthetic
+from .data import build_stage_dataset
+from .packing import Collator, Rows
+from .recipe import Recipe
+
+STAGES = ("stage1", "stage2")
+
+
+class RunExistsError(FileExistsError):
+    pass
+
+
+@dataclass
+class StageResult:
+    name: str
+    out_dir: Path
+    metrics: dict
+    model: object
+
+
+def finetune(recipe: Recipe, stages=STAGES, overwrite: bool = False, progress=None, say=print) -> dict:
+    """Run the stages the recipe describes; return the run's metrics (also written to RUN/metrics.json).
+
+    `progress(stage_name)` returns a function that receives progress events (dicts) during training.
+    """
+    _claim_run_dir(recipe.run_dir, stages, overwrite)
+    if recipe.synthetic:
+        synthetic.prepare(recipe.synthetic, recipe.model.vision_tower, recipe.model.decoder, say=say)
+    metrics = _read_json(recipe.run_dir / "metrics.json")
+    heldout = HeldOut(recipe, say) if recipe.eval.at else None
+    for name in stages:
+        result = run_stage(recipe, name, progress, say, heldout)
+        metrics[name] = result.metrics
+        if heldout:
+            metrics.update(heldout.scores)
+        _write_json(recipe.run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def run_stage(recipe: Recipe, name: str, progress=None, say=print, heldout: "HeldOut | None" = None) -> StageResult:
+    cfg = getattr(recipe, name)
+    out_dir = recipe.run_dir / name
+    set_seed(cfg.seed)  # the fresh projector and LoRA weights are drawn from it: a rerun is identical
+    processor = modeling.build_processor(recipe.model)
+    model = modeling.load_base_model(recipe, processor)
+    _start_projector(model, recipe, name)
+    if name == "stage1" and heldout:
+        heldout.score("before", model, processor)
+    if name == "stage2":
+        model = modeling.attach_lora(model, recipe.lora)
+    modeling.projector(model).requires_grad_(True)
+    _trainable_to_float32(model)
+
+    tokenizer = processor.tokenizer
+    n_image_tokens = modeling.image_tokens_per_image(model.get_base_model() if name == "stage2" else model)
+    dataset, images, report = build_stage_dataset(cfg, tokenizer, tokenizer.convert_tokens_to_ids(modeling.IMAGE_TOKEN),
+                                                  n_image_tokens, recipe.data.cache_dir, name)
+    say(f"{name}: {report.used} samples, {report.tokens:,} tokens ({report.label_tokens:,} trained)"
+        + "".join(f"; skipped {n}: {reason} (e.g. {', '.join(report.examples[reason])})"
+                  for reason, n in report.skipped.most_common()))
+    rows = Rows(dataset, cfg.max_seq_len, cfg.packing, cfg.seed)
+    collator = Collator(rows, images, processor.image_processor, cfg.image_aspect_ratio, tokenizer.pad_token_id)
+    callbacks = [ProgressCallback(collator, progress(name))] if progress else []
+    trainer = _build_trainer(model, processor, rows, collator, cfg, out_dir, callbacks)
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+
+    metrics = _stage_metrics(trainer, report, collator, seconds, name, model)
+    _save_stage(model, processor, recipe, out_dir, metrics, trainer.state.log_history, name)
+    if heldout:
+        heldout.score(name, model, processor)
+        if name == "stage2":
+            heldout.score("blank_images", model, processor, blank_images=True)
+    return StageResult(name, out_dir, metrics, model)
+
+
+class HeldOut:
+    """The recipe's [eval] questions, scored at the points it names (before, stage1, stage2, blank_images)."""
+
+    def __init__(self, recipe: Recipe, say=print):
+        self.recipe, self.say = recipe, say
+        self.questions, self.images, _ = evaluate.load_questions(recipe.eval.data, recipe.eval.image_folder,
+                                                                 recipe.eval.limit)
+        self.scores: dict = {}
+
+    def score(self, point: str, model, processor, blank_images: bool = False) -> None:
+        if point not in self.recipe.eval.at:
+            return
+        stage2 = self.recipe.stage2
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        answers = evaluate.answer(model, processor, stage2.template, self.questions, self.images,
+                                  stage2.image_aspect_ratio, modeling.image_tokens_per_image(base),
+                                  self.recipe.eval.batch_size, self.recipe.eval.max_new_tokens, blank_images)
+        result = evaluate.score_exact(answers, self.questions)
+        self.scores[f"accuracy_{point}"] = result["accuracy"]
+        self.scores[f"by_category_{point}"] = result["by_category"]
+        if "chance" in result:
+            self.scores["chance"] = result["chance"]
+        self.say(f"held-out accuracy {point}: {result['accuracy']:.3f} ({result['n']} questions)")
+
+
+class ProgressCallback(TrainerCallback):
+    """Hands the CLI's progress display what it shows: step, loss, lr, tokens/s, pad fraction, ETA."""
+
+    def __init__(self, collator: Collator, show):
+        self.collator, self.show = collator, show
+        self.started = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+        self.show({"event": "begin", "max_steps": state.max_steps})
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            elapsed = time.perf_counter() - self.started
+            counts = self.collator.counts
+            self.show({"event": "log", "step": state.global_step, "max_steps": state.max_steps,
+                       "loss": logs["loss"], "lr": logs.get("learning_rate", 0.0), "elapsed_s": elapsed,
+                       "tokens_per_s": counts.tokens / elapsed, "label_tokens_per_s": counts.label_tokens / elapsed,
+                       "pad_fraction": counts.pad_fraction, "memory_gib": peak_memory_gib()})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.show({"event": "end", "step": state.global_step})
+
+
+def peak_memory_gib() -> float:
+    """Peak GPU memory allocated, or the process's peak resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _build_trainer(model, processor, rows, collator, cfg, out_dir: Path, callbacks):
+    from trl import SFTConfig, SFTTrainer
+    cuda = torch.cuda.is_available()
+    dtype = model.get_input_embeddings().weight.dtype
+    args = SFTConfig(
+        output_dir=str(out_dir / "checkpoints"), per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_ratio,
+        lr_scheduler_type=cfg.lr_scheduler_type, weight_decay=cfg.weight_decay, seed=cfg.seed,
+        logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500, activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False}, bf16=cuda and dtype == torch.bfloat16,
+        fp16=cuda and dtype == torch.float16, use_cpu=not cuda, report_to="none", disable_tqdm=True,
+        remove_unused_columns=False, dataloader_num_workers=0, max_length=None, packing=False,
+        dataset_kwargs={"skip_prepare_dataset": True}, save_only_model=False)
+    optimizer = build_optimizer(model, cfg)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=rows.as_dataset(), data_collator=collator, processing_class=processor,
+                         optimizers=(optimizer, None), callbacks=callbacks)
+    _trainable_to_float32(model)  # TRL casts trainable weights of a 4-bit model to bf16; keep float32 masters
+    trainer.add_callback(_EpochRows(rows))
+    trainer.remove_callback(PrinterCallback)  # progress is the caller's (the CLI's rich display)
+    return trainer
+
+
+def build_optimizer(model, cfg) -> torch.optim.Optimizer:
+    """AdamW with the projector in its own parameter group (LLaVA's mm_projector_lr); biases without decay."""
+    proj = {id(p) for p in modeling.projector(model).parameters()}
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_proj = id(p) in proj
+        lr = (cfg.projector_lr or cfg.learning_rate) if is_proj else cfg.learning_rate
+        decay = 0.0 if p.ndim < 2 else cfg.weight_decay
+        groups.setdefault((is_proj, decay), {"params": [], "lr": lr, "weight_decay": decay,
+                                            "name": ("projector" if is_proj else "adapter") + ("" if decay else "_no_decay")})
+        groups[(is_proj, decay)]["params"].append(p)
+    if cfg.optim == "adamw_torch":
+        return torch.optim.AdamW(list(groups.values()), lr=cfg.learning_rate, fused=torch.cuda.is_available())
+    import bitsandbytes as bnb
+    cls = bnb.optim.PagedAdamW8bit if cfg.optim == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(list(groups.values()), lr=cfg.learning_rate)
+
+
+class _EpochRows(TrainerCallback):
+    """Re-draws packed rows at every epoch start (equal-length samples swap rows; row count stays fixed)."""
+
+    def __init__(self, rows: Rows):
+        self.rows = rows
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.rows.set_epoch(int(state.epoch or 0))
+
+
+def _start_projector(model, recipe: Recipe, name: str) -> None:
+    """Stage 1 starts from a fresh projector; stage 2 from where its recipe says (stage 1's by default)."""
+    if name == "stage1":
+        return
+    source = recipe.stage2.projector
+    if source in ("fresh", "model"):
+        return
+    path = recipe.run_dir / "stage1" / modeling.PROJECTOR_FILE if source == "stage1" else Path(source)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"stage 2 starts from the stage-1 projector {path}, which does not exist: run stage 1 first "
+            f"(qllava finetune RECIPE --stage 1), or set stage2.projector = \"fresh\" or a projector file")
+    modeling.load_projector(model, path)
+
+
+def _trainable_to_float32(model) -> None:
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def _stage_metrics(trainer, report, collator, seconds: float, name: str, model) -> dict:
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    counts = collator.counts
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"stage": name, "steps": trainer.state.global_step, "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None, "train_seconds": round(seconds, 2),
+            "tokens_per_s": counts.tokens / seconds, "label_tokens_per_s": counts.label_tokens / seconds,
+            "pad_fraction": counts.pad_fraction, "trainable_params": trainable,
+            "attn_implementation": model.config._attn_implementation, "peak_memory_gib": peak_memory_gib(),
+            "data": report.to_dict()}
+
+
+def _save_stage(model, processor, recipe: Recipe, out_dir: Path, metrics: dict, log_history: list, name: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    modeling.save_projector(model, out_dir)
+    if name == "stage2":
+        model.save_pretrained(out_dir)  # the PEFT adapter (and modules_to_save) only
+    processor.save_pretrained(out_dir)
+    (out_dir / "recipe.toml").write_text(recipe.to_toml())
+    _write_json(out_dir / "metrics.json", metrics)
+    _write_json(out_dir / "log_history.json", log_history)
+    _plot_loss(log_history, out_dir / "loss.png", name)
+
+
+def _plot_loss(log_history: list, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    points = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    if not points:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*points))
+    ax.set(xlabel="optimizer step", ylabel="training loss", title=f"{title} loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _claim_run_dir(run_dir: Path, stages, overwrite: bool) -> None:
+    """Never overwrite a finished stage silently: --overwrite removes the stages about to run."""
+    existing = [run_dir / s for s in stages if (run_dir / s).exists()]
+    if existing and not overwrite:
+        raise RunExistsError(f"{', '.join(map(str, existing))} already exist: pass --overwrite to replace "
+                             f"{'them' if len(existing) > 1 else 'it'}, or set output.dir to a new folder")
+    for folder in existing:
+        shutil.rmtree(folder)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=_json_default))
+    tmp.replace(path)
+
+
+def _json_default(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)

@@ -1,0 +1,69 @@
+"""`qllava finetune` end to end on the tiny recipe, through the CLI, and its refusals."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qllava.cli import main
+from conftest import ROOT, TINY_RECIPE, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def demo_run(tiny_inputs, tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli") / "tiny_demo"
+    status = main(["finetune", str(TINY_RECIPE), *tiny_overrides(tiny_inputs, run), "eval.batch_size=36"])
+    return status, run
+
+
+def test_finetune_writes_the_run(demo_run, capsys):
+    status, run = demo_run
+    assert status == 0
+    assert {p.name for p in run.iterdir()} == {"stage1", "stage2", "metrics.json"}
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("accuracy_before", "accuracy_stage1", "accuracy_stage2", "accuracy_blank_images"):
+        assert 0 <= metrics[key] <= 1
+    assert metrics["chance"] == pytest.approx((1 / 4 + 1 / 3 + 1 / 2) / 3)
+    assert metrics["stage1"]["steps"] == 8 and metrics["stage2"]["steps"] == 8
+    assert (run / "stage2" / "adapter_model.safetensors").exists() and (run / "stage2" / "loss.png").exists()
+    assert 'template = "mistral_instruct"' in (run / "stage2" / "recipe.toml").read_text()
+
+
+def test_a_stage2_run_folder_reloads_and_generates(demo_run):
+    from qllava import evaluate, model as modeling
+    _, run = demo_run
+    model, processor, recipe = modeling.load_run(run)
+    assert type(model).__name__ == "PeftModelForCausalLM"
+    questions, images, _ = evaluate.load_questions(recipe.eval.data, recipe.eval.image_folder, limit=4)
+    answers = evaluate.answer(model, processor, recipe.stage2.template, questions, images, "pad",
+                              modeling.image_tokens_per_image(model.get_base_model()), batch_size=4, max_new_tokens=3)
+    assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
+
+
+def test_existing_run_is_not_overwritten(demo_run, tiny_inputs, capsys):
+    _, run = demo_run
+    before = (run / "stage2" / "adapter_model.safetensors").read_bytes()
+    assert main(["finetune", str(TINY_RECIPE), *tiny_overrides(tiny_inputs, run)]) == 2
+    assert "already exist: pass --overwrite to replace them" in capsys.readouterr().out
+    assert (run / "stage2" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_stage2_alone_reuses_stage1_with_overwrite(demo_run, tiny_inputs):
+    _, run = demo_run
+    stage1 = (run / "stage1" / "projector.safetensors").read_bytes()
+    assert main(["finetune", str(TINY_RECIPE), "--stage", "2", "--overwrite", *tiny_overrides(tiny_inputs, run),
+                 "eval.at=[]"]) == 0
+    assert (run / "stage1" / "projector.safetensors").read_bytes() == stage1
+    assert (run / "stage2" / "adapter_model.safetensors").exists()
+
+
+def test_recipe_errors_exit_2_without_a_traceback(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TINY_RECIPE.read_text().replace("[lora]\nr = 8", "[lora]\nrank = 8"))
+    out = subprocess.run([sys.executable, "-m", "qllava", "finetune", str(bad), "stage1.learning_rate=-1"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stdout + out.stderr
+    assert "lora.rank: unknown key, did you mean \"r\"?" in out.stdout
+    assert "stage1.learning_rate: must be > 0, got -1.0" in out.stdout

@@ -1,0 +1,176 @@
+"""Reading LLaVA JSON and Hugging Face datasets: what is used, what is skipped and why, caching, images."""
+
+import json
+
+import datasets
+import pytest
+from PIL import Image
+
+from qllava.data import DataError, DataReport, ImageStore, build_stage_dataset, pad_to_square, read_conversations
+from qllava.recipe import StageConfig
+
+
+def write(tmp_path, samples, name="data.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(samples))
+    return str(path)
+
+
+def image_file(folder, name="a.png", size=(8, 4), mode="RGB"):
+    folder.mkdir(exist_ok=True)
+    Image.new(mode, size).save(folder / name)
+    return name
+
+
+def chat(q, a, image=None, sample_id="s"):
+    sample = {"id": sample_id, "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+    if image:
+        sample["image"] = image
+    return sample
+
+
+def test_llava_json_moves_the_image_tag_first_and_keeps_text_only_samples(tmp_path):
+    name = image_file(tmp_path / "img")
+    path = write(tmp_path, [chat("What is it?\n<image>", "A cat.", name, "a"), chat("Hi", "Hello", None, "b")])
+    report = DataReport()
+    convs = read_conversations(path, str(tmp_path / "img"), 0, report)
+    assert [(c.id, c.image, c.turns[0][1]) for c in convs] == [("a", name, "<image>\nWhat is it?"), ("b", "", "Hi")]
+    assert report.skipped == {}
+
+
+def test_image_without_tag_gets_one_in_the_first_turn(tmp_path):
+    name = image_file(tmp_path / "img")
+    convs = read_conversations(write(tmp_path, [chat("What is it?", "A cat.", name)]), str(tmp_path / "img"), 0,
+                               DataReport())
+    assert convs[0].turns[0] == ("user", "<image>\nWhat is it?")
+
+
+def test_bad_samples_are_skipped_and_counted_by_reason(tmp_path):
+    name = image_file(tmp_path / "img")
+    samples = [
+        chat("<image>\nq", "a", "missing.png", "no-file"),
+        {"id": "no-conv"},
+        chat("q", "a <image>", name, "tag-in-answer"),
+        chat("<image> q <image>", "a", name, "two-tags"),
+        chat("<image> q", "a", None, "tag-no-image"),
+        {"id": "bad-role", "conversations": [{"from": "system?", "value": "x"}]},
+        chat("ok", "fine", None, "good"),
+    ]
+    report = DataReport()
+    convs = read_conversations(write(tmp_path, samples), str(tmp_path / "img"), 0, report)
+    assert [c.id for c in convs] == ["good"]
+    assert report.skipped == {
+        "image file not found under the image folder (" + str(tmp_path / "img") + ")": 1,
+        'no "conversations" list': 1,
+        "<image> in an assistant turn": 1,
+        "more than one <image> tag (one image per sample)": 1,
+        "<image> tag but no image": 1,
+        'a turn is not {"from": "human"|"gpt", "value": text}': 1}
+    assert report.examples["<image> in an assistant turn"] == ["tag-in-answer"]
+
+
+@pytest.mark.parametrize("content,message", [
+    ({"not": "a list"}, "expected a JSON list of LLaVA samples"),
+    ("[1, 2", "not valid JSON"),
+])
+def test_file_level_errors_name_the_file(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(DataError, match=f"{path}: {message}"):
+        read_conversations(str(path), "", 0, DataReport())
+    with pytest.raises(DataError, match="nope.json: data file not found"):
+        read_conversations(str(tmp_path / "nope.json"), "", 0, DataReport())
+
+
+def hf_dataset(tmp_path, rows) -> str:
+    folder = tmp_path / "hf"
+    datasets.Dataset.from_dict(rows).save_to_disk(str(folder))
+    return str(folder)
+
+
+def parts(*items):
+    return [{"type": "image", "text": None} if x is None else {"type": "text", "text": x} for x in items]
+
+
+def test_hugging_face_dataset_with_messages_and_images(tmp_path):
+    folder = hf_dataset(tmp_path, {
+        "messages": [[{"role": "user", "content": parts(None, "What is it?")},
+                      {"role": "assistant", "content": parts("A cat.")}],
+                     [{"role": "system", "content": parts("be brief")}, {"role": "user", "content": parts("Hi")},
+                      {"role": "assistant", "content": parts("Hello")}]],
+        "images": [[Image.new("RGB", (4, 4), (255, 0, 0))], []]})
+    from qllava.data import image_source
+    where = image_source(folder, "")
+    report = DataReport()
+    convs = read_conversations(folder, where, 0, report)
+    assert [(c.image, c.turns) for c in convs] == [
+        ("row:0", [("user", "<image>\nWhat is it?"), ("assistant", "A cat.")]),
+        ("", [("user", "Hi"), ("assistant", "Hello")])]
+    assert ImageStore([where]).open(0, "row:0").getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_hugging_face_dataset_needs_a_messages_column(tmp_path):
+    folder = hf_dataset(tmp_path, {"text": ["hello"]})
+    from qllava.data import image_source
+    with pytest.raises(DataError, match='a Hugging Face dataset needs a "messages" column'):
+        image_source(folder, "")
+
+
+def test_pad_to_square_uses_llavas_mean_colour():
+    mean = [0.48145466, 0.4578275, 0.40821073]
+    padded = pad_to_square(Image.new("RGB", (6, 2), (255, 255, 255)), mean)
+    assert padded.size == (6, 6)
+    assert padded.getpixel((0, 0)) == (122, 116, 104) and padded.getpixel((0, 2)) == (255, 255, 255)
+    assert padded.getpixel((0, 4)) == (122, 116, 104)
+
+
+def test_grayscale_rgba_and_palette_images_open_as_rgb(tmp_path):
+    for mode in ("L", "RGBA", "P"):
+        name = image_file(tmp_path / "img", f"{mode}.png", mode=mode)
+        assert ImageStore([str(tmp_path / "img")]).open(0, name).mode == "RGB"
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="bad.png: cannot be read"):
+        ImageStore([str(tmp_path / "img")]).open(0, "bad.png")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_inputs):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_inputs / "mistral")
+    tok.add_tokens(["<image>"], special_tokens=True)
+    return tok
+
+
+def test_stage_dataset_drops_too_long_samples_counts_them_and_is_cached(tmp_path, tokenizer):
+    name = image_file(tmp_path / "img")
+    long_answer = " ".join(["red"] * 80)
+    path = write(tmp_path, [chat("<image>\nq", "red", name, "short"), chat("<image>\nq", long_answer, name, "long")])
+    stage = StageConfig(data=[path], image_folder=str(tmp_path / "img"), template="mistral_instruct", max_seq_len=64)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    dataset, images, report = build_stage_dataset(stage, tokenizer, image_id, 16, str(tmp_path / "cache"), "stage2")
+    assert dataset["id"] == ["short"] and report.used == 1
+    assert report.skipped == {"longer than max_seq_len (64 tokens, image tokens included)": 1}
+    assert dataset[0]["input_ids"].count(image_id) == 16
+    assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 1
+    again, _, report_again = build_stage_dataset(stage, tokenizer, image_id, 16, str(tmp_path / "cache"), "stage2")
+    assert again["input_ids"] == dataset["input_ids"] and report_again.skipped == report.skipped
+
+
+def test_empty_dataset_after_filtering_is_an_error(tmp_path, tokenizer):
+    path = write(tmp_path, [chat("q", " ", None, "empty-answer"), {"id": "x"}, chat("q", "a", None, "y")])
+    stage = StageConfig(data=[path], template="plain", max_seq_len=64)
+    with pytest.raises(DataError) as e:
+        build_stage_dataset(stage, tokenizer, 5, 16, str(tmp_path / "cache"), "stage1")
+    assert str(e.value) == (f"stage1: no trainable samples left in {path} (1 an assistant turn is empty; "
+                            '1 no "conversations" list; 1 the plain template needs an image (it renders only '
+                            '<image> + caption))')
+
+
+def test_max_seq_len_shorter_than_an_image(tmp_path, tokenizer):
+    stage = StageConfig(data=["x.json"], template="vicuna_v1", max_seq_len=10)
+    with pytest.raises(DataError, match="stage1.max_seq_len: 10 is shorter than one image's 16 tokens"):
+        build_stage_dataset(stage, tokenizer, 5, 16, str(tmp_path), "stage1")

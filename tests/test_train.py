@@ -1,0 +1,105 @@
+"""The two stages train what they should and nothing else, and their losses fall."""
+
+import json
+
+import pytest
+import torch
+
+from qllava import model as modeling, train
+
+
+def base_state(recipe) -> dict:
+    """Every tensor of a freshly loaded base (4-bit weights as stored), keyed by plain module path."""
+    model = modeling.load_base_model(recipe, modeling.build_processor(recipe.model))
+    return {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+def plain_name(name: str) -> str:
+    return name.replace("base_model.model.", "").replace(".base_layer", "").replace(".original_module", "")
+
+
+def falling(losses: list[float]) -> bool:
+    third = max(1, len(losses) // 3)
+    return sum(losses[-third:]) / third < sum(losses[:third]) / third
+
+
+@pytest.fixture(scope="module")
+def stages(tiny_inputs, tmp_path_factory):
+    """Stage 1 then stage 2 of the tiny recipe, long enough for losses to move, and the base before them."""
+    from conftest import TINY_RECIPE, tiny_overrides
+    from qllava.recipe import load_recipe
+    run = tmp_path_factory.mktemp("stages") / "run"
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(tiny_inputs, run) + [
+        "stage1.max_steps=40", "stage2.max_steps=40", "stage1.logging_steps=4", "stage2.logging_steps=4"])
+    before = base_state(recipe)
+    one = train.run_stage(recipe, "stage1")
+    two = train.run_stage(recipe, "stage2")
+    return recipe, before, one, two
+
+
+def test_stage1_changes_only_the_projector(stages):
+    _, before, one, _ = stages
+    after = one.model.state_dict()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == {n for n in before if n.startswith("model.multi_modal_projector.")}
+    assert {n for n, p in one.model.named_parameters() if p.requires_grad} == \
+        {n for n in before if n.startswith("model.multi_modal_projector.")}
+
+
+def test_stage2_changes_lora_and_projector_only(stages):
+    _, before, _, two = stages
+    after = two.model.state_dict()
+    base_after = {plain_name(n): t for n, t in after.items() if "lora_" not in n and "modules_to_save" not in n}
+    assert base_after.keys() == before.keys()
+    changed = {n for n in before if not torch.equal(before[n], base_after[n])}
+    # The projector starts from stage 1's, then learns; every other base tensor (4-bit ones included) is untouched.
+    assert changed == {n for n in before if n.startswith("model.multi_modal_projector.")}
+    lora_b = [t for n, t in after.items() if "lora_B" in n]
+    assert len(lora_b) == 14 and all(t.abs().sum() > 0 for t in lora_b)  # B starts at zero: it learned
+    saved = [t for n, t in after.items() if "modules_to_save" in n]
+    originals = {n.replace(".modules_to_save.default", ".original_module"): t for n, t in after.items()
+                 if "modules_to_save" in n}
+    assert len(saved) == 2 and all(not torch.equal(t, after[n]) for n, t in originals.items())
+
+
+def test_stage2_starts_from_stage1s_projector(stages):
+    recipe, _, one, _ = stages
+    from safetensors.torch import load_file
+    stage1 = load_file(str(one.out_dir / modeling.PROJECTOR_FILE))
+    log = json.loads((recipe.run_dir / "stage2" / "log_history.json").read_text())
+    assert log and stage1["linear_1.weight"].shape == (64, 128)
+
+
+def test_losses_fall(stages):
+    _, _, one, two = stages
+    for result in (one, two):
+        losses = [e["loss"] for e in json.loads((result.out_dir / "log_history.json").read_text()) if "loss" in e]
+        assert len(losses) == 10 and falling(losses), (result.name, losses)
+
+
+def test_stage_outputs(stages):
+    _, _, one, two = stages
+    assert {p.name for p in one.out_dir.iterdir()} >= {"projector.safetensors", "recipe.toml", "metrics.json",
+                                                       "loss.png", "processor_config.json", "tokenizer.json"}
+    assert {p.name for p in two.out_dir.iterdir()} >= {"projector.safetensors", "recipe.toml", "metrics.json",
+                                                       "loss.png", "adapter_config.json", "adapter_model.safetensors",
+                                                       "processor_config.json", "tokenizer.json"}
+    metrics = json.loads((two.out_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 40 and metrics["data"]["used"] > 400 and metrics["attn_implementation"] == "sdpa"
+    assert 0 <= metrics["pad_fraction"] < 0.05 and metrics["tokens_per_s"] > 0
+
+
+def test_projector_group_has_its_own_learning_rate(tiny_recipe):
+    recipe = tiny_recipe("stage2.projector_lr=1e-5", "stage2.learning_rate=3e-4", "stage2.weight_decay=0.1")
+    model = modeling.attach_lora(modeling.load_base_model(recipe, modeling.build_processor(recipe.model)), recipe.lora)
+    modeling.projector(model).requires_grad_(True)
+    groups = {g["name"]: (g["lr"], g["weight_decay"], len(g["params"])) for g in
+              train.build_optimizer(model, recipe.stage2).param_groups}
+    assert groups == {"adapter": (3e-4, 0.1, 30), "projector": (1e-5, 0.1, 2), "projector_no_decay": (1e-5, 0.0, 2)}
+
+
+def test_stage2_refuses_a_missing_stage1_projector(tiny_recipe):
+    recipe = tiny_recipe()
+    with pytest.raises(FileNotFoundError, match="stage 2 starts from the stage-1 projector .*stage1/projector.safetensors, "
+                                                "which does not exist: run stage 1 first"):
+        train.run_stage(recipe, "stage2")

@@ -48,6 +48,15 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_data_stats(args) -> int:
+    from . import console, stats
+    from .recipe import load_recipe
+    recipe = load_recipe(args.recipe, args.overrides)
+    for name in {"1": ("stage1",), "2": ("stage2",), "all": ("stage1", "stage2")}[args.stage]:
+        console.print_stats(stats.stage_stats(recipe, name))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qllava", description="QLoRA fine-tuning of LLaVA-style models on one GPU.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument("--stage", choices=("1", "2", "all"), default="all", help="which stages to run (default all)")
     finetune.add_argument("--overwrite", action="store_true", help="replace the stage folders of an existing run")
     finetune.set_defaults(run=cmd_finetune)
+
+    data = commands.add_parser("data", help="inspect a recipe's data").add_subparsers(dest="data_command", required=True)
+    data_stats = data.add_parser("stats", help="samples, lengths, skips and padded vs packed padding, per stage")
+    data_stats.add_argument("recipe")
+    data_stats.add_argument("overrides", nargs="*", metavar="table.key=value")
+    data_stats.add_argument("--stage", choices=("1", "2", "all"), default="all")
+    data_stats.set_defaults(run=cmd_data_stats)
     return parser
 
 

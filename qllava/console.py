@@ -79,3 +79,34 @@ def accuracy_table(metrics: dict) -> Table | None:
     if "chance" in metrics:
         table.add_row("chance", f"{metrics['chance']:.3f}", *("" for _ in categories))
     return table
+
+
+def print_stats(stats: dict) -> None:
+    """`qllava data stats` for one stage: summary, skip reasons, a length histogram, padded vs packed padding."""
+    table = Table(title=f"{stats['stage']}: data at max_seq_len {stats['max_seq_len']}", show_header=False)
+    table.add_column(justify="left")
+    table.add_column(justify="right")
+    skipped = sum(stats["skipped"].values())
+    for label, value in (
+            ("samples used", f"{stats['samples']:,} ({stats['with_image']:,} with an image)"),
+            ("samples skipped", f"{skipped:,}"),
+            ("tokens (trained)", f"{stats['tokens']:,} ({stats['label_tokens']:,})"),
+            ("image tokens per image", str(stats["image_tokens_per_image"])),
+            ("length min / mean / max", f"{stats['length_min']} / {stats['length_mean']:.0f} / {stats['length_max']}"),
+            (f"padding, padded batches of {stats['per_device_train_batch_size']} samples",
+             f"{stats['padded_pad_fraction']:.1%}"),
+            (f"padding, packed batches of {stats['per_device_train_batch_size']} rows",
+             f"{stats['packed_pad_fraction']:.1%} ({stats['packed_rows']:,} rows, "
+             f"{stats['samples_per_row']:.1f} samples per row)")):
+        table.add_row(label, value)
+    console.print(table)
+    for reason, n in sorted(stats["skipped"].items(), key=lambda kv: -kv[1]):
+        console.print(f"  skipped {n:,}: {reason} (e.g. {', '.join(stats['examples'][reason])})", soft_wrap=True)
+    peak = max(c for _, _, c in stats["histogram"]) or 1
+    histogram = Table(title="sample lengths (tokens, image tokens included)")
+    histogram.add_column("tokens", justify="right")
+    histogram.add_column("samples", justify="right")
+    histogram.add_column("")
+    for low, high, count in stats["histogram"]:
+        histogram.add_row(f"{low}-{high}", f"{count:,}", "█" * round(40 * count / peak))
+    console.print(histogram)

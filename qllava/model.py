@@ -65,11 +65,22 @@ def build_processor(cfg: ModelConfig) -> LlavaProcessor:
                           num_additional_image_tokens=1, image_token=IMAGE_TOKEN)
 
 
-def image_tokens_per_image(model: LlavaForConditionalGeneration) -> int:
-    """(image_size / patch)^2 features per image, +1 when the CLS feature is kept ("full")."""
-    vision = model.config.vision_config
+def image_tokens_per_image(config) -> int:
+    """(image_size / patch)^2 features per image, +1 when the CLS feature is kept ("full"), from a LlavaConfig."""
+    vision = config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
-    return patches + (1 if model.config.vision_feature_select_strategy == "full" else 0)
+    return patches + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+
+def load_llava_config(cfg: ModelConfig) -> LlavaConfig:
+    """The LLaVA config a recipe describes, read from config files only (no weights)."""
+    if cfg.llava:
+        return AutoConfig.from_pretrained(cfg.llava)
+    vision = AutoConfig.from_pretrained(cfg.vision_tower)
+    return LlavaConfig(vision_config=getattr(vision, "vision_config", vision),
+                       text_config=AutoConfig.from_pretrained(cfg.decoder),
+                       vision_feature_layer=cfg.vision_feature_layer,
+                       vision_feature_select_strategy=cfg.vision_feature_select_strategy)
 
 
 def load_base_model(recipe: Recipe, processor: LlavaProcessor, quantized: bool = True,

@@ -38,6 +38,19 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def padded_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """Sample lengths in shuffled batches, as a padded (unpacked) trainer would draw them."""
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    return [[lengths[i] for i in order[at:at + batch_size]] for at in range(0, len(order), batch_size)]
+
+
+def pad_fraction(batches: list[list[int]]) -> float:
+    """Share of the slots of batches padded to their longest row that hold padding."""
+    slots = sum(len(b) * max(b) for b in batches)
+    return 1 - sum(map(sum, batches)) / slots if slots else 0.0
+
+
 class Rows:
     """The rows of the current epoch: lists of sample indices, one sample per row unless packing.
 
@@ -76,9 +89,44 @@ class Rows:
     def samples_of(self, row: int) -> list[dict]:
         return [self.samples[j] for j in self.rows[row]]
 
+    def row_lengths(self) -> list[int]:
+        return [sum(self.lengths[i] for i in row) for row in self.rows]
+
     def as_dataset(self) -> datasets.Dataset:
-        """Row numbers as a datasets.Dataset: what TRL's trainer accepts and its sampler shuffles."""
-        return datasets.Dataset.from_dict({"row": list(range(len(self.rows)))})
+        """Row numbers and row lengths as a datasets.Dataset: what TRL's trainer accepts and its sampler draws
+        from. Row lengths do not change between epochs (only equal-length samples swap rows)."""
+        return datasets.Dataset.from_dict({"row": list(range(len(self.rows))), "length": self.row_lengths()})
+
+
+class SimilarLengthSampler(torch.utils.data.Sampler):
+    """Row order for an epoch: rows shuffled, sorted by length inside mega-batches of `megabatch` micro-batches,
+    micro-batches shuffled. Rows of similar length share a micro-batch, so padding them to the longest one
+    costs almost nothing, and every epoch (set_epoch) draws a new order from the seed."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, megabatch: int = 50):
+        self.lengths, self.batch_size, self.seed, self.megabatch = lengths, batch_size, seed, megabatch
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        size = self.batch_size * self.megabatch
+        batches = []
+        for at in range(0, len(order), size):
+            mega = sorted(order[at:at + size], key=lambda i: -self.lengths[i])
+            batches += [mega[k:k + self.batch_size] for k in range(0, len(mega), self.batch_size)]
+        # The data loader cuts this stream into batches again: only the last batch may be short.
+        short = [b for b in batches if len(b) < self.batch_size]
+        full = [b for b in batches if len(b) == self.batch_size]
+        rng.shuffle(full)
+        return iter([i for batch in full + short for i in batch])
 
 
 @dataclass
@@ -103,6 +151,8 @@ class Collator:
     image_processor: object
     image_aspect_ratio: str
     pad_token_id: int
+    flatten: bool = False
+    """FlashAttention-2 isolates packed samples only in a batch of one row: concatenate the rows (no padding)."""
     counts: TokenCounts = field(default_factory=TokenCounts)
 
     def __call__(self, features: list[dict]) -> dict:
@@ -110,6 +160,8 @@ class Collator:
 
     def batch(self, rows: list[list[dict]]) -> dict:
         """The batch of rows given as lists of tokenized samples."""
+        if self.flatten and self.rows.packing:
+            rows = [[sample for row in rows for sample in row]]
         row_lengths = torch.tensor([sum(len(s["input_ids"]) for s in row) for row in rows])
         width = int(row_lengths.max())
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
@@ -149,3 +201,40 @@ class Collator:
         self.counts.tokens += int(row_lengths.sum())
         self.counts.label_tokens += int((labels != -100).sum())
         self.counts.slots += len(row_lengths) * width
+
+
+def packed_vs_unpacked_error(model, packed: Collator, unpacked: Collator, micro_batches: list[list[list[dict]]]) -> float:
+    """Worst relative error between the packed and the unpacked step, in loss and in every trainable gradient.
+
+    Unpacked: all samples in one right-padded batch, loss = token-summed NLL / label tokens. Packed: the given
+    micro-batches of rows, each scored with TRL's fused head and num_items_in_batch = the step's label tokens,
+    as SFTTrainer does under gradient accumulation; gradients accumulate. `model` must be in train mode.
+    """
+    from trl.trainer.utils import add_fused_lm_head
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    samples = [s for micro in micro_batches for row in micro for s in row]
+
+    model.zero_grad()
+    batch = unpacked.batch([[s] for s in samples])
+    labels = batch.pop("labels")[:, 1:]
+    logits = model(**batch, use_cache=False).logits[:, :-1]
+    total = int((labels != -100).sum())
+    reference = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                                  ignore_index=-100, reduction="sum") / total
+    reference.backward()
+    expected = {n: p.grad.clone() for n, p in params.items()}
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "_qllava_fused_head", False):  # SFTTrainer adds the same head when it trains
+        add_fused_lm_head(base)
+        base._qllava_fused_head = True
+    model.zero_grad()
+    loss = 0.0
+    for micro in micro_batches:
+        out = model(**packed.batch(micro), fused_lm_head=True, num_items_in_batch=total)
+        out.loss.backward()
+        loss += out.loss.item()
+    errors = [abs(loss - reference.item()) / abs(reference.item())]
+    errors += [((params[n].grad - g).norm() / g.norm().clamp(min=1e-30)).item() for n, g in expected.items()]
+    model.zero_grad()
+    return max(errors)

@@ -27,24 +27,27 @@ SPECIALS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 as in the LLaMA/Mistral sente
 VOCAB_SIZE = 640
 
 
-def write_vision_tower(path: Path, seed: int) -> None:
+def write_vision_tower(path: Path, seed: int, **sizes) -> None:
+    """A random CLIP vision tower (VISION sizes, or the given ones) and its image processor."""
+    config = CLIPVisionConfig(**{**VISION, **sizes})
     torch.manual_seed(seed)
-    model = CLIPVisionModel(CLIPVisionConfig(**VISION))
+    model = CLIPVisionModel(config)
     with torch.no_grad():
         model.embeddings.position_embedding.weight.normal_(std=0.3)
     model.save_pretrained(path)
-    # As openai/clip-* checkpoints do, the tower ships its image processor (CLIP's mean/std, at 64 px).
-    CLIPImageProcessor(size={"shortest_edge": VISION["image_size"]},
-                       crop_size={"height": VISION["image_size"], "width": VISION["image_size"]}).save_pretrained(path)
+    # As openai/clip-* checkpoints do, the tower ships its image processor (CLIP's mean/std, at its size).
+    CLIPImageProcessor(size={"shortest_edge": config.image_size},
+                       crop_size={"height": config.image_size, "width": config.image_size}).save_pretrained(path)
 
 
-def write_decoder(path: Path, family: str, texts: list[str], seed: int) -> None:
-    """A random decoder plus a BPE tokenizer trained on `texts` and every template's fixed strings."""
+def write_decoder(path: Path, family: str, texts: list[str], seed: int, **sizes) -> None:
+    """A random decoder (DECODER sizes, or the given ones) plus a BPE tokenizer trained on `texts` and every
+    template's fixed strings."""
     tokenizer = build_tokenizer(texts)
     tokenizer.save_pretrained(path)
     torch.manual_seed(seed)
     config_cls, model_cls = (MistralConfig, MistralForCausalLM) if family == "mistral" else (LlamaConfig, LlamaForCausalLM)
-    model_cls(config_cls(vocab_size=len(tokenizer), **DECODER)).save_pretrained(path)
+    model_cls(config_cls(vocab_size=len(tokenizer), **{**DECODER, **sizes})).save_pretrained(path)
 
 
 def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 from transformers import PrinterCallback, TrainerCallback, set_seed
+from trl import SFTConfig, SFTTrainer
 
 from . import evaluate, model as modeling, synthetic
 from .data import build_stage_dataset
-from .packing import Collator, Rows
+from .packing import Collator, Rows, SimilarLengthSampler
 from .recipe import Recipe
 
 STAGES = ("stage1", "stage2")
@@ -74,14 +75,15 @@ def run_stage(recipe: Recipe, name: str, progress=None, say=print, heldout: "Hel
     _trainable_to_float32(model)
 
     tokenizer = processor.tokenizer
-    n_image_tokens = modeling.image_tokens_per_image(model.get_base_model() if name == "stage2" else model)
+    n_image_tokens = modeling.image_tokens_per_image(model.config)
     dataset, images, report = build_stage_dataset(cfg, tokenizer, tokenizer.convert_tokens_to_ids(modeling.IMAGE_TOKEN),
                                                   n_image_tokens, recipe.data.cache_dir, name)
     say(f"{name}: {report.used} samples, {report.tokens:,} tokens ({report.label_tokens:,} trained)"
         + "".join(f"; skipped {n}: {reason} (e.g. {', '.join(report.examples[reason])})"
                   for reason, n in report.skipped.most_common()))
     rows = Rows(dataset, cfg.max_seq_len, cfg.packing, cfg.seed)
-    collator = Collator(rows, images, processor.image_processor, cfg.image_aspect_ratio, tokenizer.pad_token_id)
+    collator = Collator(rows, images, processor.image_processor, cfg.image_aspect_ratio, tokenizer.pad_token_id,
+                        flatten=model.config._attn_implementation == "flash_attention_2")
     callbacks = [ProgressCallback(collator, progress(name))] if progress else []
     trainer = _build_trainer(model, processor, rows, collator, cfg, out_dir, callbacks)
     started = time.perf_counter()
@@ -110,9 +112,8 @@ class HeldOut:
         if point not in self.recipe.eval.at:
             return
         stage2 = self.recipe.stage2
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
         answers = evaluate.answer(model, processor, stage2.template, self.questions, self.images,
-                                  stage2.image_aspect_ratio, modeling.image_tokens_per_image(base),
+                                  stage2.image_aspect_ratio, modeling.image_tokens_per_image(model.config),
                                   self.recipe.eval.batch_size, self.recipe.eval.max_new_tokens, blank_images)
         result = evaluate.score_exact(answers, self.questions)
         self.scores[f"accuracy_{point}"] = result["accuracy"]
@@ -154,7 +155,6 @@ def peak_memory_gib() -> float:
 
 
 def _build_trainer(model, processor, rows, collator, cfg, out_dir: Path, callbacks):
-    from trl import SFTConfig, SFTTrainer
     cuda = torch.cuda.is_available()
     dtype = model.get_input_embeddings().weight.dtype
     args = SFTConfig(
@@ -169,12 +169,24 @@ def _build_trainer(model, processor, rows, collator, cfg, out_dir: Path, callbac
         remove_unused_columns=False, dataloader_num_workers=0, max_length=None, packing=False,
         dataset_kwargs={"skip_prepare_dataset": True}, save_only_model=False)
     optimizer = build_optimizer(model, cfg)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=rows.as_dataset(), data_collator=collator, processing_class=processor,
+    trainer = _Trainer(model=model, args=args, train_dataset=rows.as_dataset(), data_collator=collator, processing_class=processor,
                          optimizers=(optimizer, None), callbacks=callbacks)
     _trainable_to_float32(model)  # TRL casts trainable weights of a 4-bit model to bf16; keep float32 masters
     trainer.add_callback(_EpochRows(rows))
     trainer.remove_callback(PrinterCallback)  # progress is the caller's (the CLI's rich display)
     return trainer
+
+
+class _Trainer(SFTTrainer):
+    """SFTTrainer that draws packed rows of similar length into the same micro-batch (SimilarLengthSampler):
+    rows are not all full, and padding them to the longest of their micro-batch should cost next to nothing."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        collator = self.data_collator
+        if not collator.rows.packing or collator.flatten:
+            return super()._get_train_sampler(train_dataset)
+        return SimilarLengthSampler(dataset["length"], self.args.per_device_train_batch_size, self.args.seed)
 
 
 def build_optimizer(model, cfg) -> torch.optim.Optimizer:

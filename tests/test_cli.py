@@ -37,7 +37,7 @@ def test_a_stage2_run_folder_reloads_and_generates(demo_run):
     assert type(model).__name__ == "PeftModelForCausalLM"
     questions, images, _ = evaluate.load_questions(recipe.eval.data, recipe.eval.image_folder, limit=4)
     answers = evaluate.answer(model, processor, recipe.stage2.template, questions, images, "pad",
-                              modeling.image_tokens_per_image(model.get_base_model()), batch_size=4, max_new_tokens=3)
+                              modeling.image_tokens_per_image(model.config), batch_size=4, max_new_tokens=3)
     assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
 
 
@@ -67,3 +67,14 @@ def test_recipe_errors_exit_2_without_a_traceback(tmp_path):
     assert "Traceback" not in out.stdout + out.stderr
     assert "lora.rank: unknown key, did you mean \"r\"?" in out.stdout
     assert "stage1.learning_rate: must be > 0, got -1.0" in out.stdout
+
+
+def test_data_stats(tiny_inputs, tmp_path, capsys):
+    assert main(["data", "stats", str(TINY_RECIPE), "--stage", "2", *tiny_overrides(tiny_inputs, tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "stage2: data at max_seq_len 256" in out and "sample lengths" in out
+    from qllava import stats
+    from qllava.recipe import load_recipe
+    s = stats.stage_stats(load_recipe(TINY_RECIPE, tiny_overrides(tiny_inputs, tmp_path / "r")), "stage2")
+    assert s["samples"] == 420 and s["image_tokens_per_image"] == 16 and sum(c for *_, c in s["histogram"]) == 420
+    assert s["packed_pad_fraction"] < 0.02 < s["padded_pad_fraction"]

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from qllava.data import ImageStore
-from qllava.packing import Collator, Rows, best_fit_decreasing
+from qllava.packing import (Collator, Rows, SimilarLengthSampler, best_fit_decreasing, pad_fraction,
+                            padded_batches)
 
 
 def samples(lengths, image_every=0):
@@ -81,3 +82,29 @@ def test_rows_are_redrawn_per_epoch_with_the_same_shape():
     assert rows.rows != first
     assert sorted(sum(rows.lengths[i] for i in r) for r in rows.rows) == \
         sorted(sum(rows.lengths[i] for i in r) for r in first)
+
+
+def test_flash_attention_batches_are_one_row_without_padding():
+    rows = Rows(samples([3, 5, 4, 2]), max_seq_len=8, packing=True, seed=0)
+    c = Collator(rows, FakeImages(), FakeProcessor(), "crop", pad_token_id=0, flatten=True)
+    batch = c([{"row": i} for i in range(len(rows))])
+    assert batch["input_ids"].shape == (1, 14) and "attention_mask" not in batch
+    assert (batch["position_ids"][0] == 0).sum() == 4 and c.counts.pad_fraction == 0.0
+
+
+def test_similar_length_sampler_keeps_batches_aligned_and_similar():
+    lengths = [500, 120, 480, 130, 510, 125, 470, 140, 490, 135, 505]
+    sampler = SimilarLengthSampler(lengths, batch_size=2, seed=0)
+    order = list(sampler)
+    assert sorted(order) == list(range(11))
+    batches = [order[i:i + 2] for i in range(0, 11, 2)]
+    assert len(batches[-1]) == 1  # only the last batch is short, so the loader's cuts match ours
+    assert pad_fraction([[lengths[i] for i in b] for b in batches]) < 0.05
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+
+
+def test_padded_pad_fraction():
+    assert pad_fraction([[10, 5], [4, 4]]) == pytest.approx(1 - 23 / 28)
+    assert padded_batches([1, 2, 3], 2, seed=0) in ([[1, 2], [3]], [[2, 1], [3]], [[1, 3], [2]], [[3, 1], [2]],
+                                                    [[2, 3], [1]], [[3, 2], [1]])

@@ -19,11 +19,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The demo: the tiny recipe with a Mistral-family decoder, the same recipe with a LLaMA-family decoder and
+# LLaMA's template, both scored on the same held-out questions, and the two compared side by side.
+QLLAVA := $(VENV)/bin/qllava
+LLAMA := synthetic.decoder_family=llama model.decoder=checkpoints/tiny/llama stage2.template=vicuna_v1 \
+	output.dir=runs/tiny_demo_llama
+HELD_OUT := --benchmark vqa --data data/tiny_shapes/eval.json --images data/tiny_shapes/images \
+	--max-new-tokens 8 --batch-size 120
+
 demo: $(STAMP)
-	$(VENV)/bin/qllava finetune recipes/tiny_demo.toml --overwrite
+	$(QLLAVA) finetune recipes/tiny_demo.toml --overwrite
+	$(QLLAVA) finetune recipes/tiny_demo.toml --overwrite $(LLAMA)
+	rm -rf runs/tiny_demo_compare
+	$(QLLAVA) eval runs/tiny_demo $(HELD_OUT) --out runs/tiny_demo_compare/mistral.jsonl
+	$(QLLAVA) eval runs/tiny_demo_llama $(HELD_OUT) --out runs/tiny_demo_compare/llama.jsonl
+	$(QLLAVA) compare runs/tiny_demo_compare/mistral.jsonl runs/tiny_demo_compare/llama.jsonl \
+		--out runs/tiny_demo_compare
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf runs data/tiny_shapes checkpoints/tiny
+	rm -rf runs/tiny_demo runs/tiny_demo_llama runs/tiny_demo_compare data/tiny_shapes checkpoints/tiny

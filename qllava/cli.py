@@ -57,6 +57,59 @@ def cmd_data_stats(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from . import console, merge
+    report = merge.merge(args.run_dir, args.out, dtype=args.dtype, overwrite=args.overwrite, verify=not args.no_verify,
+                         say=console.say)
+    console.say(f"merged checkpoint written to {args.out}: {report['output_bytes'] / 2**30:.2f} GiB in "
+                f"{report['seconds']:.0f}s, peak RAM {report['peak_ram_gib']:.2f} GiB")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from transformers import TextStreamer
+    from . import console
+    from .chat import Chat
+    chat = Chat(args.model, args.image)
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {}
+    streamer = TextStreamer(chat.loaded.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    if args.prompt is not None:
+        chat.reply(args.prompt, args.max_new_tokens, streamer, **sampling)
+        return 0
+    console.say(f"chatting with {args.model} about {args.image} (template {chat.loaded.template}); "
+                "an empty line or Ctrl-D ends")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            return 0
+        if not text:
+            return 0
+        print("model> ", end="", flush=True)
+        chat.reply(text, args.max_new_tokens, streamer, **sampling)
+
+
+def cmd_eval(args) -> int:
+    from . import console, evaluate
+    with console.counting(f"{args.benchmark}") as progress:
+        result = evaluate.evaluate(args.model, args.benchmark, args.data, args.images, args.out, args.annotations,
+                                   args.batch_size, args.limit, args.max_new_tokens, progress=progress)
+    console.console.print(console.eval_table(result))
+    console.say(f"answers: {result['answers']} ({result['asked_now']} asked now, "
+                f"{result['questions'] - result['asked_now']} already there); metrics: "
+                f"{result['answers'].removesuffix('.jsonl')}.metrics.json")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from . import compare, console
+    report = compare.compare(args.results, args.out)
+    console.console.print(console.compare_table(report))
+    if args.out:
+        console.say(f"report written to {args.out}/report.md and {args.out}/compare.png")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qllava", description="QLoRA fine-tuning of LLaVA-style models on one GPU.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -74,14 +127,60 @@ def _parser() -> argparse.ArgumentParser:
     data_stats.add_argument("overrides", nargs="*", metavar="table.key=value")
     data_stats.add_argument("--stage", choices=("1", "2", "all"), default="all")
     data_stats.set_defaults(run=cmd_data_stats)
+
+    merge = commands.add_parser("merge", help="export a run as a plain transformers LLaVA checkpoint")
+    merge.add_argument("run_dir", help="a run folder (runs/NAME)")
+    merge.add_argument("--out", required=True, help="folder to write the merged checkpoint to")
+    merge.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    merge.add_argument("--no-verify", action="store_true", help="skip the merged == base + adapter logit check")
+    merge.set_defaults(run=cmd_merge)
+
+    chat = commands.add_parser("chat", help="talk to a run or merged model about an image")
+    chat.add_argument("model", help="a run folder or a merged folder")
+    chat.add_argument("--image", required=True)
+    chat.add_argument("--prompt", help="one question; without it, an interactive conversation")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0, help="> 0 samples instead of greedy decoding")
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.set_defaults(run=cmd_chat)
+
+    ev = commands.add_parser("eval", help="answer a benchmark's questions (resumable) and score them",
+                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EVAL_FORMATS)
+    ev.add_argument("model", metavar="MODEL_OR_RUN", help="a run folder or a merged folder")
+    ev.add_argument("--benchmark", required=True, choices=("scienceqa", "pope", "vqa", "mme"))
+    ev.add_argument("--data", required=True, help="the question file, in LLaVA's format")
+    ev.add_argument("--images", default="", help="folder the questions' image paths are relative to")
+    ev.add_argument("--annotations", help="ground truth: problems.json (scienceqa), the coco_pope_*.json folder (pope), "
+                    "TextVQA/GQA annotation JSON (vqa), the MME_Benchmark folder (mme)")
+    ev.add_argument("--out", help="answers file (JSON lines; default MODEL/eval/BENCHMARK-DATA.jsonl); resumed if present")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--limit", type=int, default=0, help="only the first N questions")
+    ev.add_argument("--max-new-tokens", type=int, default=128)
+    ev.set_defaults(run=cmd_eval)
+
+    cmp = commands.add_parser("compare", help="evaluation results side by side, with paired bootstrap intervals")
+    cmp.add_argument("results", nargs="+", metavar="RESULT", help="FILE.metrics.json (or the answers FILE.jsonl)")
+    cmp.add_argument("--out", help="folder for report.md, report.json and compare.png")
+    cmp.set_defaults(run=cmd_compare)
     return parser
+
+
+EVAL_FORMATS = """question files (official LLaVA's):
+  scienceqa  llava_test_CQM-A.json (conversations; "The answer is X." answers) [+ --annotations problems.json]
+  pope       llava_pope_test.jsonl (question_id, image, text, category) + --annotations DIR of coco_pope_*.json
+  vqa        jsonl (question_id, image, text[, answers or answer]) [+ --annotations TextVQA/GQA JSON],
+             or LLaVA JSON whose first gpt turn is the answer
+  mme        llava_mme.jsonl (question_id, image, text, category) + --annotations MME_Benchmark_release_version
+"""
 
 
 def _user_errors() -> tuple:
     from .data import DataError
     from .recipe import RecipeError
+    from .merge import MergeError
     from .templates import TemplateError
-    return (RecipeError, DataError, TemplateError, FileExistsError, FileNotFoundError)
+    return (RecipeError, DataError, TemplateError, MergeError, FileExistsError, FileNotFoundError)
 
 
 def _quiet_libraries() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -110,3 +112,49 @@ def print_stats(stats: dict) -> None:
     for low, high, count in stats["histogram"]:
         histogram.add_row(f"{low}-{high}", f"{count:,}", "█" * round(40 * count / peak))
     console.print(histogram)
+
+
+@contextmanager
+def counting(label: str):
+    """A progress bar fed with (done, total) calls; plain lines when not on a terminal."""
+    if not console.is_terminal:
+        def line(done: int, total: int) -> None:
+            console.print(f"{label}: {done}/{total} questions")
+        yield line
+        return
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("ETA"), TimeRemainingColumn(), console=console) as progress:
+        task = progress.add_task(label, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
+
+
+def eval_table(result: dict) -> Table:
+    model = result["model"]
+    table = Table(title=f"{result['benchmark']} on {result['data']}: {model.get('name')} "
+                        f"({model.get('backbone', '?')}, {model.get('template', '?')})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in result["metrics"].items():
+        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
+    table.add_row("questions", str(result["questions"]))
+    return table
+
+
+def compare_table(report: dict) -> Table:
+    runs = report["runs"]
+    table = Table(title="qllava compare")
+    table.add_column("")
+    for run in runs:
+        table.add_column(run["label"], justify="right")
+    for key in ("backbone", "template", "data", "steps"):
+        table.add_row(key, *(str(r.get(key, "")) for r in runs))
+    for name, values in report["metrics"].items():
+        cells = [f"{v:.4f}" if isinstance(v, float) else str(v) for v in values]
+        cells = [cells[0]] + [c + (f" ({v - values[0]:+.4f})" if isinstance(v, (int, float)) and
+                                   isinstance(values[0], (int, float)) else "") for c, v in zip(cells[1:], values[1:])]
+        table.add_row(name, *cells)
+    for label, d in report["difference_vs_first"].items():
+        if d.get("questions"):
+            table.add_row(f"{label} - {runs[0]['label']}", *([""] * (len(runs) - 1)),
+                          f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] 95% CI, n={d['questions']}")
+    return table

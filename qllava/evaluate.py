@@ -1,111 +1,117 @@
-"""Evaluation: batched greedy answers to held-out questions, and their scores.
+"""`qllava eval`: batched greedy answers to a benchmark's questions, resumable, and their scores.
 
-The questions are LLaVA JSON conversations: the first human turn is the question, the first gpt turn the
-reference answer. Prompts are rendered with the run's template and tokenized exactly as in training,
-left-padded, and answered greedily.
+Answers are appended to an answers file (JSON lines, LLaVA's answer-file records) as each batch finishes,
+so an interrupted evaluation continues where it stopped: questions already in the file are not asked
+again. The metrics (and every question's score, for paired comparisons) go to FILE.metrics.json.
 """
 
 from __future__ import annotations
 
-import re
-import string
-from contextlib import nullcontext
+import hashlib
+import json
+import os
+from pathlib import Path
 
-import torch
-from PIL import Image
-
-from . import templates
-from .data import Conversation, DataReport, ImageStore, encode, image_source, pad_to_square, read_conversations
-
-
-def load_questions(path: str, image_folder: str, limit: int = 0):
-    """Held-out conversations of an eval file, the store of their images, and what was skipped."""
-    report = DataReport()
-    where = image_source(path, image_folder)
-    questions = read_conversations(path, where, 0, report)
-    return (questions[:limit] if limit else questions), ImageStore([where]), report
+from . import scorers
+from .data import DataError
+from .inference import Loaded, blank_image, generate, load_for_inference, open_image, prepared, prompt_ids
 
 
-def answer(model, processor, template: str, questions: list[Conversation], images: ImageStore, image_aspect_ratio: str,
-           n_image_tokens: int, batch_size: int = 16, max_new_tokens: int = 16, blank_images: bool = False,
-           progress=None) -> list[str]:
-    """Greedy answers to the first user turn of each conversation, in order."""
-    tokenizer = processor.tokenizer
-    image_token_id = tokenizer.convert_tokens_to_ids(templates.IMAGE_TAG)
-    was_training = model.training
-    model.eval()
-    answers = []
-    try:
-        for start in range(0, len(questions), batch_size):
-            batch = questions[start:start + batch_size]
-            prompts = [_prompt_ids(q, template, tokenizer, image_token_id, n_image_tokens) for q in batch]
-            pictures = [_image(q, images, processor.image_processor, image_aspect_ratio, blank_images)
-                        for q in batch if q.image]
-            answers += _generate(model, tokenizer, processor.image_processor, prompts, pictures, max_new_tokens)
-            if progress:
-                progress(len(answers), len(questions))
-    finally:
-        model.train(was_training)
-    return answers
-
-
-def normalize(text: str) -> str:
-    """Lower case, no punctuation, no articles, single spaces (the short-answer normalization of VQA)."""
-    text = text.lower().strip()
-    text = text.translate(str.maketrans("", "", string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def score_exact(predictions: list[str], questions: list[Conversation]) -> dict:
-    """Exact match after normalization, overall and per category, plus chance when options are listed."""
-    correct = [normalize(p) == normalize(_reference(q)) for p, q in zip(predictions, questions)]
-    result = {"accuracy": sum(correct) / len(correct) if correct else 0.0, "n": len(correct)}
-    by_category = {}
-    for ok, q in zip(correct, questions):
-        by_category.setdefault(q.extra.get("category", "all"), []).append(ok)
-    result["by_category"] = {c: sum(v) / len(v) for c, v in sorted(by_category.items())}
-    options = [q.extra.get("options") for q in questions]
-    if options and all(options):
-        result["chance"] = sum(1 / len(o) for o in options) / len(options)
-    result["correct"] = correct
+def evaluate(model_path: str | Path, benchmark: str, data: str, images: str = "", out: str | Path | None = None,
+             annotations: str | None = None, batch_size: int = 16, limit: int = 0, max_new_tokens: int = 128,
+             loaded: Loaded | None = None, blank_images: bool = False, progress=None) -> dict:
+    """Answer the benchmark's questions not yet in `out`, score them all, write FILE.metrics.json; return it."""
+    items = scorers.load_items(benchmark, data, annotations)
+    items = items[:limit] if limit else items
+    out = Path(out) if out else default_answers_file(Path(model_path), benchmark, data)
+    fingerprint = model_fingerprint(Path(model_path))
+    done = read_answers(out, fingerprint)
+    todo = [item for item in items if item.question_id not in done]
+    if todo:
+        loaded = loaded or load_for_inference(model_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as answers_file:
+            if out.stat().st_size and not out.read_bytes().endswith(b"\n"):
+                answers_file.write("\n")  # a line cut by a kill stays alone (and ignored), not glued to the next
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start:start + batch_size]
+                for item, text in zip(batch, answer(loaded, batch, images, max_new_tokens, blank_images)):
+                    done[item.question_id] = text
+                    answers_file.write(json.dumps({"question_id": item.question_id, "prompt": item.question,
+                                                   "text": text, "model_id": str(model_path),
+                                                   "model_fingerprint": fingerprint}) + "\n")
+                answers_file.flush()
+                os.fsync(answers_file.fileno())  # what is on disk survives a kill: the resume point
+                if progress:
+                    progress(len(items) - len(todo) + start + len(batch), len(items))
+    metrics, per_question = scorers.score(benchmark, items, done)
+    result = {"benchmark": benchmark, "data": str(data), "answers": str(out), "questions": len(items),
+              "asked_now": len(todo), "model": describe_model(Path(model_path)), "metrics": metrics,
+              "per_question": per_question}
+    metrics_file(out).write_text(json.dumps(result, indent=1))
     return result
 
 
-def _reference(q: Conversation) -> str:
-    return next(text for role, text in q.turns if role == "assistant")
+def answer(loaded: Loaded, items: list[scorers.EvalItem], images: str, max_new_tokens: int,
+           blank_images: bool = False) -> list[str]:
+    """Greedy answers to one batch of questions, in order."""
+    prompts, pictures = [], []
+    for item in items:
+        question = ("<image>\n" + item.question) if item.image else item.question
+        prompts.append(prompt_ids(loaded, [("user", question)]))
+        if item.image:
+            pictures.append(blank_image(loaded) if blank_images else
+                            prepared(loaded, open_image(os.path.join(images, item.image))))
+    return generate(loaded, prompts, pictures, max_new_tokens)
 
 
-def _prompt_ids(q: Conversation, template: str, tokenizer, image_token_id: int, n_image_tokens: int) -> list[int]:
-    rendered = templates.render(template, q.turns[:1], tokenizer.bos_token or "", tokenizer.eos_token,
-                                generation_prompt=True)
-    ids, _ = encode(rendered, tokenizer, image_token_id, n_image_tokens)
-    return ids
+def read_answers(path: Path, fingerprint: str | None = None) -> dict[str, str]:
+    """question_id -> answer text of an answers file; a last line cut by a crash is ignored. Answers of another
+    model (its weights changed since, or another folder) are refused rather than silently mixed in."""
+    if not path.exists():
+        return {}
+    done = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if fingerprint and record.get("model_fingerprint", fingerprint) != fingerprint:
+            raise DataError(f"{path} holds answers of another model (or of this one before it was retrained): "
+                            "remove it or pass another --out")
+        done[str(record["question_id"])] = record["text"]
+    return done
 
 
-def _image(q: Conversation, images: ImageStore, image_processor, image_aspect_ratio: str, blank: bool) -> Image.Image:
-    if blank:
-        # The image-mean colour: after CLIP normalization every pixel is ~0, the image says nothing.
-        size = image_processor.crop_size
-        return Image.new("RGB", (size["width"], size["height"]), tuple(int(x * 255) for x in image_processor.image_mean))
-    image = images.open(q.source, q.image)
-    return pad_to_square(image, image_processor.image_mean) if image_aspect_ratio == "pad" else image
+def model_fingerprint(path: Path) -> str:
+    """Identifies the weights behind an answer: names, sizes and times of the folder's weight files."""
+    files = sorted(f for f in path.rglob("*.safetensors") if "eval" not in f.relative_to(path).parts
+                   and "checkpoints" not in f.relative_to(path).parts)
+    key = [(str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
-def _generate(model, tokenizer, image_processor, prompts: list[list[int]], pictures, max_new_tokens: int) -> list[str]:
-    width = max(len(p) for p in prompts)
-    device = next(model.parameters()).device
-    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-    if pictures:
-        inputs["pixel_values"] = image_processor(images=pictures, return_tensors="pt")["pixel_values"].to(device)
-    dtype = model.get_input_embeddings().weight.dtype
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    with torch.no_grad(), autocast:
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return [text.strip() for text in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+def metrics_file(answers: Path) -> Path:
+    return answers.with_name(answers.name.removesuffix(".jsonl") + ".metrics.json")
+
+
+def default_answers_file(model_path: Path, benchmark: str, data: str) -> Path:
+    return model_path / "eval" / f"{benchmark}-{Path(data).stem}.jsonl"
+
+
+def describe_model(path: Path) -> dict:
+    """What a comparison labels a column with: backbone, template, recipe, data, steps."""
+    run = path
+    info_file = path / "qllava.json"
+    if info_file.exists():  # a merged folder remembers its run
+        run = Path(json.loads(info_file.read_text()).get("source_run", path))
+    stage = next((run / s for s in ("stage2", "stage1") if (run / s / "recipe.toml").exists()), None)
+    if stage is None:
+        return {"name": path.name, "path": str(path)}
+    from .recipe import load_recipe
+    recipe = load_recipe(stage / "recipe.toml")
+    cfg = getattr(recipe, stage.name)
+    steps = json.loads((stage / "metrics.json").read_text()).get("steps") if (stage / "metrics.json").exists() else None
+    return {"name": path.name, "path": str(path), "backbone": recipe.model.llava or recipe.model.decoder,
+            "vision_tower": recipe.model.vision_tower, "template": cfg.template, "recipe": recipe.source,
+            "data": cfg.data, "stage": stage.name, "steps": steps}

@@ -23,7 +23,7 @@ ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
 EVAL_POINTS = ("before", "stage1", "stage2", "blank_images")
-BENCHMARKS = ("vqa",)
+BENCHMARKS = ("scienceqa", "pope", "vqa", "mme")
 DECODER_FAMILIES = ("mistral", "llama")
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -171,7 +171,7 @@ class EvalConfig:
     """[eval] held-out questions scored during `qllava finetune` (the demo's accuracy table)."""
 
     data: str = ""
-    """LLaVA JSON of held-out questions; the first gpt turn is the reference answer."""
+    """A question file of `benchmark` (LLaVA's formats), or LLaVA JSON whose first gpt turn is the answer."""
     image_folder: str = ""
     benchmark: str = "vqa"
     at: list[str] = field(default_factory=list)

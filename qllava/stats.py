@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from . import model as modeling
 from .data import build_stage_dataset
-from .packing import Rows, pad_fraction, padded_batches
+from .packing import Rows, SimilarLengthSampler, pad_fraction, padded_batches
 from .recipe import Recipe
 
 
@@ -30,9 +30,15 @@ def stage_stats(recipe: Recipe, name: str, bins: int = 12) -> dict:
         "histogram": histogram(lengths, cfg.max_seq_len, bins),
         "padded_pad_fraction": pad_fraction(padded_batches(lengths, batch, cfg.seed)),
         "packed_rows": len(rows), "samples_per_row": len(lengths) / len(rows),
-        "packed_pad_fraction": pad_fraction(padded_batches(rows.row_lengths(), batch, cfg.seed)),
+        "packed_pad_fraction": pad_fraction(packed_batches(rows.row_lengths(), batch, cfg.seed)),
         "per_device_train_batch_size": batch,
     }
+
+
+def packed_batches(row_lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """Row lengths in the micro-batches training draws (rows of similar length together)."""
+    order = list(SimilarLengthSampler(row_lengths, batch_size, seed))
+    return [[row_lengths[i] for i in order[at:at + batch_size]] for at in range(0, len(order), batch_size)]
 
 
 def histogram(lengths: list[int], top: int, bins: int) -> list[tuple[int, int, int]]:

@@ -143,3 +143,33 @@ def _check_turns(turns, generation_prompt: bool):
     if not generation_prompt and last != "assistant":
         raise TemplateError("the conversation has no assistant turn to train on" if len(turns) == 1
                             else "the conversation ends with a user turn that has no answer")
+
+
+def chat_template(template: str) -> str:
+    """The template as a Jinja chat template, for a merged checkpoint used without qllava (pipelines, servers).
+
+    Renders what `render` renders (with the BOS token first, since processors tokenize chat templates without
+    adding special tokens). Message content may be a string or a list of {"type": "image"} / {"type": "text"}
+    parts; the image tag goes first in its turn, as LLaVA puts it. The source has no line breaks, so no
+    whitespace control is needed: every space in it is output.
+    """
+    content = ("{% macro content(m) %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+               "{% for p in m['content'] if p['type'] == 'image' %}<image>\n{% endfor %}"
+               "{% for p in m['content'] if p['type'] == 'text' %}{{ p['text'] }}{% endfor %}"
+               "{% endif %}{% endmacro %}")
+    if template == "plain":
+        body = ("{% for m in messages %}{% if m['role'] == 'user' %}<image>{% else %}{{ content(m) }}\n"
+                "{% endif %}{% endfor %}")
+    elif template == "vicuna_v1":
+        body = (VICUNA_SYSTEM + " {% for m in messages %}{% if m['role'] == 'user' %}USER: {{ content(m) }} "
+                "{% else %}ASSISTANT: {{ content(m) }}{{ eos_token }}{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    elif template in ("mistral_instruct", "llava_llama_2"):
+        system = f"<<SYS>>\n{LLAVA_LLAMA_2_SYSTEM}\n<</SYS>>\n\n" if template == "llava_llama_2" else ""
+        sep = "{{ bos_token }}" if template == "llava_llama_2" else ""
+        body = ("{% for m in messages %}{% if m['role'] == 'user' %}"
+                f"{{% if not loop.first %}}{sep}{{% endif %}}[INST] {{% if loop.first %}}{system}{{% endif %}}"
+                "{{ content(m) }} [/INST]{% else %} {{ content(m) }} {{ eos_token }}{% endif %}{% endfor %}")
+    else:
+        raise TemplateError(f"unknown template {template!r}")
+    return content + "{{ bos_token }}" + body

@@ -21,8 +21,9 @@ import torch
 from transformers import PrinterCallback, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from . import evaluate, model as modeling, synthetic
+from . import evaluate, model as modeling, scorers, synthetic
 from .data import build_stage_dataset
+from .inference import Loaded
 from .packing import Collator, Rows, SimilarLengthSampler
 from .recipe import Recipe
 
@@ -100,27 +101,32 @@ def run_stage(recipe: Recipe, name: str, progress=None, say=print, heldout: "Hel
 
 
 class HeldOut:
-    """The recipe's [eval] questions, scored at the points it names (before, stage1, stage2, blank_images)."""
+    """The recipe's [eval] questions, scored by `qllava eval`'s code at the points it names (before, stage1,
+    stage2, blank_images: stage 2 with blank images in place of the real ones)."""
 
     def __init__(self, recipe: Recipe, say=print):
         self.recipe, self.say = recipe, say
-        self.questions, self.images, _ = evaluate.load_questions(recipe.eval.data, recipe.eval.image_folder,
-                                                                 recipe.eval.limit)
+        self.items = scorers.load_items(recipe.eval.benchmark, recipe.eval.data)
+        self.items = self.items[:recipe.eval.limit] if recipe.eval.limit else self.items
         self.scores: dict = {}
 
     def score(self, point: str, model, processor, blank_images: bool = False) -> None:
         if point not in self.recipe.eval.at:
             return
-        stage2 = self.recipe.stage2
-        answers = evaluate.answer(model, processor, stage2.template, self.questions, self.images,
-                                  stage2.image_aspect_ratio, modeling.image_tokens_per_image(model.config),
-                                  self.recipe.eval.batch_size, self.recipe.eval.max_new_tokens, blank_images)
-        result = evaluate.score_exact(answers, self.questions)
-        self.scores[f"accuracy_{point}"] = result["accuracy"]
-        self.scores[f"by_category_{point}"] = result["by_category"]
-        if "chance" in result:
-            self.scores["chance"] = result["chance"]
-        self.say(f"held-out accuracy {point}: {result['accuracy']:.3f} ({result['n']} questions)")
+        cfg, stage2 = self.recipe.eval, self.recipe.stage2
+        loaded = Loaded(model, processor, stage2.template, stage2.image_aspect_ratio, "run")
+        answers = {}
+        for start in range(0, len(self.items), cfg.batch_size):
+            batch = self.items[start:start + cfg.batch_size]
+            texts = evaluate.answer(loaded, batch, cfg.image_folder, cfg.max_new_tokens, blank_images)
+            answers.update({item.question_id: text for item, text in zip(batch, texts)})
+        metrics, _ = scorers.score(cfg.benchmark, self.items, answers)
+        self.scores[f"accuracy_{point}"] = metrics["accuracy"]
+        self.scores[f"by_category_{point}"] = {k.removeprefix("accuracy_"): v for k, v in metrics.items()
+                                               if k.startswith("accuracy_")}
+        if "chance" in metrics:
+            self.scores["chance"] = metrics["chance"]
+        self.say(f"held-out accuracy {point}: {metrics['accuracy']:.3f} ({len(self.items)} questions)")
 
 
 class ProgressCallback(TrainerCallback):
@@ -265,18 +271,17 @@ def _save_stage(model, processor, recipe: Recipe, out_dir: Path, metrics: dict, 
 
 
 def _plot_loss(log_history: list, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: no global backend switch in the caller's process (notebooks keep theirs).
+    from matplotlib.figure import Figure
     points = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
     if not points:
         return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.plot(*zip(*points))
     ax.set(xlabel="optimizer step", ylabel="training loss", title=f"{title} loss")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _claim_run_dir(run_dir: Path, stages, overwrite: bool) -> None:

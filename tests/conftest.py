@@ -59,3 +59,15 @@ def mistral_tokenizer_dir(tmp_path_factory):
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "add_bos_token": True, "add_eos_token": False, "legacy": True}))
     return folder
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_inputs, tmp_path_factory):
+    """A short but complete tiny run (both stages, held-out scores), shared by the tests that read runs."""
+    from qllava import train
+    from qllava.recipe import load_recipe
+    run = tmp_path_factory.mktemp("trained") / "run"
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(tiny_inputs, run) + ["stage1.max_steps=30", "stage2.max_steps=60",
+                                                                          "eval.limit=36", "eval.batch_size=36"])
+    train.finetune(recipe, say=lambda _: None)
+    return run

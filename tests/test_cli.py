@@ -31,13 +31,14 @@ def test_finetune_writes_the_run(demo_run, capsys):
 
 
 def test_a_stage2_run_folder_reloads_and_generates(demo_run):
-    from qllava import evaluate, model as modeling
+    from qllava import evaluate, inference, scorers
+    from qllava.recipe import load_recipe
     _, run = demo_run
-    model, processor, recipe = modeling.load_run(run)
-    assert type(model).__name__ == "PeftModelForCausalLM"
-    questions, images, _ = evaluate.load_questions(recipe.eval.data, recipe.eval.image_folder, limit=4)
-    answers = evaluate.answer(model, processor, recipe.stage2.template, questions, images, "pad",
-                              modeling.image_tokens_per_image(model.config), batch_size=4, max_new_tokens=3)
+    loaded = inference.load_for_inference(run)
+    assert type(loaded.model).__name__ == "PeftModelForCausalLM" and loaded.template == "mistral_instruct"
+    recipe = load_recipe(run / "stage2" / "recipe.toml")
+    items = scorers.load_items("vqa", recipe.eval.data)[:4]
+    answers = evaluate.answer(loaded, items, recipe.eval.image_folder, max_new_tokens=3)
     assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
 
 

@@ -30,8 +30,10 @@ def test_every_recipe_starts_with_a_header(path):
     assert header.startswith("# ") and "qllava finetune" in header
 
 
-def test_7b_recipes_share_everything_but_decoder_and_template():
-    mistral, vicuna = (load_recipe(RECIPES[0].parent / f"{n}_qlora.toml") for n in ("mistral", "vicuna"))
+@pytest.mark.parametrize("mistral_name,vicuna_name", [("mistral_qlora", "vicuna_qlora"),
+                                                       ("scienceqa_mistral", "scienceqa_vicuna")])
+def test_twin_recipes_differ_only_in_decoder_and_template(mistral_name, vicuna_name):
+    mistral, vicuna = (load_recipe(RECIPES[0].parent / f"{n}.toml") for n in (mistral_name, vicuna_name))
     assert mistral.model.decoder == "mistralai/Mistral-7B-Instruct-v0.2" and vicuna.model.decoder == "lmsys/vicuna-7b-v1.5"
     assert (mistral.stage2.template, vicuna.stage2.template) == ("mistral_instruct", "vicuna_v1")
     vicuna.model.decoder, vicuna.stage2.template, vicuna.output.dir = (

@@ -1,0 +1,119 @@
+"""`qllava compare`: evaluation results side by side (one column per run, one row per metric), the difference
+to the first run, and a paired bootstrap 95% interval of that difference over the questions both answered.
+Writes report.md and a bar chart (compare.png) when given an output folder."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from .data import DataError
+from .evaluate import metrics_file
+
+BOOTSTRAP_SAMPLES = 2000
+
+
+def load_result(path: str | Path) -> dict:
+    """An evaluation result: FILE.metrics.json, or the answers FILE.jsonl it belongs to."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        path = metrics_file(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no evaluation result (run qllava eval first; it writes ANSWERS.metrics.json)")
+    try:
+        result = json.loads(path.read_text())
+        result["metrics"], result["per_question"]
+    except (ValueError, KeyError, TypeError):
+        raise DataError(f"{path}: not a qllava eval result (needs \"metrics\" and \"per_question\")") from None
+    result["file"] = str(path)
+    return result
+
+
+def compare(paths: list[str | Path], out_dir: str | Path | None = None, seed: int = 0) -> dict:
+    results = [load_result(p) for p in paths]
+    labels = _labels(results)
+    names = []
+    for r in results:
+        names += [m for m in r["metrics"] if m not in names]
+    table = {name: [r["metrics"].get(name) for r in results] for name in names}
+    differences = {}
+    for r, label in zip(results[1:], labels[1:]):
+        differences[label] = paired_bootstrap(results[0]["per_question"], r["per_question"], seed)
+    report = {"runs": [{"label": label, "benchmark": r["benchmark"], "data": r["data"], **r["model"]}
+                       for label, r in zip(labels, results)],
+              "metrics": table, "difference_vs_first": differences}
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(markdown(report))
+        (out / "report.json").write_text(json.dumps(report, indent=1))
+        bar_chart(report, out / "compare.png")
+    return report
+
+
+def paired_bootstrap(first: dict, second: dict, seed: int = 0) -> dict:
+    """Mean per-question score difference (second - first) over shared questions, with a 95% bootstrap interval."""
+    shared = sorted(set(first) & set(second))
+    if not shared:
+        return {"questions": 0}
+    diffs = [second[q] - first[q] for q in shared]
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(diffs, k=len(diffs))) / len(diffs) for _ in range(BOOTSTRAP_SAMPLES))
+    return {"questions": len(shared), "mean": sum(diffs) / len(diffs),
+            "ci95": [means[int(0.025 * BOOTSTRAP_SAMPLES)], means[int(0.975 * BOOTSTRAP_SAMPLES) - 1]]}
+
+
+def markdown(report: dict) -> str:
+    runs = report["runs"]
+    lines = ["# qllava compare", "", "| | " + " | ".join(r["label"] for r in runs) + " |",
+             "|---|" + "---|" * len(runs)]
+    for key in ("backbone", "template", "benchmark", "data", "steps"):
+        lines.append(f"| {key} | " + " | ".join(str(r.get(key, "")) for r in runs) + " |")
+    for name, values in report["metrics"].items():
+        cells = [_fmt(v) for v in values]
+        if len(values) > 1 and all(isinstance(v, (int, float)) for v in values):
+            cells = [cells[0]] + [f"{_fmt(v)} ({v - values[0]:+.4f})" for v in values[1:]]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Differences are to the first column. Paired bootstrap over the questions both runs answered "
+              f"({BOOTSTRAP_SAMPLES} resamples), per-question score of the second minus the first:", ""]
+    for label, d in report["difference_vs_first"].items():
+        if d.get("questions"):
+            lines.append(f"- {label} - {runs[0]['label']}: {d['mean']:+.4f}, 95% CI [{d['ci95'][0]:+.4f}, "
+                         f"{d['ci95'][1]:+.4f}] over {d['questions']} questions")
+        else:
+            lines.append(f"- {label}: no questions in common with {runs[0]['label']}")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(report: dict, path: Path) -> None:
+    from matplotlib.figure import Figure
+    names = [n for n, v in report["metrics"].items() if all(isinstance(x, (int, float)) for x in v)
+             and all(0 <= x <= 1 for x in v)][:12]
+    runs = report["runs"]
+    fig = Figure(figsize=(max(5, 1.1 * len(names) * len(runs)), 3.8))
+    ax = fig.subplots()
+    width = 0.8 / len(runs)
+    for i, run in enumerate(runs):
+        values = [report["metrics"][n][i] for n in names]
+        ax.bar([x + i * width for x in range(len(names))], values, width, label=f"{run['label']}")
+    ax.set_xticks([x + width * (len(runs) - 1) / 2 for x in range(len(names))], names, rotation=30, ha="right")
+    ax.set(ylim=(0, 1), ylabel="score", title=f"{runs[0]['benchmark']}: " + " vs ".join(r["label"] for r in runs))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _labels(results: list[dict]) -> list[str]:
+    labels = []
+    for r in results:
+        backbone = str(r["model"].get("backbone", "")).rstrip("/").split("/")[-1]
+        label = f"{r['model'].get('name', '?')} ({backbone})" if backbone else r["model"].get("name", "?")
+        while label in labels:
+            label += "'"
+        labels.append(label)
+    return labels
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

@@ -1,0 +1,122 @@
+"""Talking to a trained model: load a run folder (4-bit base + projector + adapter) or a merged folder, build
+prompts exactly as training tokenized them, and generate (batched, left-padded, greedy unless asked).
+
+A merged folder records the run's template in qllava.json; a folder without one (any llava-hf checkpoint)
+falls back to the processor's own chat template.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from . import model as modeling, templates
+from .data import DataError, encode, pad_to_square
+
+QLLAVA_FILE = "qllava.json"
+
+
+@dataclass
+class Loaded:
+    model: object
+    processor: object
+    template: str | None
+    """The LLaVA template the model was trained with; None: use the processor's chat template."""
+    image_aspect_ratio: str
+    kind: str
+    """"run" (4-bit base + adapter) or "merged"."""
+
+    @property
+    def n_image_tokens(self) -> int:
+        return modeling.image_tokens_per_image(self.model.config)
+
+
+def load_for_inference(path: str | Path, quantized: bool = True) -> Loaded:
+    """A run folder (RUN with stage1/ or stage2/) or a merged / llava-hf folder (config.json)."""
+    path = Path(path)
+    if (path / "stage2").is_dir() or (path / "stage1").is_dir():
+        model, processor, recipe = modeling.load_run(path, quantized=quantized)
+        stage = recipe.stage2 if (path / "stage2" / modeling.PROJECTOR_FILE).exists() else recipe.stage1
+        return Loaded(model, processor, stage.template, stage.image_aspect_ratio, "run")
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is neither a qllava run folder (stage1/, stage2/) nor a model folder "
+                                "(config.json)")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    info = json.loads((path / QLLAVA_FILE).read_text()) if (path / QLLAVA_FILE).exists() else {}
+    place = {"device_map": {"": modeling.device()}} if torch.cuda.is_available() else {}
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype="auto", **place).eval()
+    return Loaded(model, AutoProcessor.from_pretrained(path), info.get("template"),
+                  info.get("image_aspect_ratio", "pad"), "merged")
+
+
+def prompt_ids(loaded: Loaded, turns: list[tuple[str, str]]) -> list[int]:
+    """Token ids of a conversation ending with a user turn, up to where the assistant starts to answer."""
+    tokenizer = loaded.processor.tokenizer
+    if loaded.template is None:
+        messages = [{"role": role, "content": text} for role, text in turns]
+        text = loaded.processor.apply_chat_template(messages, add_generation_prompt=True)
+        rendered = templates.Rendered(text.removeprefix(tokenizer.bos_token or ""), ())
+    else:
+        rendered = templates.render(loaded.template, turns, tokenizer.bos_token or "", tokenizer.eos_token,
+                                    generation_prompt=True)
+    image_token_id = tokenizer.convert_tokens_to_ids(templates.IMAGE_TAG)
+    return encode(rendered, tokenizer, image_token_id, loaded.n_image_tokens)[0]
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """An image file as RGB, or a clear error naming it."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image {path}: file not found") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"image {path}: cannot be read as an image ({e})") from None
+
+
+def prepared(loaded: Loaded, image: Image.Image) -> Image.Image:
+    """The image as training saw it (LLaVA-1.5's pad-to-square when the stage used it)."""
+    if loaded.image_aspect_ratio == "pad":
+        return pad_to_square(image, loaded.processor.image_processor.image_mean)
+    return image
+
+
+def blank_image(loaded: Loaded) -> Image.Image:
+    """The image-mean colour: after CLIP normalization every pixel is ~0, the image says nothing."""
+    processor = loaded.processor.image_processor
+    size = processor.crop_size
+    return Image.new("RGB", (size["width"], size["height"]), tuple(int(x * 255) for x in processor.image_mean))
+
+
+def generate(loaded: Loaded, prompts: list[list[int]], images: list[Image.Image], max_new_tokens: int,
+             streamer=None, **sampling) -> list[str]:
+    """Answers to left-padded prompts; `images` (already prepared) in the order of their image tokens."""
+    model, tokenizer = loaded.model, loaded.processor.tokenizer
+    width = max(len(p) for p in prompts)
+    device = next(model.parameters()).device
+    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    if images:
+        pixels = loaded.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        inputs["pixel_values"] = pixels.to(device)
+    dtype = model.get_input_embeddings().weight.dtype
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    sampling = {"do_sample": False, **sampling}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast:
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, use_cache=True, streamer=streamer,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling)
+    finally:
+        model.train(was_training)
+    return [text.strip() for text in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]

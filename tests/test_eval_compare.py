@@ -1,0 +1,84 @@
+"""qllava eval (batched, resumable, the demo's own scorer) and qllava compare."""
+
+import json
+
+import pytest
+
+from qllava import evaluate as ev
+from qllava.cli import main
+from qllava.compare import paired_bootstrap
+from qllava.data import DataError
+
+
+@pytest.fixture
+def eval_args(trained_run, tiny_inputs):
+    shapes = tiny_inputs / "shapes"
+    return dict(model_path=trained_run, benchmark="vqa", data=str(shapes / "eval.json"), images=str(shapes / "images"))
+
+
+def test_an_interrupted_eval_resumes_without_redoing_answered_questions(eval_args, tmp_path, monkeypatch):
+    out = tmp_path / "answers.jsonl"
+    asked = []
+    real_answer = ev.answer
+
+    def counting(loaded, items, *args, **kwargs):
+        asked.extend(i.question_id for i in items)
+        return real_answer(loaded, items, *args, **kwargs)
+    monkeypatch.setattr(ev, "answer", counting)
+
+    def stop_after_two_batches(done, total):
+        if done >= 8:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(**eval_args, out=out, limit=12, batch_size=4, max_new_tokens=4, progress=stop_after_two_batches)
+    first = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(first) == 8 and len(asked) == 8
+    with out.open("a") as f:
+        f.write('{"question_id": "eval-9", "te')  # a line cut by the kill: ignored, asked again
+    result = ev.evaluate(**eval_args, out=out, limit=12, batch_size=4, max_new_tokens=4)
+    assert result["asked_now"] == 4 and asked[8:] == ["eval-8", "eval-9", "eval-10", "eval-11"]
+    assert [json.loads(line)["text"] for line in out.read_text().splitlines()[:8]] == [r["text"] for r in first]
+    again = ev.evaluate(**eval_args, out=out, limit=12, batch_size=4, max_new_tokens=4)
+    assert again["asked_now"] == 0 and again["metrics"] == result["metrics"] and len(asked) == 12
+    assert set(result["per_question"]) == {f"eval-{i}" for i in range(12)}
+
+
+def test_answers_of_another_model_are_refused(eval_args, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    out.write_text(json.dumps({"question_id": "eval-0", "text": "red", "model_fingerprint": "someone-else"}) + "\n")
+    with pytest.raises(DataError, match="holds answers of another model"):
+        ev.evaluate(**eval_args, out=out, limit=2)
+
+
+def test_the_finetune_scores_are_qllava_evals(trained_run, eval_args):
+    """finetune's held-out accuracy after stage 2 is what `qllava eval` gives the saved run, question for question."""
+    run_metrics = json.loads((trained_run / "metrics.json").read_text())
+    result = ev.evaluate(**eval_args, out=trained_run / "check.jsonl", limit=36, batch_size=36, max_new_tokens=6)
+    assert result["metrics"]["accuracy"] == run_metrics["accuracy_stage2"]
+    assert result["metrics"]["chance"] == run_metrics["chance"]
+
+
+def test_eval_cli_and_compare(eval_args, trained_run, tmp_path, capsys):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    common = ["--benchmark", "vqa", "--data", eval_args["data"], "--images", eval_args["images"], "--limit", "12",
+              "--max-new-tokens", "4"]
+    assert main(["eval", str(trained_run), *common, "--out", str(a)]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    assert main(["eval", str(trained_run), *common, "--out", str(b), "--batch-size", "5"]) == 0
+    assert main(["compare", str(a), str(b.with_name("b.metrics.json")), "--out", str(tmp_path / "cmp")]) == 0
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| backbone |" in report and "mistral" in report and "95% CI" in report
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
+    assert main(["compare", str(tmp_path / "missing.metrics.json")]) == 2
+    assert "no evaluation result (run qllava eval first" in capsys.readouterr().out
+
+
+def test_paired_bootstrap():
+    first = {str(i): float(i % 2) for i in range(200)}
+    second = {str(i): 1.0 for i in range(200)}
+    d = paired_bootstrap(first, second)
+    assert d["questions"] == 200 and d["mean"] == pytest.approx(0.5)
+    assert d["ci95"][0] < 0.5 < d["ci95"][1] and d["ci95"][1] - d["ci95"][0] < 0.2
+    same = paired_bootstrap(first, first)
+    assert same["mean"] == 0 and same["ci95"] == [0.0, 0.0]
+    assert paired_bootstrap({"a": 1.0}, {"b": 1.0}) == {"questions": 0}

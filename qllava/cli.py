@@ -38,8 +38,11 @@ def cmd_finetune(args) -> int:
     from .recipe import load_recipe
     recipe = load_recipe(args.recipe, args.overrides)
     stages = {"1": ("stage1",), "2": ("stage2",), "all": train.STAGES}[args.stage]
-    metrics = train.finetune(recipe, stages, overwrite=args.overwrite, progress=console.TrainingProgress,
-                             say=console.say)
+    metrics = train.finetune(recipe, stages, overwrite=args.overwrite, resume=args.resume,
+                             progress=console.TrainingProgress, say=console.say)
+    from accelerate import PartialState
+    if not PartialState().is_main_process:
+        return 0
     console.console.print(console.stage_table(metrics))
     accuracy = console.accuracy_table(metrics)
     if accuracy is not None:
@@ -119,6 +122,8 @@ def _parser() -> argparse.ArgumentParser:
                           help="override recipe values, e.g. stage2.max_steps=10 output.dir=runs/try")
     finetune.add_argument("--stage", choices=("1", "2", "all"), default="all", help="which stages to run (default all)")
     finetune.add_argument("--overwrite", action="store_true", help="replace the stage folders of an existing run")
+    finetune.add_argument("--resume", action="store_true",
+                          help="keep finished stages and continue an unfinished one from its latest checkpoint")
     finetune.set_defaults(run=cmd_finetune)
 
     data = commands.add_parser("data", help="inspect a recipe's data").add_subparsers(dest="data_command", required=True)
@@ -179,8 +184,9 @@ def _user_errors() -> tuple:
     from .data import DataError
     from .recipe import RecipeError
     from .merge import MergeError
+    from .model import BaseMismatchError
     from .templates import TemplateError
-    return (RecipeError, DataError, TemplateError, MergeError, FileExistsError, FileNotFoundError)
+    return (RecipeError, DataError, TemplateError, MergeError, BaseMismatchError, FileExistsError, FileNotFoundError)
 
 
 def _quiet_libraries() -> None:

@@ -22,7 +22,7 @@ from PIL import Image
 from . import templates
 from .templates import IMAGE_TAG, TemplateError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -227,8 +227,13 @@ def _llava_sample_problem(sample, image_folder: str) -> str | None:
     if image is not None:
         if not isinstance(image, str):
             return "\"image\" is not one path (one image per sample)"
-        if not os.path.isfile(os.path.join(image_folder, image)):
+        path = os.path.join(image_folder, image)
+        if not os.path.isfile(path):
             return f"image file not found under the image folder ({image_folder or '.'})"
+        try:  # the header only (fast); a file cut short later in its data stops training naming the file
+            Image.open(path).close()
+        except (OSError, ValueError):
+            return "image file cannot be read as an image"
     return None
 
 

@@ -41,6 +41,7 @@ def merge(run_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", ove
         raise FileExistsError(f"{out_dir} already exists: pass --overwrite to replace it, or choose another --out")
     started = time.perf_counter()
     recipe = load_recipe(stage_dir / "recipe.toml")
+    modeling.check_base(stage_dir, recipe.model)
     report = {"run": str(run_dir), "stage": stage_dir.name, "dtype": dtype}
     batch = _verification_batch(recipe, stage_dir) if verify else None
     if batch is not None:

@@ -10,7 +10,9 @@ Everything is frozen here; train.py decides what learns.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -24,8 +26,13 @@ from .recipe import LoraConfig, ModelConfig, QuantizationConfig, Recipe, load_re
 
 IMAGE_TOKEN = "<image>"
 PROJECTOR_FILE = "projector.safetensors"
+BASE_FILE = "base.json"
 # Full module-name prefixes: bitsandbytes silently quantizes a module named by its bare name (STACK.md).
 NOT_QUANTIZED = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+
+
+class BaseMismatchError(ValueError):
+    """The base model a run names is not the one it was trained on."""
 
 
 def attention_implementation(requested: str) -> str:
@@ -143,12 +150,35 @@ def load_projector(model, path: Path) -> None:
     state = load_file(str(path))
     expected = set(target.state_dict())
     if set(state) != expected:
-        raise ValueError(f"{path}: not a projector for this model (keys {sorted(state)}, expected {sorted(expected)})")
+        raise BaseMismatchError(f"{path}: not a projector for this model (keys {sorted(state)}, expected "
+                                f"{sorted(expected)})")
     for key, value in state.items():
         if value.shape != target.state_dict()[key].shape:
-            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, this model's projector needs "
+            raise BaseMismatchError(f"{path}: {key} has shape {tuple(value.shape)}, this model's projector needs "
                              f"{tuple(target.state_dict()[key].shape)} (a run of another base model?)")
     target.load_state_dict({k: v.to(ref.device, ref.dtype) for k, v in state.items()})
+
+
+def base_fingerprint(cfg: ModelConfig) -> dict:
+    """What identifies the base weights: per checkpoint, its files' names and sizes and a digest of their first
+    and last MiB (enough to tell two checkpoints apart without reading gigabytes)."""
+    roles = {"llava": cfg.llava} if cfg.llava else {"vision_tower": cfg.vision_tower, "decoder": cfg.decoder}
+    return {role: _folder_digest(_local_folder(name)) for role, name in roles.items()}
+
+
+def check_base(stage_dir: Path, cfg: ModelConfig) -> None:
+    """Refuse to put a run's adapter and projector on other weights than those it was trained on."""
+    recorded_file = Path(stage_dir) / BASE_FILE
+    if not recorded_file.exists():
+        return
+    recorded, current = json.loads(recorded_file.read_text()), base_fingerprint(cfg)
+    changed = [role for role, digest in current.items() if digest and recorded.get(role) not in (None, "", digest)]
+    if changed:
+        names = ", ".join(f"{role} {getattr(cfg, role)}" for role in changed)
+        raise BaseMismatchError(
+            f"the base model ({names}) is not the one {stage_dir} was trained on (its files differ from those "
+            f"recorded in {recorded_file}): the adapter and projector would be applied to other weights. "
+            "Point the run's recipe.toml [model] at the original base")
 
 
 def load_run(run_dir: Path, quantized: bool = True, dtype: str | None = None):
@@ -158,13 +188,18 @@ def load_run(run_dir: Path, quantized: bool = True, dtype: str | None = None):
     if not (stage_dir / PROJECTOR_FILE).exists():
         raise FileNotFoundError(f"{run_dir} is not a qllava run: no stage2/{PROJECTOR_FILE} or stage1/{PROJECTOR_FILE}")
     recipe = load_recipe(stage_dir / "recipe.toml")
+    check_base(stage_dir, recipe.model)
     processor = AutoProcessor.from_pretrained(stage_dir) if (stage_dir / "processor_config.json").exists() \
         else build_processor(recipe.model)
     model = load_base_model(recipe, processor, quantized=quantized, dtype=dtype)
     load_projector(model, stage_dir / PROJECTOR_FILE)
     if (stage_dir / "adapter_config.json").exists():
         import peft
-        model = peft.PeftModel.from_pretrained(model, stage_dir)
+        try:
+            model = peft.PeftModel.from_pretrained(model, stage_dir)
+        except RuntimeError as e:
+            raise BaseMismatchError(f"{stage_dir}: the adapter does not fit the base model its recipe names: "
+                                    f"{str(e).splitlines()[0]}") from None
         model.requires_grad_(False)
     return model.eval(), processor, recipe
 
@@ -217,3 +252,29 @@ def _keep_4bit_trainable_on_cpu(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+def _local_folder(name: str) -> Path | None:
+    if Path(name).is_dir():
+        return Path(name)
+    try:  # a hub id: its cached snapshot, if any (never a download)
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:
+        return None
+
+
+def _folder_digest(folder: Path | None) -> str:
+    if folder is None:
+        return ""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*")):
+        if path.suffix in (".safetensors", ".bin", ".json") and path.name != BASE_FILE:
+            size = path.stat().st_size
+            digest.update(f"{path.name}:{size}".encode())
+            with path.open("rb") as f:
+                digest.update(f.read(2**20))
+                if size > 2**21:
+                    f.seek(-2**20, 2)
+                    digest.update(f.read())
+    return digest.hexdigest()[:20]

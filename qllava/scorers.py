@@ -242,20 +242,21 @@ def _vqa_items(rows, annotations):
     refs = _vqa_annotations(Path(annotations)) if annotations else {}
     items = []
     for i, row in enumerate(rows):
-        if "conversations" in row:  # training format: the first gpt turn is the answer
+        if "conversations" in row:
+            # Training format (a held-out split): the human turn is asked verbatim, as the model was trained
+            # with it, and the first gpt turn is the answer.
             turns = row["conversations"]
             question = turns[0]["value"].replace("<image>", "").strip()
             qid = str(row.get("id", i))
             reference = turns[1]["value"]
             meta = {"options": row["options"]} if "options" in row else {}
         else:
-            question, qid = _question_text(row), str(row["question_id"])
+            question, qid = _with_suffix(_question_text(row), SHORT_ANSWER), str(row["question_id"])
             reference = row.get("answers", row.get("answer"))
             if reference is None:
                 reference = refs.get(qid) or refs[(qid, question.split("\n")[0].strip().lower())]
             meta = {}
-        items.append(EvalItem(qid, _with_suffix(question, SHORT_ANSWER), row.get("image", ""),
-                              row.get("category", ""), reference, meta))
+        items.append(EvalItem(qid, question, row.get("image", ""), row.get("category", ""), reference, meta))
     return items
 
 

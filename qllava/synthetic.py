@@ -20,11 +20,10 @@ from . import tiny
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
 SIDES = ("left", "right")
-SHORT = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's suffix for short answers
 QUESTIONS = {
-    "color": ("What color is the shape?" + SHORT, tuple(COLORS)),
-    "shape": ("What shape is in the image?" + SHORT, SHAPES),
-    "position": ("Is the shape on the left or the right?" + SHORT, SIDES),
+    "color": ("What color is the shape?", tuple(COLORS)),
+    "shape": ("What shape is in the image?", SHAPES),
+    "position": ("Is the shape on the left or the right?", SIDES),
 }
 TEXT_ONLY = [
     ("Which colors can the shapes have?", "red, green, blue or yellow"),
@@ -155,7 +154,7 @@ def prepare(synthetic, vision_tower: str, decoder: str, say=print) -> None:
         _write_marker(Path(decoder), decoder_key)
 
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 MARKER = "qllava_synthetic.json"
 
 

@@ -18,14 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from transformers import PrinterCallback, TrainerCallback, set_seed
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig
 
 from . import evaluate, model as modeling, scorers, synthetic
 from .data import build_stage_dataset
 from .inference import Loaded
-from .packing import Collator, Rows, SimilarLengthSampler
+from .packing import Collator, Rows
 from .recipe import Recipe
+from .trainer import QllavaTrainer, latest_checkpoint
 
 STAGES = ("stage1", "stage2")
 
@@ -42,28 +45,50 @@ class StageResult:
     model: object
 
 
-def finetune(recipe: Recipe, stages=STAGES, overwrite: bool = False, progress=None, say=print) -> dict:
+def finetune(recipe: Recipe, stages=STAGES, overwrite: bool = False, resume: bool = False, progress=None,
+             say=print) -> dict:
     """Run the stages the recipe describes; return the run's metrics (also written to RUN/metrics.json).
 
     `progress(stage_name)` returns a function that receives progress events (dicts) during training.
+    With `resume`, finished stages are kept and an unfinished one continues from its latest complete
+    checkpoint. Under torchrun / accelerate launch, every process trains and only the main one writes and
+    prints.
     """
-    _claim_run_dir(recipe.run_dir, stages, overwrite)
-    if recipe.synthetic:
-        synthetic.prepare(recipe.synthetic, recipe.model.vision_tower, recipe.model.decoder, say=say)
+    state = PartialState()
+    say = say if state.is_main_process else _silent
+    with state.main_process_first():
+        if state.is_main_process:
+            _claim_run_dir(recipe.run_dir, stages, overwrite, resume)
+            if recipe.synthetic:
+                synthetic.prepare(recipe.synthetic, recipe.model.vision_tower, recipe.model.decoder, say=say)
     metrics = _read_json(recipe.run_dir / "metrics.json")
-    heldout = HeldOut(recipe, say) if recipe.eval.at else None
+    heldout = HeldOut(recipe, say, done=metrics if resume else {}) if recipe.eval.at else None
     for name in stages:
-        result = run_stage(recipe, name, progress, say, heldout)
+        if resume and stage_complete(recipe.run_dir / name):
+            say(f"{name}: already complete in {recipe.run_dir / name}, kept")
+            continue
+        checkpoint = latest_checkpoint(recipe.run_dir / name / "checkpoints") if resume else None
+        if checkpoint:
+            say(f"{name}: resuming from {checkpoint}")
+        result = run_stage(recipe, name, progress, say, heldout, checkpoint)
         metrics[name] = result.metrics
         if heldout:
             metrics.update(heldout.scores)
-        _write_json(recipe.run_dir / "metrics.json", metrics)
+        if state.is_main_process:
+            _write_json(recipe.run_dir / "metrics.json", metrics)
     return metrics
 
 
-def run_stage(recipe: Recipe, name: str, progress=None, say=print, heldout: "HeldOut | None" = None) -> StageResult:
+def stage_complete(stage_dir: Path) -> bool:
+    """A stage's metrics.json is written last: with it, everything else of the stage is there."""
+    return (stage_dir / "metrics.json").exists() and (stage_dir / modeling.PROJECTOR_FILE).exists()
+
+
+def run_stage(recipe: Recipe, name: str, progress=None, say=print, heldout: "HeldOut | None" = None,
+              resume_from: Path | None = None) -> StageResult:
     cfg = getattr(recipe, name)
     out_dir = recipe.run_dir / name
+    state = PartialState()
     set_seed(cfg.seed)  # the fresh projector and LoRA weights are drawn from it: a rerun is identical
     processor = modeling.build_processor(recipe.model)
     model = modeling.load_base_model(recipe, processor)
@@ -77,8 +102,9 @@ def run_stage(recipe: Recipe, name: str, progress=None, say=print, heldout: "Hel
 
     tokenizer = processor.tokenizer
     n_image_tokens = modeling.image_tokens_per_image(model.config)
-    dataset, images, report = build_stage_dataset(cfg, tokenizer, tokenizer.convert_tokens_to_ids(modeling.IMAGE_TOKEN),
-                                                  n_image_tokens, recipe.data.cache_dir, name)
+    with state.main_process_first():  # the main process tokenizes and caches; the others read the cache
+        dataset, images, report = build_stage_dataset(cfg, tokenizer, tokenizer.convert_tokens_to_ids(modeling.IMAGE_TOKEN),
+                                                      n_image_tokens, recipe.data.cache_dir, name)
     say(f"{name}: {report.used} samples, {report.tokens:,} tokens ({report.label_tokens:,} trained)"
         + "".join(f"; skipped {n}: {reason} (e.g. {', '.join(report.examples[reason])})"
                   for reason, n in report.skipped.most_common()))
@@ -88,15 +114,18 @@ def run_stage(recipe: Recipe, name: str, progress=None, say=print, heldout: "Hel
     callbacks = [ProgressCallback(collator, progress(name))] if progress else []
     trainer = _build_trainer(model, processor, rows, collator, cfg, out_dir, callbacks)
     started = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
 
     metrics = _stage_metrics(trainer, report, collator, seconds, name, model)
-    _save_stage(model, processor, recipe, out_dir, metrics, trainer.state.log_history, name)
+    metrics["steps_per_rank"] = gather_object([trainer.state.global_step])
+    if state.is_main_process:
+        _save_stage(model, processor, recipe, out_dir, metrics, trainer.state.log_history, name)
     if heldout:
         heldout.score(name, model, processor)
         if name == "stage2":
             heldout.score("blank_images", model, processor, blank_images=True)
+    state.wait_for_everyone()
     return StageResult(name, out_dir, metrics, model)
 
 
@@ -104,14 +133,15 @@ class HeldOut:
     """The recipe's [eval] questions, scored by `qllava eval`'s code at the points it names (before, stage1,
     stage2, blank_images: stage 2 with blank images in place of the real ones)."""
 
-    def __init__(self, recipe: Recipe, say=print):
+    def __init__(self, recipe: Recipe, say=print, done: dict | None = None):
         self.recipe, self.say = recipe, say
         self.items = scorers.load_items(recipe.eval.benchmark, recipe.eval.data)
         self.items = self.items[:recipe.eval.limit] if recipe.eval.limit else self.items
-        self.scores: dict = {}
+        self.scores: dict = {k: v for k, v in (done or {}).items() if k.startswith(("accuracy_", "by_category_"))}
 
     def score(self, point: str, model, processor, blank_images: bool = False) -> None:
-        if point not in self.recipe.eval.at:
+        """Score on the main process only (the others wait at the stage's end); points already scored are kept."""
+        if point not in self.recipe.eval.at or f"accuracy_{point}" in self.scores or not PartialState().is_main_process:
             return
         cfg, stage2 = self.recipe.eval, self.recipe.stage2
         loaded = Loaded(model, processor, stage2.template, stage2.image_aspect_ratio, "run")
@@ -138,10 +168,11 @@ class ProgressCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.perf_counter()
-        self.show({"event": "begin", "max_steps": state.max_steps})
+        if state.is_world_process_zero:
+            self.show({"event": "begin", "max_steps": state.max_steps})
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
+        if logs and "loss" in logs and state.is_world_process_zero:
             elapsed = time.perf_counter() - self.started
             counts = self.collator.counts
             self.show({"event": "log", "step": state.global_step, "max_steps": state.max_steps,
@@ -150,7 +181,8 @@ class ProgressCallback(TrainerCallback):
                        "pad_fraction": counts.pad_fraction, "memory_gib": peak_memory_gib()})
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.show({"event": "end", "step": state.global_step})
+        if state.is_world_process_zero:
+            self.show({"event": "end", "step": state.global_step})
 
 
 def peak_memory_gib() -> float:
@@ -169,30 +201,18 @@ def _build_trainer(model, processor, rows, collator, cfg, out_dir: Path, callbac
         num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_ratio,
         lr_scheduler_type=cfg.lr_scheduler_type, weight_decay=cfg.weight_decay, seed=cfg.seed,
         logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
-        save_steps=cfg.save_steps or 500, activation_checkpointing=cfg.gradient_checkpointing,
+        save_steps=cfg.save_steps or 500, save_total_limit=2, activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False}, bf16=cuda and dtype == torch.bfloat16,
         fp16=cuda and dtype == torch.float16, use_cpu=not cuda, report_to="none", disable_tqdm=True,
         remove_unused_columns=False, dataloader_num_workers=0, max_length=None, packing=False,
         dataset_kwargs={"skip_prepare_dataset": True}, save_only_model=False)
     optimizer = build_optimizer(model, cfg)
-    trainer = _Trainer(model=model, args=args, train_dataset=rows.as_dataset(), data_collator=collator, processing_class=processor,
+    trainer = QllavaTrainer(model=model, args=args, train_dataset=rows.as_dataset(), data_collator=collator, processing_class=processor,
                          optimizers=(optimizer, None), callbacks=callbacks)
     _trainable_to_float32(model)  # TRL casts trainable weights of a 4-bit model to bf16; keep float32 masters
     trainer.add_callback(_EpochRows(rows))
     trainer.remove_callback(PrinterCallback)  # progress is the caller's (the CLI's rich display)
     return trainer
-
-
-class _Trainer(SFTTrainer):
-    """SFTTrainer that draws packed rows of similar length into the same micro-batch (SimilarLengthSampler):
-    rows are not all full, and padding them to the longest of their micro-batch should cost next to nothing."""
-
-    def _get_train_sampler(self, train_dataset=None):
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        collator = self.data_collator
-        if not collator.rows.packing or collator.flatten:
-            return super()._get_train_sampler(train_dataset)
-        return SimilarLengthSampler(dataset["length"], self.args.per_device_train_batch_size, self.args.seed)
 
 
 def build_optimizer(model, cfg) -> torch.optim.Optimizer:
@@ -260,14 +280,15 @@ def _stage_metrics(trainer, report, collator, seconds: float, name: str, model) 
 
 def _save_stage(model, processor, recipe: Recipe, out_dir: Path, metrics: dict, log_history: list, name: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / modeling.BASE_FILE).write_text(json.dumps(modeling.base_fingerprint(recipe.model), indent=1))
     modeling.save_projector(model, out_dir)
     if name == "stage2":
         model.save_pretrained(out_dir)  # the PEFT adapter (and modules_to_save) only
     processor.save_pretrained(out_dir)
     (out_dir / "recipe.toml").write_text(recipe.to_toml())
-    _write_json(out_dir / "metrics.json", metrics)
     _write_json(out_dir / "log_history.json", log_history)
     _plot_loss(log_history, out_dir / "loss.png", name)
+    _write_json(out_dir / "metrics.json", metrics)  # last: its presence means the stage is complete
 
 
 def _plot_loss(log_history: list, path: Path, title: str) -> None:
@@ -284,15 +305,25 @@ def _plot_loss(log_history: list, path: Path, title: str) -> None:
     fig.savefig(path, dpi=100)
 
 
-def _claim_run_dir(run_dir: Path, stages, overwrite: bool) -> None:
-    """Never overwrite a finished stage silently: --overwrite removes the stages about to run."""
+def _claim_run_dir(run_dir: Path, stages, overwrite: bool, resume: bool) -> None:
+    """Never overwrite a finished stage silently: --overwrite removes the stages about to run, --resume keeps them."""
+    if resume and overwrite:
+        raise RunExistsError("--resume continues a run and --overwrite replaces it: pass one of them")
     existing = [run_dir / s for s in stages if (run_dir / s).exists()]
+    if resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return
     if existing and not overwrite:
         raise RunExistsError(f"{', '.join(map(str, existing))} already exist: pass --overwrite to replace "
-                             f"{'them' if len(existing) > 1 else 'it'}, or set output.dir to a new folder")
+                             f"{'them' if len(existing) > 1 else 'it'}, --resume to continue, or set output.dir "
+                             "to a new folder")
     for folder in existing:
         shutil.rmtree(folder)
     run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _silent(*_args, **_kwargs) -> None:
+    pass
 
 
 def _read_json(path: Path) -> dict:

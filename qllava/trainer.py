@@ -1,0 +1,70 @@
+"""The SFTTrainer qllava trains with: packed rows of similar length per micro-batch, and checkpoints that hold
+what a resumed run needs and nothing more.
+
+A checkpoint (RUN/stageN/checkpoints/checkpoint-STEP) holds the trainable weights only (LoRA adapter and
+projector; never the frozen 4-bit base, which is gigabytes), the optimizer, the scheduler, the RNG states
+and the trainer state (step, epoch: with the seeded row sampler, the data position). A marker file written
+after everything else makes it complete: a crash while writing leaves an unmarked folder that resume
+skips, so the previous checkpoint stays the one used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from safetensors.torch import load_file
+from trl import SFTTrainer
+
+from . import model as modeling
+from .packing import SimilarLengthSampler
+
+COMPLETE = "qllava_complete.json"
+
+
+class QllavaTrainer(SFTTrainer):
+    def _get_train_sampler(self, train_dataset=None):
+        # Packed rows are not all full: drawing rows of similar length into a micro-batch keeps the padding
+        # between them near zero. FlashAttention batches are one concatenated row: nothing to pad.
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        collator = self.data_collator
+        if not collator.rows.packing or collator.flatten:
+            return super()._get_train_sampler(train_dataset)
+        return SimilarLengthSampler(dataset["length"], self.args.per_device_train_batch_size, self.args.seed)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """What Trainer saves as "the model" of a checkpoint: the adapter (with modules_to_save) and the projector."""
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        if hasattr(model, "peft_config"):
+            model.save_pretrained(output_dir)
+        modeling.save_projector(model, Path(output_dir))
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            (folder / COMPLETE).write_text(json.dumps({"step": self.state.global_step}))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = self.accelerator.unwrap_model(model or self.model)
+        folder = Path(resume_from_checkpoint)
+        modeling.load_projector(model, folder / modeling.PROJECTOR_FILE)
+        if hasattr(model, "peft_config"):
+            from peft import set_peft_model_state_dict
+            result = set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+            if result.unexpected_keys:
+                raise ValueError(f"{folder}: adapter weights that this model has no place for: "
+                                 f"{result.unexpected_keys[:3]}")
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint-STEP in a stage's checkpoints folder, or None."""
+    if not folder.is_dir():
+        return None
+    steps = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / COMPLETE).exists()]
+    return max(steps)[1] if steps else None

@@ -1,0 +1,168 @@
+"""A corpus of bad inputs, each with its expected outcome: an error naming the file, TOML key or sample and how to
+fix it (exit status 2, no traceback), or a skip counted by reason and reported when the data are loaded.
+Nothing mis-trains silently."""
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from PIL import Image
+
+from conftest import TINY_RECIPE, tiny_overrides
+from qllava.cli import main
+
+
+@dataclass
+class Case:
+    name: str
+    setup: Callable  # (tmp, tiny_inputs, trained_run) -> argv
+    message: str     # expected in the output
+    status: int = 2  # 2: refused with an error; 0: ran, the bad sample skipped and counted
+
+
+def write(tmp: Path, samples, name="data.json") -> Path:
+    path = tmp / name
+    path.write_text(json.dumps(samples) if not isinstance(samples, str) else samples)
+    return path
+
+
+def chat(sample_id, q="What color is the shape?", a="red", image="eval-0.png"):
+    sample = {"id": sample_id, "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+    if image:
+        sample["image"] = image
+    return sample
+
+
+GOOD = chat("good", "<image>\nWhat color is the shape?")
+
+
+def stats_on(samples, *extra):
+    """`qllava data stats` on stage-2 data made of `samples` plus one good sample (so the stage is not empty)."""
+    def setup(tmp, tiny, _run):
+        data = write(tmp, samples + [GOOD]) if isinstance(samples, list) else write(tmp, samples)
+        return ["data", "stats", str(TINY_RECIPE), "--stage", "2", *tiny_overrides(tiny, tmp / "run"),
+                f'stage2.data=["{data}"]', f'stage2.image_folder="{tmp / "images"}"', *extra]
+    return setup
+
+
+def recipe_with(*extra):
+    def setup(tmp, tiny, _run):
+        return ["finetune", str(TINY_RECIPE), *tiny_overrides(tiny, tmp / "run"), *extra]
+    return setup
+
+
+def bad_toml(tmp, tiny, _run):
+    path = tmp / "bad.toml"
+    path.write_text(TINY_RECIPE.read_text().replace("[lora]\nr = 8", "[lora]\nr = = 8"))
+    return ["finetune", str(path)]
+
+
+def merge_against_another_base(tmp, tiny, run):
+    moved = tmp / "run_copy"
+    shutil.copytree(run, moved)
+    other = tmp / "other_decoder"
+    shutil.copytree(tiny / "mistral", other)
+    from safetensors.torch import load_file, save_file
+    weights = load_file(str(other / "model.safetensors"))
+    weights = {k: v * 1.01 for k, v in weights.items()}  # same shapes, other weights: only a fingerprint tells
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    recipe = moved / "stage2" / "recipe.toml"
+    recipe.write_text(recipe.read_text().replace(f'decoder = "{tiny / "mistral"}"', f'decoder = "{other}"'))
+    return ["merge", str(moved), "--out", str(tmp / "merged"), "--no-verify"]
+
+
+def chat_with(image_bytes):
+    def setup(tmp, tiny, run):
+        path = tmp / "picture.png"
+        if image_bytes is not None:
+            path.write_bytes(image_bytes)
+        return ["chat", str(run), "--image", str(path), "--prompt", "What color?"]
+    return setup
+
+
+def eval_file(content, benchmark="pope"):
+    def setup(tmp, tiny, run):
+        path = write(tmp, content, "questions.jsonl")
+        return ["eval", str(run), "--benchmark", benchmark, "--data", str(path), "--images", str(tiny / "shapes" / "images")]
+    return setup
+
+
+CASES = [
+    Case("toml syntax error, with its line", bad_toml, "not valid TOML: "),
+    Case("unknown key", recipe_with("lora.rnak=8"), 'lora.rnak: unknown key, did you mean "r"?'),
+    Case("wrong type", recipe_with('lora.r="eight"'), "lora.r: expected an integer, got a string 'eight'"),
+    Case("learning rate <= 0", recipe_with("stage2.learning_rate=0"), "stage2.learning_rate: must be > 0, got 0.0"),
+    Case("r = 0", recipe_with("lora.r=0"), "lora.r: must be > 0, got 0"),
+    Case("unknown template", recipe_with('stage2.template="chatml"'), "stage2.template: 'chatml' is not one of"),
+    Case("missing recipe file", lambda tmp, tiny, run: ["finetune", str(tmp / "nope.toml")], "recipe file not found"),
+    Case("max_seq_len shorter than an image", stats_on([], "stage2.max_seq_len=10"),
+         "stage2.max_seq_len: 10 is shorter than one image's 16 tokens plus text"),
+    Case("missing dataset file", lambda tmp, tiny, run: stats_on([])(tmp, tiny, run) + ['stage2.data=["/nope/data.json"]'],
+         "/nope/data.json: data file not found"),
+    Case("JSON that is not a list", stats_on('{"id": 1}'), "expected a JSON list of LLaVA samples"),
+    Case("sample without conversations", stats_on([{"id": "no-conv", "image": "eval-0.png"}]),
+         'skipped 1: no "conversations" list (e.g. no-conv)', 0),
+    Case("missing image file", stats_on([chat("no-file", image="missing.png")]),
+         "skipped 1: image file not found under the image folder", 0),
+    Case("corrupt image file", stats_on([chat("corrupt", image="corrupt.png")]),
+         "skipped 1: image file cannot be read as an image (e.g. corrupt)", 0),
+    Case("no assistant turn", stats_on([{"id": "q-only", "conversations": [{"from": "human", "value": "Hi"}]}]),
+         "skipped 1: the conversation has no assistant turn to train on (e.g. q-only)", 0),
+    Case("two <image> tags", stats_on([chat("two-tags", "<image> and <image>")]),
+         "skipped 1: more than one <image> tag (one image per sample) (e.g. two-tags)", 0),
+    Case("<image> in an assistant turn", stats_on([chat("tag-answer", a="red <image>")]),
+         "skipped 1: <image> in an assistant turn (e.g. tag-answer)", 0),
+    Case("sample longer than max_seq_len", stats_on([chat("long", a=" ".join(["red"] * 400))]),
+         "skipped 1: longer than max_seq_len (256 tokens, image tokens included) (e.g. long)", 0),
+    Case("empty assistant text (nothing to train on)", stats_on([chat("empty", a="  ")]),
+         "skipped 1: an assistant turn is empty (e.g. empty)", 0),
+    Case("empty dataset after filtering", stats_on([{"id": "x"}, chat("y", a="")], "stage2.max_seq_len=20"),
+         "stage2: no trainable samples left in"),
+    Case("merge against a mismatched base", merge_against_another_base, "is not the one"),
+    Case("chat with an unreadable image", chat_with(b"GIF89a nonsense"), "cannot be read as an image"),
+    Case("chat with a missing image", chat_with(None), "picture.png: file not found"),
+    Case("eval file in the wrong benchmark format", eval_file('{"question": "x"}\n'),
+         "not a pope question file in LLaVA's format"),
+    Case("eval image missing", eval_file(json.dumps({"question_id": 1, "image": "nope.png", "text": "Is it red?",
+                                                     "label": "yes", "category": "random"}) + "\n"),
+         "nope.png: file not found"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(case, tmp_path, tiny_inputs, trained_run, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(tiny_inputs / "shapes" / "images" / "eval-0.png", images)
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    status = main(case.setup(tmp_path, tiny_inputs, trained_run))
+    out = capsys.readouterr()
+    assert "Traceback" not in out.out + out.err
+    assert status == case.status, out.out[-1500:]
+    assert case.message in out.out, out.out[-1500:]
+    if status == 2:
+        assert out.out.startswith("error: ") or "\nerror: " in out.out
+
+
+def test_grayscale_rgba_and_palette_images_train(tmp_path, tiny_inputs):
+    images = tmp_path / "images"
+    images.mkdir()
+    source = Image.open(tiny_inputs / "shapes" / "images" / "eval-0.png")
+    samples = []
+    for mode in ("L", "RGBA", "P", "CMYK"):
+        source.convert(mode).save(images / f"{mode}.{'jpg' if mode == 'CMYK' else 'png'}")
+        samples.append(chat(mode, "<image>\nWhat color is the shape?", image=f"{mode}.{'jpg' if mode == 'CMYK' else 'png'}"))
+    data = write(tmp_path, samples)
+    status = main(["finetune", str(TINY_RECIPE), "--stage", "1", *tiny_overrides(tiny_inputs, tmp_path / "run"),
+                   f'stage1.data=["{data}"]', f'stage1.image_folder="{images}"', "stage1.max_steps=2", "eval.at=[]",
+                   "stage1.template=\"plain\""])
+    assert status == 0
+    metrics = json.loads((tmp_path / "run" / "stage1" / "metrics.json").read_text())
+    assert metrics["data"]["used"] == 4 and metrics["data"]["skipped"] == {}
+
+
+def test_the_corpus_is_large_enough():
+    assert len(CASES) >= 20

@@ -1,0 +1,42 @@
+"""Data-parallel training through torchrun: 2 CPU processes (gloo) match 1 process with the same effective batch."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from safetensors.torch import load_file
+
+from conftest import ROOT, TINY_RECIPE, tiny_overrides
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def stage2(tiny_inputs, trained_run, run, launcher, rows, accumulation):
+    shutil.copytree(trained_run / "stage1", run / "stage1")
+    overrides = tiny_overrides(tiny_inputs, run) + ["stage2.max_steps=10", "stage2.logging_steps=2", "eval.at=[]",
+                                                    f"stage2.per_device_train_batch_size={rows}",
+                                                    f"stage2.gradient_accumulation_steps={accumulation}"]
+    done = subprocess.run([*launcher, "-m", "qllava", "finetune", str(TINY_RECIPE), "--stage", "2", *overrides],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_two_processes_match_one_with_the_same_effective_batch(trained_run, tiny_inputs, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    two_out = stage2(tiny_inputs, trained_run, tmp_path / "two", torchrun, rows=2, accumulation=1)
+    stage2(tiny_inputs, trained_run, tmp_path / "one", [sys.executable], rows=2, accumulation=2)
+
+    two = json.loads((tmp_path / "two" / "stage2" / "metrics.json").read_text())
+    one = json.loads((tmp_path / "one" / "stage2" / "metrics.json").read_text())
+    assert two["steps_per_rank"] == [10, 10] and one["steps_per_rank"] == [10]
+    assert two_out.count("training summary") == 1  # only rank 0 prints
+    for name in ("adapter_model.safetensors", "projector.safetensors"):
+        a, b = load_file(str(tmp_path / "one" / "stage2" / name)), load_file(str(tmp_path / "two" / "stage2" / name))
+        worst = max(((a[k] - b[k]).abs().max() / a[k].abs().max().clamp(min=1e-12)).item() for k in a)
+        assert worst <= 1e-5, f"{name}: 2 processes differ from 1 by {worst:.2e} (relative)"
+    losses = [[e["loss"] for e in json.loads((tmp_path / r / "stage2" / "log_history.json").read_text()) if "loss" in e]
+              for r in ("one", "two")]
+    assert max(abs(x - y) for x, y in zip(*losses)) <= 1e-5

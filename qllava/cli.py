@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -113,6 +114,29 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    import json
+    from . import console, plan
+    from .recipe import load_recipe
+    recipe = load_recipe(args.recipe, args.overrides)
+    stages = {"1": ("stage1",), "2": ("stage2",), "all": ("stage1", "stage2")}[args.stage]
+    result = plan.plan(recipe, args.gpu_memory, stages)
+    console.print_plan(result)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "stages"} |
+                         {"stages": {s: {k: v for k, v in e.items() if k != "parts"} | {"parts_gib": {
+                             k: round(v / 2**30, 3) for k, v in e["parts"].items()}} for s, e in result["stages"].items()}}))
+    return 0
+
+
+def _memory_gib(text: str) -> float:
+    """--gpu-memory: "24GiB", "24GB", "24G" or "24", in GiB."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*(gib|gb|g)?\s*", text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r}: write it like 24GiB")
+    return float(match.group(1))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qllava", description="QLoRA fine-tuning of LLaVA-style models on one GPU.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +192,15 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("results", nargs="+", metavar="RESULT", help="FILE.metrics.json (or the answers FILE.jsonl)")
     cmp.add_argument("--out", help="folder for report.md, report.json and compare.png")
     cmp.set_defaults(run=cmd_compare)
+
+    pl = commands.add_parser("plan", help="will the recipe fit the card? parameter counts and peak memory per stage")
+    pl.add_argument("recipe")
+    pl.add_argument("overrides", nargs="*", metavar="table.key=value")
+    pl.add_argument("--gpu-memory", type=_memory_gib, default=24.0, metavar="SIZE",
+                    help="the card's memory, e.g. 16GiB (default 24GiB)")
+    pl.add_argument("--stage", choices=("1", "2", "all"), default="all")
+    pl.add_argument("--json", action="store_true", help="also print one JSON object, last")
+    pl.set_defaults(run=cmd_plan)
     return parser
 
 

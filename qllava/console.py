@@ -158,3 +158,38 @@ def compare_table(report: dict) -> Table:
             table.add_row(f"{label} - {runs[0]['label']}", *([""] * (len(runs) - 1)),
                           f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] 95% CI, n={d['questions']}")
     return table
+
+
+PLAN_PARTS = {"decoder_4bit": "decoder linears, NF4", "decoder_linear": "decoder linears", "frozen_base":
+              "vision tower, embeddings, lm_head, norms", "trainable_weights_grads": "trainable weights + grads (fp32)",
+              "optimizer_states": "optimizer states", "activations": "saved activations", "layer_recompute":
+              "one layer's recompute", "logits": "logits + their gradient", "vision_forward": "vision tower forward"}
+
+
+def print_plan(result: dict) -> None:
+    counts = result["counts"]
+    table = Table(title=f"parameters of {result['recipe']}")
+    table.add_column("part")
+    table.add_column("parameters", justify="right")
+    for label, key in (("vision tower", "vision_tower"), ("projector", "projector"),
+                       ("decoder linears (quantized)", "decoder_linear"), ("embeddings + lm_head", "embeddings"),
+                       ("decoder norms", "decoder_other"), ("LoRA (stage 2)", "lora"),
+                       ("modules_to_save (stage 2)", "modules_to_save")):
+        table.add_row(label, f"{counts[key]:,}")
+    console.print(table)
+    stages = result["stages"]
+    table = Table(title=f"peak memory per training step on a {result['gpu_memory_gib']:g} GiB card")
+    table.add_column("")
+    for name, est in stages.items():
+        table.add_column(f"{name} ({est['tokens_per_micro_batch']:,} tokens/micro-batch)", justify="right")
+    for key, label in PLAN_PARTS.items():
+        if any(key in est["parts"] for est in stages.values()):
+            table.add_row(label, *(f"{est['parts'].get(key, 0) / 2**30:.2f} GiB" for est in stages.values()))
+    table.add_row("[bold]peak allocated", *(f"[bold]{est['peak_gib']:.2f} GiB" for est in stages.values()))
+    table.add_row(f"+ CUDA context ({result['cuda_context_gib']:.0f} GiB)",
+                  *(f"{est['with_context_gib']:.2f} GiB" for est in stages.values()))
+    table.add_row("verdict", *(("[green]fits" if est["fits"] else "[red]does not fit") +
+                               f" ({est['headroom_gib']:+.1f} GiB)" for est in stages.values()))
+    table.add_row("largest micro-batch that fits", *(f"{est['max_tokens_per_micro_batch']:,} tokens"
+                                                    for est in stages.values()))
+    console.print(table)

@@ -79,15 +79,34 @@ def image_tokens_per_image(config) -> int:
     return patches + (1 if config.vision_feature_select_strategy == "full" else 0)
 
 
+# Configs of the shipped recipes' checkpoints, so that they can be planned without the hub.
+PACKAGED_CONFIGS = {"mistralai/Mistral-7B-Instruct-v0.2": "mistral-7b-instruct-v0.2.json",
+                    "mistralai/Mistral-7B-v0.1": "mistral-7b-v0.1.json",
+                    "lmsys/vicuna-7b-v1.5": "vicuna-7b-v1.5.json",
+                    "openai/clip-vit-large-patch14-336": "clip-vit-large-patch14-336.json"}
+
+
 def load_llava_config(cfg: ModelConfig) -> LlavaConfig:
     """The LLaVA config a recipe describes, read from config files only (no weights)."""
     if cfg.llava:
         return AutoConfig.from_pretrained(cfg.llava)
-    vision = AutoConfig.from_pretrained(cfg.vision_tower)
-    return LlavaConfig(vision_config=getattr(vision, "vision_config", vision),
-                       text_config=AutoConfig.from_pretrained(cfg.decoder),
+    vision = _config(cfg.vision_tower)
+    return LlavaConfig(vision_config=getattr(vision, "vision_config", vision), text_config=_config(cfg.decoder),
                        vision_feature_layer=cfg.vision_feature_layer,
-                       vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+                       vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                       projector_hidden_act=cfg.projector_hidden_act, tie_word_embeddings=False)
+
+
+def _config(name: str):
+    """A checkpoint's config: from its folder (or the hub cache), else, for the shipped recipes' checkpoints,
+    the copy shipped with qllava (never a network wait), else from the hub."""
+    if name not in PACKAGED_CONFIGS:
+        return AutoConfig.from_pretrained(name)
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True)
+    except OSError:
+        from importlib.resources import files
+        return AutoConfig.for_model(**json.loads((files("qllava") / "configs" / PACKAGED_CONFIGS[name]).read_text()))
 
 
 def load_base_model(recipe: Recipe, processor: LlavaProcessor, quantized: bool = True,
@@ -105,7 +124,15 @@ def load_base_model(recipe: Recipe, processor: LlavaProcessor, quantized: bool =
         model = LlavaForConditionalGeneration.from_pretrained(
             cfg.llava, dtype=torch_dtype, quantization_config=quantization, attn_implementation=attn, **place)
     else:
-        model = _assemble(cfg, processor, torch_dtype, quantization, attn, place)
+        decoder = AutoModelForCausalLM.from_pretrained(cfg.decoder, dtype=torch_dtype, quantization_config=quantization,
+                                                       attn_implementation=attn, **place)
+        vision = CLIPVisionModel.from_pretrained(cfg.vision_tower, dtype=torch_dtype, attn_implementation=attn, **place)
+        model = assemble(vision, decoder, processor.tokenizer, cfg, attn)
+    return frozen(model)
+
+
+def frozen(model: LlavaForConditionalGeneration) -> LlavaForConditionalGeneration:
+    """Every parameter frozen (train.py decides what learns), no cache, 4-bit layers safe to train on CPU."""
     model.requires_grad_(False)
     _keep_4bit_trainable_on_cpu(model)
     model.config.use_cache = False
@@ -204,12 +231,11 @@ def load_run(run_dir: Path, quantized: bool = True, dtype: str | None = None):
     return model.eval(), processor, recipe
 
 
-def _assemble(cfg: ModelConfig, processor, torch_dtype, quantization, attn, place) -> LlavaForConditionalGeneration:
-    tokenizer = processor.tokenizer
-    decoder = AutoModelForCausalLM.from_pretrained(cfg.decoder, dtype=torch_dtype, quantization_config=quantization,
-                                                   attn_implementation=attn, **place)
+def assemble(vision, decoder, tokenizer, cfg: ModelConfig, attn: str) -> LlavaForConditionalGeneration:
+    """LLaVA around a loaded CLIP vision tower and causal-LM decoder (any storage: 4-bit or not), with a new
+    projector; the decoder's vocabulary grows for the tokenizer's image (and pad) token."""
+    torch_dtype = decoder.get_input_embeddings().weight.dtype
     _fit_embeddings(decoder, len(tokenizer))
-    vision = CLIPVisionModel.from_pretrained(cfg.vision_tower, dtype=torch_dtype, attn_implementation=attn, **place)
     config = LlavaConfig(vision_config=vision.config, text_config=decoder.config,
                          image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                          vision_feature_layer=cfg.vision_feature_layer,

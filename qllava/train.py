@@ -31,6 +31,8 @@ from .recipe import Recipe
 from .trainer import QllavaTrainer, latest_checkpoint
 
 STAGES = ("stage1", "stage2")
+# Run-level metrics each stage (re)measures: its own summary and the held-out points scored with it.
+REDONE = {"stage1": ("stage1", "_before"), "stage2": ("stage2", "_blank_images")}
 
 
 class RunExistsError(FileExistsError):
@@ -62,6 +64,8 @@ def finetune(recipe: Recipe, stages=STAGES, overwrite: bool = False, resume: boo
             if recipe.synthetic:
                 synthetic.prepare(recipe.synthetic, recipe.model.vision_tower, recipe.model.decoder, say=say)
     metrics = _read_json(recipe.run_dir / "metrics.json")
+    if not resume:  # what the stages about to run will measure again must not survive from an older run
+        metrics = {k: v for k, v in metrics.items() if not any(k.endswith(p) for s in stages for p in REDONE[s])}
     heldout = HeldOut(recipe, say, done=metrics if resume else {}) if recipe.eval.at else None
     for name in stages:
         if resume and stage_complete(recipe.run_dir / name):
@@ -207,8 +211,8 @@ def _build_trainer(model, processor, rows, collator, cfg, out_dir: Path, callbac
         remove_unused_columns=False, dataloader_num_workers=0, max_length=None, packing=False,
         dataset_kwargs={"skip_prepare_dataset": True}, save_only_model=False)
     optimizer = build_optimizer(model, cfg)
-    trainer = QllavaTrainer(model=model, args=args, train_dataset=rows.as_dataset(), data_collator=collator, processing_class=processor,
-                         optimizers=(optimizer, None), callbacks=callbacks)
+    trainer = QllavaTrainer(model=model, args=args, train_dataset=rows.as_dataset(), data_collator=collator,
+                            processing_class=processor, optimizers=(optimizer, None), callbacks=callbacks)
     _trainable_to_float32(model)  # TRL casts trainable weights of a 4-bit model to bf16; keep float32 masters
     trainer.add_callback(_EpochRows(rows))
     trainer.remove_callback(PrinterCallback)  # progress is the caller's (the CLI's rich display)

@@ -68,7 +68,7 @@ def markdown(report: dict) -> str:
     runs = report["runs"]
     lines = ["# qllava compare", "", "| | " + " | ".join(r["label"] for r in runs) + " |",
              "|---|" + "---|" * len(runs)]
-    for key in ("backbone", "template", "benchmark", "data", "steps"):
+    for key in ("backbone", "template", "recipe", "benchmark", "data", "steps"):
         lines.append(f"| {key} | " + " | ".join(str(r.get(key, "")) for r in runs) + " |")
     for name, values in report["metrics"].items():
         cells = [_fmt(v) for v in values]

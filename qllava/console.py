@@ -146,7 +146,7 @@ def compare_table(report: dict) -> Table:
     table.add_column("")
     for run in runs:
         table.add_column(run["label"], justify="right")
-    for key in ("backbone", "template", "data", "steps"):
+    for key in ("backbone", "template", "recipe", "data", "steps"):
         table.add_row(key, *(str(r.get(key, "")) for r in runs))
     for name, values in report["metrics"].items():
         cells = [f"{v:.4f}" if isinstance(v, float) else str(v) for v in values]

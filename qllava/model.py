@@ -123,6 +123,10 @@ def load_base_model(recipe: Recipe, processor: LlavaProcessor, quantized: bool =
     if cfg.llava:
         model = LlavaForConditionalGeneration.from_pretrained(
             cfg.llava, dtype=torch_dtype, quantization_config=quantization, attn_implementation=attn, **place)
+        # transformers refuses to train a quantized model without adapters (it reads `is_quantized`); stage 1
+        # trains the projector, which is never quantized. An assembled model carries no such flag either: both
+        # sources then train alike (the 4-bit layers themselves stay frozen).
+        model.is_quantized = False
     else:
         decoder = AutoModelForCausalLM.from_pretrained(cfg.decoder, dtype=torch_dtype, quantization_config=quantization,
                                                        attn_implementation=attn, **place)

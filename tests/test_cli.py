@@ -57,6 +57,10 @@ def test_stage2_alone_reuses_stage1_with_overwrite(demo_run, tiny_inputs):
                  "eval.at=[]"]) == 0
     assert (run / "stage1" / "projector.safetensors").read_bytes() == stage1
     assert (run / "stage2" / "adapter_model.safetensors").exists()
+    metrics = json.loads((run / "metrics.json").read_text())
+    # stage 2 was redone without scoring: its old scores are gone, stage 1's stay
+    assert "accuracy_stage2" not in metrics and "accuracy_blank_images" not in metrics
+    assert "accuracy_before" in metrics and "accuracy_stage1" in metrics
 
 
 def test_recipe_errors_exit_2_without_a_traceback(tmp_path):

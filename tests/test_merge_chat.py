@@ -123,3 +123,28 @@ def test_chat_cli_answers_one_prompt(trained_run, tiny_inputs, capsys):
     assert main(["chat", str(trained_run), "--image", str(tiny_inputs / "shapes" / "images" / "eval-0.png"),
                  "--prompt", "What color is the shape?", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_stage2_continues_from_a_llava_hf_checkpoint_in_4bit(merged_fp32, tiny_inputs, tmp_path):
+    """Model source (b): an existing llava-hf checkpoint (here the merged run), loaded whole in 4-bit with the
+    vision tower, projector and lm_head kept out of quantization, its own projector as stage 2's start."""
+    import bitsandbytes as bnb
+    import torch
+    from conftest import TINY_RECIPE, tiny_overrides
+    from qllava import train
+    from qllava.recipe import load_recipe
+    out, _ = merged_fp32
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(tiny_inputs, tmp_path / "run") + [
+        f'model.llava="{out}"', 'stage2.projector="model"', "eval.at=[]", "stage2.max_steps=4",
+        "lora.modules_to_save=[]"])
+    result = train.run_stage(recipe, "stage2", say=lambda _: None)
+    base = result.model.get_base_model()
+    quantized = [n for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 14 and all(".language_model." in n for n in quantized)
+    assert not isinstance(base.model.multi_modal_projector.linear_1, bnb.nn.Linear4bit)
+    assert isinstance(base.lm_head, torch.nn.Linear) and not isinstance(base.lm_head, bnb.nn.Linear4bit)
+    assert result.metrics["steps"] == 4 and (tmp_path / "run" / "stage2" / "adapter_model.safetensors").exists()
+    # stage 1 on the same checkpoint: only its projector trains, on the frozen 4-bit base
+    stage1 = train.run_stage(load_recipe(TINY_RECIPE, tiny_overrides(tiny_inputs, tmp_path / "run1") + [
+        f'model.llava="{out}"', "eval.at=[]", "stage1.max_steps=2"]), "stage1", say=lambda _: None)
+    assert stage1.metrics["steps"] == 2 and stage1.metrics["trainable_params"] == 64 * 128 + 64 + 64 * 64 + 64

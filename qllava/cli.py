@@ -11,6 +11,8 @@ import re
 import sys
 import warnings
 
+from .recipe import BENCHMARKS
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="answer a benchmark's questions (resumable) and score them",
                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EVAL_FORMATS)
     ev.add_argument("model", metavar="MODEL_OR_RUN", help="a run folder or a merged folder")
-    ev.add_argument("--benchmark", required=True, choices=("scienceqa", "pope", "vqa", "mme"))
+    ev.add_argument("--benchmark", required=True, choices=BENCHMARKS)
     ev.add_argument("--data", required=True, help="the question file, in LLaVA's format")
     ev.add_argument("--images", default="", help="folder the questions' image paths are relative to")
     ev.add_argument("--annotations", help="ground truth: problems.json (scienceqa), the coco_pope_*.json folder (pope), "

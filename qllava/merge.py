@@ -43,13 +43,12 @@ def merge(run_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", ove
     recipe = load_recipe(stage_dir / "recipe.toml")
     modeling.check_base(stage_dir, recipe.model)
     report = {"run": str(run_dir), "stage": stage_dir.name, "dtype": dtype}
-    batch = _verification_batch(recipe, stage_dir) if verify else None
+    processor = modeling.stage_processor(stage_dir, recipe.model)
+    batch = _verification_batch(recipe, stage_dir, processor) if verify else None
     if batch is not None:
         say(f"verification: {batch['input_ids'].shape[0]} held-out samples; scoring the 4-bit training model first")
         trained = _logits(_load(lambda: modeling.load_run(run_dir, quantized=True)[0], recipe), batch)
 
-    processor = modeling.build_processor(recipe.model) if not (stage_dir / "processor_config.json").exists() \
-        else _processor(stage_dir)
     say(f"loading the base in {dtype} (not 4-bit: merging into NF4 would re-quantize)")
     model = _load(lambda: modeling.load_base_model(recipe, processor, quantized=False, dtype=dtype), recipe)
     modeling.load_projector(model, stage_dir / modeling.PROJECTOR_FILE)
@@ -103,17 +102,10 @@ def _load(build, recipe):
         raise
 
 
-def _processor(stage_dir: Path):
-    from transformers import AutoProcessor
-    return AutoProcessor.from_pretrained(stage_dir)
-
-
-def _verification_batch(recipe, stage_dir: Path, n: int = 4) -> dict | None:
+def _verification_batch(recipe, stage_dir: Path, processor, n: int = 4) -> dict | None:
     """A padded batch of a few held-out conversations (the recipe's eval data, else its stage-2 data)."""
     stage = recipe.stage2 if stage_dir.name == "stage2" else recipe.stage1
     path, folder = (recipe.eval.data, recipe.eval.image_folder) if recipe.eval.data else (stage.data[0], stage.image_folder)
-    processor = _processor(stage_dir) if (stage_dir / "processor_config.json").exists() \
-        else modeling.build_processor(recipe.model)
     where = image_source(path, folder)
     conversations = read_conversations(path, where, 0, DataReport())[:n]
     if not conversations:

@@ -212,6 +212,13 @@ def check_base(stage_dir: Path, cfg: ModelConfig) -> None:
             "Point the run's recipe.toml [model] at the original base")
 
 
+def stage_processor(stage_dir: Path, cfg: ModelConfig) -> LlavaProcessor:
+    """The processor a stage was trained with (saved with it), else the one its recipe builds."""
+    if (Path(stage_dir) / "processor_config.json").exists():
+        return AutoProcessor.from_pretrained(stage_dir)
+    return build_processor(cfg)
+
+
 def load_run(run_dir: Path, quantized: bool = True, dtype: str | None = None):
     """A finished run folder -> (model, processor, recipe): the base, its projector and adapter (stage 2)."""
     run_dir = Path(run_dir)
@@ -220,8 +227,7 @@ def load_run(run_dir: Path, quantized: bool = True, dtype: str | None = None):
         raise FileNotFoundError(f"{run_dir} is not a qllava run: no stage2/{PROJECTOR_FILE} or stage1/{PROJECTOR_FILE}")
     recipe = load_recipe(stage_dir / "recipe.toml")
     check_base(stage_dir, recipe.model)
-    processor = AutoProcessor.from_pretrained(stage_dir) if (stage_dir / "processor_config.json").exists() \
-        else build_processor(recipe.model)
+    processor = stage_processor(stage_dir, recipe.model)
     model = load_base_model(recipe, processor, quantized=quantized, dtype=dtype)
     load_projector(model, stage_dir / PROJECTOR_FILE)
     if (stage_dir / "adapter_config.json").exists():

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import DataError
+from .recipe import BENCHMARKS
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
-BENCHMARKS = ("scienceqa", "pope", "vqa", "mme")
 
 
 @dataclass

@@ -14,7 +14,6 @@ import warnings
 from .recipe import BENCHMARKS
 
 
-
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may come after options (`--overwrite stage2.max_steps=10`), which argparse leaves over.
@@ -29,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except _user_errors() as e:
-        console.console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        from rich.markup import escape  # messages quote paths and sample ids: "[3]" is not markup
+        console.console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.console.print("[yellow]interrupted[/]")

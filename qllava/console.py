@@ -14,7 +14,7 @@ if not console.is_terminal:  # logs and notebooks: wide enough for the summary t
 
 
 def say(message: str) -> None:
-    console.print(message, soft_wrap=True)
+    console.print(message, soft_wrap=True, markup=False)  # messages quote sample ids and "[INST]"-like text
 
 
 class TrainingProgress:
@@ -103,7 +103,8 @@ def print_stats(stats: dict) -> None:
         table.add_row(label, value)
     console.print(table)
     for reason, n in sorted(stats["skipped"].items(), key=lambda kv: -kv[1]):
-        console.print(f"  skipped {n:,}: {reason} (e.g. {', '.join(stats['examples'][reason])})", soft_wrap=True)
+        console.print(f"  skipped {n:,}: {reason} (e.g. {', '.join(stats['examples'][reason])})", soft_wrap=True,
+                      markup=False)
     peak = max(c for _, _, c in stats["histogram"]) or 1
     histogram = Table(title="sample lengths (tokens, image tokens included)")
     histogram.add_column("tokens", justify="right")

@@ -31,11 +31,10 @@ def evaluate(model_path: str | Path, benchmark: str, data: str, images: str = ""
         loaded = loaded or load_for_inference(model_path)
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("a") as answers_file:
-            if out.stat().st_size and not out.read_bytes().endswith(b"\n"):
+            if not _ends_with_newline(out):
                 answers_file.write("\n")  # a line cut by a kill stays alone (and ignored), not glued to the next
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start:start + batch_size]
-                for item, text in zip(batch, answer(loaded, batch, images, max_new_tokens, blank_images)):
+            for batch, texts in answer_batches(loaded, todo, images, batch_size, max_new_tokens, blank_images):
+                for item, text in zip(batch, texts):
                     done[item.question_id] = text
                     answers_file.write(json.dumps({"question_id": item.question_id, "prompt": item.question,
                                                    "text": text, "model_id": str(model_path),
@@ -43,13 +42,21 @@ def evaluate(model_path: str | Path, benchmark: str, data: str, images: str = ""
                 answers_file.flush()
                 os.fsync(answers_file.fileno())  # what is on disk survives a kill: the resume point
                 if progress:
-                    progress(len(items) - len(todo) + start + len(batch), len(items))
+                    progress(len(items) - len(todo) + sum(1 for q in todo if q.question_id in done), len(items))
     metrics, per_question = scorers.score(benchmark, items, done)
     result = {"benchmark": benchmark, "data": str(data), "answers": str(out), "questions": len(items),
               "asked_now": len(todo), "model": describe_model(Path(model_path)), "metrics": metrics,
               "per_question": per_question}
     metrics_file(out).write_text(json.dumps(result, indent=1))
     return result
+
+
+def answer_batches(loaded: Loaded, items: list[scorers.EvalItem], images: str, batch_size: int,
+                   max_new_tokens: int, blank_images: bool = False):
+    """(batch, answers) for consecutive batches of the items, as each batch is generated."""
+    for start in range(0, len(items), batch_size):
+        batch = items[start:start + batch_size]
+        yield batch, answer(loaded, batch, images, max_new_tokens, blank_images)
 
 
 def answer(loaded: Loaded, items: list[scorers.EvalItem], images: str, max_new_tokens: int,
@@ -89,6 +96,14 @@ def model_fingerprint(path: Path) -> str:
                    and "checkpoints" not in f.relative_to(path).parts)
     key = [(str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def _ends_with_newline(path: Path) -> bool:
+    if path.stat().st_size == 0:
+        return True
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def metrics_file(answers: Path) -> Path:

@@ -150,9 +150,8 @@ class HeldOut:
         cfg, stage2 = self.recipe.eval, self.recipe.stage2
         loaded = Loaded(model, processor, stage2.template, stage2.image_aspect_ratio, "run")
         answers = {}
-        for start in range(0, len(self.items), cfg.batch_size):
-            batch = self.items[start:start + cfg.batch_size]
-            texts = evaluate.answer(loaded, batch, cfg.image_folder, cfg.max_new_tokens, blank_images)
+        for batch, texts in evaluate.answer_batches(loaded, self.items, cfg.image_folder, cfg.batch_size,
+                                                    cfg.max_new_tokens, blank_images):
             answers.update({item.question_id: text for item, text in zip(batch, texts)})
         metrics, _ = scorers.score(cfg.benchmark, self.items, answers)
         self.scores[f"accuracy_{point}"] = metrics["accuracy"]

@@ -9,8 +9,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, TINY_RECIPE, tiny_overrides

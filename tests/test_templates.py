@@ -8,7 +8,7 @@ plus the end token LLaVA appends ("</s>"; "▁" + "</s>" for the LLAMA_2 styles;
 import pytest
 from transformers import AutoTokenizer
 
-from qllava import templates, tiny
+from qllava import tiny
 from qllava.data import encode
 from qllava.templates import TemplateError, render
 

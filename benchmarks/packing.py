@@ -19,11 +19,16 @@ RefCOCO, VG), sigma 0.7, at most 340 words; 6% are text-only chats like LLaVA's 
 to fit the context as Vicuna's are, so many sit near the limit (median 380 words, sigma 0.5, at most 490).
 Rows hold 512 tokens (2048 / 4); no sample is longer. (Words are single tokens of the tiny tokenizer.)
 
+Precision: both runs compute in float32 by default. TRL's SFTConfig turns on bf16 autocast by default, even
+on CPU, and on a CPU with AMX-BF16 that alone makes A's matmuls cheaper than B's float32 ones: that would
+compare precisions, not batching. A is therefore set to bf16=False. `--bf16` runs both under bf16 autocast
+instead (TRL's default for A; B's trainer is switched the same way), as a cross-check.
+
 Prints a table and, last, one JSON line:
   trl_tokens_per_s, qllava_tokens_per_s, speedup (A's wall time / B's for the same samples),
-  trl_pad_fraction, qllava_pad_fraction, packed_vs_unpacked_max_rel_err.
+  trl_pad_fraction, qllava_pad_fraction, packed_vs_unpacked_max_rel_err, precision.
 
-  .venv/bin/python benchmarks/packing.py            # about 4 minutes on 2 CPU cores
+  .venv/bin/python benchmarks/packing.py            # about 1.5 minutes on 2 CPU cores (--bf16: the cross-check)
 """
 
 from __future__ import annotations
@@ -73,7 +78,10 @@ def main() -> None:
                         help="samples per step in TRL's padded run (LLaVA-1.5's per-device batch)")
     parser.add_argument("--max-seq-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bf16", action="store_true", help="both runs under bf16 autocast (default: both float32)")
     args = parser.parse_args()
+    if args.bf16:
+        bf16_autocast_for_qllava()
     quiet()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     work = Path(tempfile.mkdtemp(prefix="qllava_bench_"))
@@ -81,6 +89,7 @@ def main() -> None:
     checkpoint = write_llava_checkpoint(work, samples, args.seed)
     lengths = token_lengths(checkpoint, work, args)
     rows_per_step = max(1, round(args.batch * statistics.mean(lengths) / args.max_seq_len))
+    print(f"precision in both runs: {'bf16 autocast' if args.bf16 else 'float32'}")
     print(f"{args.samples} samples, {sum(lengths):,} tokens (mean {statistics.mean(lengths):.0f}, "
           f"max {max(lengths)}); TRL: {args.batch} samples per step; qllava: {rows_per_step} rows of "
           f"{args.max_seq_len} tokens per step")
@@ -94,7 +103,7 @@ def main() -> None:
             print(f"  repeat {repeat + 1} {name:6s}: {result['seconds']:6.1f} s  {result['tokens'] / result['seconds']:8,.0f} "
                   f"tokens/s  pad {result['pad_fraction']:.1%}  steps {result['steps']}  label tokens {result['label_tokens']:,}")
     err = exactness(checkpoint, work, args)
-    report(runs, err)
+    report(runs, err, "bf16-autocast" if args.bf16 else "float32")
 
 
 def write_dataset(work: Path, n: int, seed: int) -> list[dict]:
@@ -182,7 +191,7 @@ def run_trl(checkpoint: Path, work: Path, samples: list[dict], args, rows_per_st
     config = SFTConfig(output_dir=str(work / f"trl-{repeat}"), per_device_train_batch_size=args.batch,
                        num_train_epochs=1, learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=1000,
                        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, max_length=None,
-                       assistant_only_loss=True, activation_checkpointing=False, dataloader_num_workers=0, seed=args.seed)
+                       assistant_only_loss=True, activation_checkpointing=False, bf16=args.bf16, dataloader_num_workers=0, seed=args.seed)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=r".*language_model\..*\.(q_proj|k_proj|v_proj|"
                       r"o_proj|gate_proj|up_proj|down_proj)", modules_to_save=["multi_modal_projector"])
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=processor, peft_config=lora)
@@ -230,6 +239,12 @@ def run_qllava(checkpoint: Path, work: Path, samples: list[dict], args, rows_per
             "pad_fraction": m["pad_fraction"], "steps": m["steps"]}
 
 
+def bf16_autocast_for_qllava() -> None:
+    """qllava trains float32 on CPU by design; for the --bf16 cross-check its trainer gets TRL's bf16 autocast."""
+    sft_config = train.SFTConfig
+    train.SFTConfig = lambda *a, **k: sft_config(*a, **{**k, "bf16": True})
+
+
 def exactness(checkpoint: Path, work: Path, args) -> float:
     """Packed vs unpacked loss and gradients on this benchmark's model and data (float32)."""
     from qllava.data import build_stage_dataset
@@ -255,7 +270,7 @@ def exactness(checkpoint: Path, work: Path, args) -> float:
     return packed_vs_unpacked_error(model, *collators, [[items[:3]], [items[3:5], items[5:]]])
 
 
-def report(runs: dict, err: float) -> None:
+def report(runs: dict, err: float, precision: str) -> None:
     total = {name: sum(r["seconds"] for r in rs) for name, rs in runs.items()}
     tokens = {name: sum(r["tokens"] for r in rs) for name, rs in runs.items()}
     pad = {name: statistics.mean(r["pad_fraction"] for r in rs) for name, rs in runs.items()}
@@ -271,7 +286,7 @@ def report(runs: dict, err: float) -> None:
                       "qllava_tokens_per_s": round(tokens["qllava"] / total["qllava"], 1),
                       "speedup": round(total["trl"] / total["qllava"], 3),
                       "trl_pad_fraction": round(pad["trl"], 4), "qllava_pad_fraction": round(pad["qllava"], 4),
-                      "packed_vs_unpacked_max_rel_err": err}))
+                      "packed_vs_unpacked_max_rel_err": err, "precision": precision}))
 
 
 def quiet() -> None:

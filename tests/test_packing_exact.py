@@ -129,3 +129,25 @@ def test_training_feeds_the_decoder_packed_rows_without_mask_or_cache(tiny_recip
         assert mask is None and use_cache is False and cache is None
         restarts = (positions == 0).sum(dim=1)
         assert positions.shape[0] == 2 and (restarts > 1).all()
+
+
+def test_packing_benchmark_compares_like_with_like():
+    """benchmarks/packing.py, small: both runs train on the same label tokens in the same precision, and its
+    own exactness check holds on its model and data."""
+    import json
+    import re
+    import subprocess
+    import sys
+    from conftest import ROOT
+    done = subprocess.run([sys.executable, "benchmarks/packing.py", "--samples", "40", "--repeats", "1"], cwd=ROOT,
+                          capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result["precision"] == "float32" and "precision in both runs: float32" in done.stdout
+    label_tokens = {m[1]: int(m[2].replace(",", "")) for m in re.finditer(
+        r"repeat 1 (trl|qllava)\s*:.*label tokens ([\d,]+)", done.stdout)}
+    assert label_tokens["trl"] == label_tokens["qllava"] > 0
+    assert result["packed_vs_unpacked_max_rel_err"] <= 1e-5
+    assert result["qllava_pad_fraction"] < 0.1 < 0.3 < result["trl_pad_fraction"]
+    assert result["speedup"] > 0 and result["trl_tokens_per_s"] > 0 and result["qllava_tokens_per_s"] > 0

@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true", help="both runs under bf16 autocast (default: both float32)")
     args = parser.parse_args()
+    precision = "bf16-autocast" if args.bf16 else "float32"
     if args.bf16:
         bf16_autocast_for_qllava()
     quiet()
@@ -89,7 +90,7 @@ def main() -> None:
     checkpoint = write_llava_checkpoint(work, samples, args.seed)
     lengths = token_lengths(checkpoint, work, args)
     rows_per_step = max(1, round(args.batch * statistics.mean(lengths) / args.max_seq_len))
-    print(f"precision in both runs: {'bf16 autocast' if args.bf16 else 'float32'}")
+    print(f"precision in both runs: {precision}")
     print(f"{args.samples} samples, {sum(lengths):,} tokens (mean {statistics.mean(lengths):.0f}, "
           f"max {max(lengths)}); TRL: {args.batch} samples per step; qllava: {rows_per_step} rows of "
           f"{args.max_seq_len} tokens per step")
@@ -103,7 +104,7 @@ def main() -> None:
             print(f"  repeat {repeat + 1} {name:6s}: {result['seconds']:6.1f} s  {result['tokens'] / result['seconds']:8,.0f} "
                   f"tokens/s  pad {result['pad_fraction']:.1%}  steps {result['steps']}  label tokens {result['label_tokens']:,}")
     err = exactness(checkpoint, work, args)
-    report(runs, err, "bf16-autocast" if args.bf16 else "float32")
+    report(runs, err, precision)
 
 
 def write_dataset(work: Path, n: int, seed: int) -> list[dict]:
@@ -191,7 +192,8 @@ def run_trl(checkpoint: Path, work: Path, samples: list[dict], args, rows_per_st
     config = SFTConfig(output_dir=str(work / f"trl-{repeat}"), per_device_train_batch_size=args.batch,
                        num_train_epochs=1, learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=1000,
                        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, max_length=None,
-                       assistant_only_loss=True, activation_checkpointing=False, bf16=args.bf16, dataloader_num_workers=0, seed=args.seed)
+                       assistant_only_loss=True, activation_checkpointing=False, bf16=args.bf16,
+                       dataloader_num_workers=0, seed=args.seed)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=r".*language_model\..*\.(q_proj|k_proj|v_proj|"
                       r"o_proj|gate_proj|up_proj|down_proj)", modules_to_save=["multi_modal_projector"])
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=processor, peft_config=lora)

@@ -2,9 +2,15 @@
 unpacked batch's token-weighted ones. Through LlavaForConditionalGeneration, in float32, with images in
 several samples of a row and a text-only sample among them."""
 
+import json
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 
+from conftest import ROOT
 from qllava import model as modeling
 from qllava.data import DataReport, image_source, read_conversations, tokenize_dataset, ImageStore
 from qllava.packing import Collator, Rows, packed_vs_unpacked_error
@@ -134,11 +140,6 @@ def test_training_feeds_the_decoder_packed_rows_without_mask_or_cache(tiny_recip
 def test_packing_benchmark_compares_like_with_like():
     """benchmarks/packing.py, small: both runs train on the same label tokens in the same precision, and its
     own exactness check holds on its model and data."""
-    import json
-    import re
-    import subprocess
-    import sys
-    from conftest import ROOT
     done = subprocess.run([sys.executable, "benchmarks/packing.py", "--samples", "40", "--repeats", "1"], cwd=ROOT,
                           capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-3000:]

@@ -44,7 +44,13 @@ def cmd_finetune(args) -> int:
     metrics = train.finetune(recipe, stages, overwrite=args.overwrite, resume=args.resume,
                              progress=console.TrainingProgress, say=console.say)
     from accelerate import PartialState
-    if not PartialState().is_main_process:
+    state = PartialState()
+    # Under torchrun, a process that exits with its gloo group still alive can abort (SIGABRT, "terminate
+    # called without an active exception") after a run that succeeded: gloo's threads still hold work while
+    # the interpreter shuts down. Every process waits for the others, then takes the group down itself.
+    state.wait_for_everyone()
+    state.destroy_process_group()
+    if not state.is_main_process:
         return 0
     console.console.print(console.stage_table(metrics))
     accuracy = console.accuracy_table(metrics)

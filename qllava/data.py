@@ -21,8 +21,9 @@ from PIL import Image
 
 from . import templates
 from .templates import IMAGE_TAG, TemplateError
+from .tokenizer import ids_and_offsets
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: the separator space before an answer is a label, as in LLaVA
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -110,8 +111,7 @@ def encode(rendered: templates.Rendered, tokenizer, image_token_id: int, n_image
             ids += [image_token_id] * n_image_tokens
             labels += [-100] * n_image_tokens
             offset += len(IMAGE_TAG)
-        enc = tokenizer(chunk, return_offsets_mapping=True)
-        chunk_ids, spans = enc["input_ids"], enc["offset_mapping"]
+        chunk_ids, spans = ids_and_offsets(tokenizer, chunk)
         if i > 0 and chunk_ids and chunk_ids[0] == tokenizer.bos_token_id:
             chunk_ids, spans = chunk_ids[1:], spans[1:]
         for token, (start, end) in zip(chunk_ids, spans):
@@ -122,16 +122,24 @@ def encode(rendered: templates.Rendered, tokenizer, image_token_id: int, n_image
     return ids, labels
 
 
+def tokenize_conversation(turns: list[tuple[str, str]], template: str, tokenizer, image_token_id: int,
+                          n_image_tokens: int) -> tuple[list[int], list[int]]:
+    """input_ids and labels of one conversation to train on, as official LLaVA's preprocessing makes them
+    (TemplateError for one LLaVA would not train on as a conversation: see templates.render)."""
+    rendered = templates.render(template, turns, tokenizer.bos_token or "", tokenizer.eos_token,
+                                special_tokens=tuple(tokenizer.all_special_tokens))
+    return encode(rendered, tokenizer, image_token_id, n_image_tokens)
+
+
 def tokenize_dataset(conversations: list[Conversation], template: str, tokenizer, image_token_id: int,
                      n_image_tokens: int, max_seq_len: int, report: DataReport) -> datasets.Dataset:
     columns = {"id": [], "input_ids": [], "labels": [], "length": [], "source": [], "image": []}
     for conv in conversations:
         try:
-            rendered = templates.render(template, conv.turns, tokenizer.bos_token or "", tokenizer.eos_token)
+            ids, labels = tokenize_conversation(conv.turns, template, tokenizer, image_token_id, n_image_tokens)
         except TemplateError as e:
             report.skip(conv.id, str(e))
             continue
-        ids, labels = encode(rendered, tokenizer, image_token_id, n_image_tokens)
         if len(ids) > max_seq_len:
             report.skip(conv.id, f"longer than max_seq_len ({max_seq_len} tokens, image tokens included)")
             continue
@@ -242,8 +250,12 @@ def _conversation(sample_id: str, turns: list, image: str, source: int, report: 
     turns = [(role, text) for role, text in turns if role != "system"]  # the template owns the system prompt
     if turns and turns[0][0] == "assistant":
         turns = turns[1:]  # LLaVA drops one leading gpt turn
-    if any(not text.strip() for role, text in turns if role == "assistant"):
+    # Exactly empty only: official LLaVA trains whitespace-only turns as they are.
+    if any(not text for role, text in turns if role == "assistant"):
         report.skip(sample_id, "an assistant turn is empty")
+        return None
+    if any(not text for role, text in turns if role == "user"):
+        report.skip(sample_id, "a user turn is empty")
         return None
     tags = sum(text.count(IMAGE_TAG) for _, text in turns)
     if any(IMAGE_TAG in text for role, text in turns if role == "assistant"):

@@ -18,13 +18,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor, AutoTokenizer, BitsAndBytesConfig,
+from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig,
                           CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from .recipe import LoraConfig, ModelConfig, QuantizationConfig, Recipe, load_recipe
-
-IMAGE_TOKEN = "<image>"
+from .tokenizer import IMAGE_TOKEN, load_tokenizer, with_sentencepiece_merges
 PROJECTOR_FILE = "projector.safetensors"
 BASE_FILE = "base.json"
 # Full module-name prefixes: bitsandbytes silently quantizes a module named by its bare name (STACK.md).
@@ -54,16 +53,10 @@ def device() -> torch.device:
 def build_processor(cfg: ModelConfig) -> LlavaProcessor:
     """Image processor of the vision tower + the decoder's tokenizer with an image token and a pad token."""
     if cfg.llava:
-        return AutoProcessor.from_pretrained(cfg.llava)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.decoder)
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
-    if tokenizer.pad_token is None:
-        # LLaVA pads with <unk>; padded positions never reach the loss or attention anyway.
-        if tokenizer.unk_token is not None:
-            tokenizer.pad_token = tokenizer.unk_token
-        else:
-            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        processor = AutoProcessor.from_pretrained(cfg.llava)
+        processor.tokenizer = with_sentencepiece_merges(processor.tokenizer)
+        return processor
+    tokenizer = load_tokenizer(cfg.decoder)
     image_processor = AutoImageProcessor.from_pretrained(cfg.vision_tower)
     vision_config = AutoConfig.from_pretrained(cfg.vision_tower)
     vision_config = getattr(vision_config, "vision_config", vision_config)  # a full CLIP checkpoint nests it

@@ -43,22 +43,30 @@ class TemplateError(ValueError):
 
 
 def render(template: str, turns: list[tuple[str, str]], bos: str, eos: str,
-           generation_prompt: bool = False) -> Rendered:
+           generation_prompt: bool = False, special_tokens: tuple[str, ...] = ()) -> Rendered:
     """Render (role, text) turns, roles "user"/"assistant", alternating and starting with the user.
 
     With generation_prompt, the turns end with a user turn and the text ends where the model starts to answer.
     LLaVA writes the end token literally ("</s>"); `eos`/`bos` are the tokenizer's own strings for it.
+    A conversation to train on is refused (TemplateError) where official LLaVA's labels would not be the
+    assistant turns: a turn holding one of the tokenizer's `special_tokens`, or a template separator.
     """
     _check_turns(turns, generation_prompt)
+    if not generation_prompt:
+        _check_no_special_tokens(turns, special_tokens)
     if template == "plain":
         return _render_plain(turns, generation_prompt)
     if template == "vicuna_v1":
-        return _render_two(VICUNA_SYSTEM, ("USER", "ASSISTANT"), turns, eos, generation_prompt)
-    if template == "mistral_instruct":
-        return _render_llama_2("", sep="", turns=turns, eos=eos)
-    if template == "llava_llama_2":
-        return _render_llama_2(LLAVA_LLAMA_2_SYSTEM, sep=bos, turns=turns, eos=eos)
-    raise TemplateError(f"unknown template {template!r}")
+        rendered = _render_two(VICUNA_SYSTEM, ("USER", "ASSISTANT"), turns, eos, generation_prompt)
+    elif template == "mistral_instruct":
+        rendered = _render_llama_2("", sep="", turns=turns, eos=eos)
+    elif template == "llava_llama_2":
+        rendered = _render_llama_2(LLAVA_LLAMA_2_SYSTEM, sep=bos, turns=turns, eos=eos)
+    else:
+        raise TemplateError(f"unknown template {template!r}")
+    if not generation_prompt:
+        _check_rounds(rendered.text, " ASSISTANT: " if template == "vicuna_v1" else "[/INST] ", eos)
+    return rendered
 
 
 def move_image_tag_first(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -108,8 +116,8 @@ def _render_two(system: str, roles: tuple[str, str], turns, eos: str, generation
         if role == "user":
             b.add(f"{roles[0]}: {text} ")
         else:
-            b.add(f"{roles[1]}: ")
-            b.add(text + eos, trained=True)
+            b.add(f"{roles[1]}:")
+            b.add(" " + text + eos, trained=True)
     if generation_prompt:
         b.add(f"{roles[1]}:")
     return b.done()
@@ -125,8 +133,7 @@ def _render_llama_2(system: str, sep: str, turns, eos: str) -> Rendered:
                 text = f"<<SYS>>\n{system}\n<</SYS>>\n\n" + text
             b.add(("" if i == 0 else sep) + f"[INST] {text} [/INST]")
         else:
-            b.add(" ")
-            b.add(f"{text} {eos}", trained=True)
+            b.add(f" {text} {eos}", trained=True)
     return b.done()
 
 
@@ -143,6 +150,24 @@ def _check_turns(turns, generation_prompt: bool):
     if not generation_prompt and last != "assistant":
         raise TemplateError("the conversation has no assistant turn to train on" if len(turns) == 1
                             else "the conversation ends with a user turn that has no answer")
+
+
+def _check_no_special_tokens(turns, special_tokens: tuple[str, ...]) -> None:
+    # LLaVA's tokenizer reads "</s>" or "<s>" in a turn as a control token, not as text; "<unk>", its pad
+    # token, is even counted as padding. Either way its labels stop being the assistant turns.
+    for token in special_tokens:
+        if token and token != IMAGE_TAG and any(token in text for _, text in turns):
+            raise TemplateError(f"a turn holds the special token {token!r} as text")
+
+
+def _check_rounds(text: str, assistant_separator: str, eos: str) -> None:
+    # Official LLaVA labels a conversation by cutting its text at each end token into rounds and each round
+    # at its assistant separator, then counting tokens. A round cut into other than two parts (a separator
+    # inside a turn) makes its counts miss, and it masks the whole sample ("tokenization mismatch").
+    for round_text in text.split(eos)[:-1]:
+        if round_text.count(assistant_separator) != 1:
+            raise TemplateError(f"a turn holds the template's separator {assistant_separator.strip()!r} "
+                                "(official LLaVA would mask the whole sample)")
 
 
 def chat_template(template: str) -> str:

@@ -161,7 +161,7 @@ def test_stage_dataset_drops_too_long_samples_counts_them_and_is_cached(tmp_path
 
 
 def test_empty_dataset_after_filtering_is_an_error(tmp_path, tokenizer):
-    path = write(tmp_path, [chat("q", " ", None, "empty-answer"), {"id": "x"}, chat("q", "a", None, "y")])
+    path = write(tmp_path, [chat("q", "", None, "empty-answer"), {"id": "x"}, chat("q", "a", None, "y")])
     stage = StageConfig(data=[path], template="plain", max_seq_len=64)
     with pytest.raises(DataError) as e:
         build_stage_dataset(stage, tokenizer, 5, 16, str(tmp_path / "cache"), "stage1")

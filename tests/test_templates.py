@@ -6,11 +6,10 @@ plus the end token LLaVA appends ("</s>"; "▁" + "</s>" for the LLAMA_2 styles;
 """
 
 import pytest
-from transformers import AutoTokenizer
-
 from qllava import tiny
 from qllava.data import encode
 from qllava.templates import TemplateError, render
+from qllava.tokenizer import ids_and_offsets, load_tokenizer
 
 TURNS = [("user", "<image>\nWhat is in the image?"), ("assistant", "A cat."),
          ("user", "What color is it?"), ("assistant", "Black.")]
@@ -19,9 +18,7 @@ IMG = "<image>"
 
 @pytest.fixture(scope="module")
 def mistral(mistral_tokenizer_dir):
-    tok = AutoTokenizer.from_pretrained(mistral_tokenizer_dir)
-    tok.add_tokens([IMG], special_tokens=True)
-    return tok
+    return load_tokenizer(str(mistral_tokenizer_dir))
 
 
 def pieces(tok, template, turns=TURNS, n_image=2):
@@ -92,6 +89,42 @@ def test_text_only_conversation(mistral):
     assert ids[-13:] == ["▁questions", ".", "▁US", "ER", ":", "▁Hi", "▁ASS", "IST", "ANT", ":", "▁Hello", ".", "</s>"]
     assert ids.count("<s>") == 1 and IMG not in ids
     assert labels == ["▁Hello", ".", "</s>"]
+
+
+@pytest.mark.parametrize("template,before,after", [
+    ("vicuna_v1", ["▁ASS", "IST", "ANT", ":"], ["▁", "1", "2", "3", "4", "</s>"]),
+    ("mistral_instruct", ["▁[", "/", "INST", "]"], ["▁", "1", "2", "3", "4", "▁", "</s>"]),
+])
+def test_the_lone_separator_piece_before_a_digit_answer_is_trained(mistral, template, before, after):
+    # sentencepiece cannot merge the space after "ASSISTANT:" / "[/INST]" with a digit: it becomes a lone "▁".
+    # Official LLaVA masks by token counts up to the role's last token, so that "▁" is a label (checked
+    # against LLaVA's own preprocessing in test_llava_parity.py).
+    ids, labels = pieces(mistral, template, [("user", "How many?"), ("assistant", "1234")])
+    assert ids[-len(before + after):] == before + after
+    assert labels == after
+
+
+def test_runs_of_spaces_tokenize_as_sentencepiece_does(mistral):
+    # LLaVA's slow tokenizer merges "▁▁" last (its score is -1e9): "space  ASSISTANT" keeps "▁ASS".
+    ids, _ = pieces(mistral, "vicuna_v1", [("user", "trailing space "), ("assistant", "Yes")])
+    assert ids[-9:] == ["▁trailing", "▁space", "▁", "▁ASS", "IST", "ANT", ":", "▁Yes", "</s>"]
+
+
+def test_a_caption_starting_with_a_space_keeps_sentencepieces_prefix(mistral):
+    ids, labels = pieces(mistral, "plain", [("user", "<image>"), ("assistant", " A cat.")], 1)
+    assert ids == ["<s>", IMG, "▁", "▁A", "▁cat", ".", "<0x0A>"]
+    assert labels == ["▁", "▁A", "▁cat", ".", "<0x0A>"]
+
+
+def test_the_tokenizer_encodes_as_sentencepiece(mistral, mistral_tokenizer_dir):
+    import random
+    import sentencepiece
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(mistral_tokenizer_dir / "tokenizer.model"))
+    rng = random.Random(0)
+    alphabet = list("abcXYZ019 .,:;!?()[]'\"-_/\n\t") + ["  ", "   ", " \n", "猫", "👍", "Ä", "ж"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))) for _ in range(2000)]
+    differ = [t for t in texts if ids_and_offsets(mistral, t)[0] != [mistral.bos_token_id] + sp.encode(t)]
+    assert differ == []
 
 
 @pytest.fixture(scope="module")

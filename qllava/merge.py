@@ -22,6 +22,7 @@ from .data import DataReport, ImageStore, image_source, read_conversations, toke
 from .inference import QLLAVA_FILE
 from .packing import Collator, Rows
 from .recipe import load_recipe
+from .tokenizer import adds_bos
 
 # Max |merged - unmerged| logit difference, relative to the largest logit magnitude (at least 1).
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
@@ -136,7 +137,7 @@ def _save(model, processor, recipe, stage_dir: Path, run_dir: Path, out_dir: Pat
     shutil.rmtree(partial, ignore_errors=True)
     model.config.use_cache = True
     model.save_pretrained(partial, max_shard_size=SHARD_SIZE)
-    processor.chat_template = templates.chat_template(stage.template)
+    processor.chat_template = templates.chat_template(stage.template, adds_bos(processor.tokenizer))
     processor.save_pretrained(partial)
     info = {"template": stage.template, "image_aspect_ratio": stage.image_aspect_ratio, "source_run": str(run_dir),
             "stage": stage_dir.name, "dtype": report["dtype"]}

@@ -17,7 +17,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TEMPLATES = ("plain", "vicuna_v1", "mistral_instruct", "llava_llama_2")
+from .templates import TEMPLATES
+
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")

@@ -2,7 +2,8 @@
 
 The reference is LLaVA's llava/conversation.py (get_prompt) and the preprocess_* functions of
 llava/train/train.py. A template turns a conversation into one string plus the character spans that
-are trained on (each assistant message and the end token LLaVA appends to it). Tokenization and the
+are trained on (each assistant message, with the separator space before it and the end token LLaVA appends
+to it). Tokenization and the
 token-level labels are data.py's job; spans keep this module free of any tokenizer.
 
 Rules reproduced from LLaVA:
@@ -11,7 +12,8 @@ Rules reproduced from LLaVA:
   prompt ends with "ASSISTANT:".
 - `mistral_instruct` / `llava_llama_2` (SeparatorStyle.LLAMA_2): "[INST] q [/INST] a </s>" rounds, joined by
   the template's sep ("" / "<s>"); llava_llama_2 wraps its system prompt in <<SYS>> inside the first [INST].
-- the image tag is moved to the start of the first human turn as "<image>\\n" (preprocess_multimodal).
+
+Every template is declared once, in TEMPLATES.
 """
 
 from __future__ import annotations
@@ -42,41 +44,60 @@ class TemplateError(ValueError):
     """A conversation the template cannot render (the message says why)."""
 
 
+@dataclass(frozen=True)
+class Template:
+    """One of official LLaVA's conversation templates (llava/conversation.py)."""
+
+    style: str
+    """"plain" (SeparatorStyle.PLAIN), "two" (SeparatorStyle.TWO) or "llama_2" (SeparatorStyle.LLAMA_2)."""
+    system: str = ""
+    bos_between_rounds: bool = False
+    """llama_2 style: rounds joined by the BOS string (LLaVA's sep "<s>"), else by nothing."""
+
+    @property
+    def assistant_separator(self) -> str:
+        """Where LLaVA cuts a round into instruction and answer when it counts tokens for the labels."""
+        return " ASSISTANT: " if self.style == "two" else "[/INST] "
+
+
+TEMPLATES = {
+    "plain": Template("plain"),
+    "vicuna_v1": Template("two", VICUNA_SYSTEM),
+    "mistral_instruct": Template("llama_2"),
+    "llava_llama_2": Template("llama_2", LLAVA_LLAMA_2_SYSTEM, bos_between_rounds=True),
+}
+
+
 def render(template: str, turns: list[tuple[str, str]], bos: str, eos: str,
            generation_prompt: bool = False, special_tokens: tuple[str, ...] = ()) -> Rendered:
     """Render (role, text) turns, roles "user"/"assistant", alternating and starting with the user.
 
     With generation_prompt, the turns end with a user turn and the text ends where the model starts to answer.
-    LLaVA writes the end token literally ("</s>"); `eos`/`bos` are the tokenizer's own strings for it.
+    LLaVA writes the end token literally ("</s>"); `eos`/`bos` are the tokenizer's own strings for it. The
+    text does not include the BOS token the tokenizer adds (if it adds one).
     A conversation to train on is refused (TemplateError) where official LLaVA's labels would not be the
     assistant turns: a turn holding one of the tokenizer's `special_tokens`, or a template separator.
     """
+    spec = template_spec(template)
     _check_turns(turns, generation_prompt)
     if not generation_prompt:
         _check_no_special_tokens(turns, special_tokens)
-    if template == "plain":
+    if spec.style == "plain":
         return _render_plain(turns, generation_prompt)
-    if template == "vicuna_v1":
-        rendered = _render_two(VICUNA_SYSTEM, ("USER", "ASSISTANT"), turns, eos, generation_prompt)
-    elif template == "mistral_instruct":
-        rendered = _render_llama_2("", sep="", turns=turns, eos=eos)
-    elif template == "llava_llama_2":
-        rendered = _render_llama_2(LLAVA_LLAMA_2_SYSTEM, sep=bos, turns=turns, eos=eos)
+    if spec.style == "two":
+        rendered = _render_two(spec.system, turns, eos, generation_prompt)
     else:
-        raise TemplateError(f"unknown template {template!r}")
+        rendered = _render_llama_2(spec.system, bos if spec.bos_between_rounds else "", turns, eos)
     if not generation_prompt:
-        _check_rounds(rendered.text, " ASSISTANT: " if template == "vicuna_v1" else "[/INST] ", eos)
+        _check_rounds(rendered.text, spec.assistant_separator, eos)
     return rendered
 
 
-def move_image_tag_first(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """LLaVA's preprocess_multimodal: the tag leaves its place and opens the first user turn as "<image>\\n"."""
-    out = []
-    for i, (role, text) in enumerate(turns):
-        if i == 0:
-            text = (IMAGE_TAG + "\n" + text.replace(IMAGE_TAG, "").strip()).strip()
-        out.append((role, text))
-    return out
+def template_spec(name: str) -> Template:
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise TemplateError(f"unknown template {name!r}: one of {', '.join(TEMPLATES)}") from None
 
 
 class _Builder:
@@ -108,24 +129,26 @@ def _render_plain(turns, generation_prompt: bool) -> Rendered:
     return b.done()
 
 
-def _render_two(system: str, roles: tuple[str, str], turns, eos: str, generation_prompt: bool) -> Rendered:
-    # SeparatorStyle.TWO with sep=" ", sep2=eos: "SYSTEM USER: q ASSISTANT: a</s>USER: ..."
+def _render_two(system: str, turns, eos: str, generation_prompt: bool) -> Rendered:
+    # SeparatorStyle.TWO with sep=" ", sep2=eos: "SYSTEM USER: q ASSISTANT: a</s>USER: ..."; LLaVA's labels
+    # start right after "ASSISTANT:", the separator space included.
     b = _Builder()
     b.add(system + " ")
     for role, text in turns:
         if role == "user":
-            b.add(f"{roles[0]}: {text} ")
+            b.add(f"USER: {text} ")
         else:
-            b.add(f"{roles[1]}:")
+            b.add("ASSISTANT:")
             b.add(" " + text + eos, trained=True)
     if generation_prompt:
-        b.add(f"{roles[1]}:")
+        b.add("ASSISTANT:")
     return b.done()
 
 
 def _render_llama_2(system: str, sep: str, turns, eos: str) -> Rendered:
-    # SeparatorStyle.LLAMA_2: sep + "[INST] q [/INST]" then " a " + eos; the leading sep is stripped.
-    # A generation prompt adds nothing: the text ends with "[/INST]".
+    # SeparatorStyle.LLAMA_2: sep + "[INST] q [/INST]" then " a " + eos; the leading sep is stripped. LLaVA's
+    # labels start right after "[/INST]", the separator space included. A generation prompt adds nothing:
+    # the text ends with "[/INST]".
     b = _Builder()
     for i, (role, text) in enumerate(turns):
         if role == "user":
@@ -170,31 +193,31 @@ def _check_rounds(text: str, assistant_separator: str, eos: str) -> None:
                                 "(official LLaVA would mask the whole sample)")
 
 
-def chat_template(template: str) -> str:
+def chat_template(template: str, bos_first: bool) -> str:
     """The template as a Jinja chat template, for a merged checkpoint used without qllava (pipelines, servers).
 
-    Renders what `render` renders (with the BOS token first, since processors tokenize chat templates without
-    adding special tokens). Message content may be a string or a list of {"type": "image"} / {"type": "text"}
-    parts; the image tag goes first in its turn, as LLaVA puts it. The source has no line breaks, so no
-    whitespace control is needed: every space in it is output.
+    Renders what `render` renders, with the BOS token first when the tokenizer adds one in training
+    (`bos_first`; processors tokenize chat templates without adding special tokens). Message content may be
+    a string or a list of {"type": "image"} / {"type": "text"} parts; the image tag goes first in its turn,
+    as LLaVA puts it. The source has no line breaks, so no whitespace control is needed: every space in it
+    is output.
     """
+    spec = template_spec(template)
     content = ("{% macro content(m) %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
                "{% for p in m['content'] if p['type'] == 'image' %}<image>\n{% endfor %}"
                "{% for p in m['content'] if p['type'] == 'text' %}{{ p['text'] }}{% endfor %}"
                "{% endif %}{% endmacro %}")
-    if template == "plain":
+    if spec.style == "plain":
         body = ("{% for m in messages %}{% if m['role'] == 'user' %}<image>{% else %}{{ content(m) }}\n"
                 "{% endif %}{% endfor %}")
-    elif template == "vicuna_v1":
-        body = (VICUNA_SYSTEM + " {% for m in messages %}{% if m['role'] == 'user' %}USER: {{ content(m) }} "
+    elif spec.style == "two":
+        body = (spec.system + " {% for m in messages %}{% if m['role'] == 'user' %}USER: {{ content(m) }} "
                 "{% else %}ASSISTANT: {{ content(m) }}{{ eos_token }}{% endif %}{% endfor %}"
                 "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
-    elif template in ("mistral_instruct", "llava_llama_2"):
-        system = f"<<SYS>>\n{LLAVA_LLAMA_2_SYSTEM}\n<</SYS>>\n\n" if template == "llava_llama_2" else ""
-        sep = "{{ bos_token }}" if template == "llava_llama_2" else ""
+    else:
+        system = f"<<SYS>>\n{spec.system}\n<</SYS>>\n\n" if spec.system else ""
+        sep = "{{ bos_token }}" if spec.bos_between_rounds else ""
         body = ("{% for m in messages %}{% if m['role'] == 'user' %}"
                 f"{{% if not loop.first %}}{sep}{{% endif %}}[INST] {{% if loop.first %}}{system}{{% endif %}}"
                 "{{ content(m) }} [/INST]{% else %} {{ content(m) }} {{ eos_token }}{% endif %}{% endfor %}")
-    else:
-        raise TemplateError(f"unknown template {template!r}")
-    return content + "{{ bos_token }}" + body
+    return content + ("{{ bos_token }}" if bos_first else "") + body

@@ -40,6 +40,12 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS token before a text (LLaMA, Mistral: yes; many newer ones: no)."""
+    ids = tokenizer("x")["input_ids"]
+    return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
 def with_sentencepiece_merges(tokenizer):
     """The tokenizer with its BPE merges ranked by the sentencepiece model's piece scores (unchanged when it
     has no sentencepiece BPE model, or its merges are ranked so already)."""

@@ -166,3 +166,41 @@ def test_plain_needs_one_captioned_image():
         render("plain", [("user", "q"), ("assistant", "a")], "<s>", "</s>")
     with pytest.raises(TemplateError, match="the plain template takes one caption turn, got 2 rounds"):
         render("plain", TURNS, "<s>", "</s>")
+
+
+def no_bos_tokenizer():
+    """A byte-level BPE that adds no BOS (as SmolLM2's and many newer tokenizers), ChatML-like specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["What color is it? red USER ASSISTANT [INST] [/INST]"] * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>")
+
+
+@pytest.mark.parametrize("template", ["plain", "vicuna_v1", "mistral_instruct", "llava_llama_2"])
+@pytest.mark.parametrize("family", ["mistral", "tiny_bpe", "no_bos"])
+def test_the_chat_template_renders_the_training_text_byte_for_byte(template, family, mistral, tiny_tok):
+    from qllava.templates import chat_template
+    from qllava.tokenizer import adds_bos
+    tok = {"mistral": mistral, "tiny_bpe": tiny_tok, "no_bos": no_bos_tokenizer()}[family]
+    bos_first = adds_bos(tok)
+    assert bos_first == (family != "no_bos")
+    turns = TURNS[:2] if template == "plain" else TURNS
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]},
+                {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "What color is it?"},
+                {"role": "assistant", "content": [{"type": "text", "text": "Black."}]}][:len(turns)]
+    jinja = chat_template(template, bos_first)
+    prefix = tok.bos_token if bos_first else ""
+    trained = render(template, turns, tok.bos_token, tok.eos_token)
+    assert tok.apply_chat_template(messages, chat_template=jinja, tokenize=False) == prefix + trained.text
+    asked = render(template, turns[:-1], tok.bos_token, tok.eos_token, generation_prompt=True)
+    assert tok.apply_chat_template(messages[:-1], chat_template=jinja, tokenize=False,
+                                   add_generation_prompt=True) == prefix + asked.text
+    # what training tokenizes starts with the BOS exactly when the chat template writes it
+    ids, _ = encode(trained, tok, tok.convert_tokens_to_ids(IMG) if IMG in tok.get_vocab() else 0, 1)
+    assert (ids[0] == tok.bos_token_id) == bos_first

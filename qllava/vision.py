@@ -1,0 +1,156 @@
+"""Everything about images, in one place: which vision tower class a checkpoint loads as, how many tokens an
+image becomes, how an image is read and prepared (LLaVA's pad, or crop), the blank image and pixel_values.
+
+Nothing else computes an image's token count: data, packing, stats, plan, merge and inference ask
+`tokens_per_image`. The count is read off the tower itself: its forward pass is run on the meta device (no
+memory, no weights) at the image processor's output size, so the CLS token of CLIP and DINOv2, DINOv2's
+registers and SigLIP's lack of any prefix are all counted as the tower really produces them.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from transformers import MODEL_MAPPING, AutoConfig, AutoImageProcessor, CLIPImageProcessor
+
+# Weights a vision tower may leave unused when loaded from a dual-encoder checkpoint (CLIP, SigLIP): the text
+# tower and the contrastive heads. Any other unused or missing weight is an error.
+OTHER_HALF = ("text_model.", "text_projection", "visual_projection", "logit_scale", "logit_bias")
+
+
+class VisionError(ValueError):
+    """A vision tower or image setting that cannot work, naming the checkpoint or the recipe key."""
+
+
+def tower_config(name_or_config):
+    """The vision tower's config: a checkpoint's own, or the vision half of a dual-encoder / LLaVA config."""
+    config = AutoConfig.from_pretrained(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    return getattr(config, "vision_config", None) or config
+
+
+def tower_class(config):
+    """The transformers class of a vision config (CLIPVisionModel, SiglipVisionModel, Dinov2Model, ...), as
+    transformers' LLaVA builds its tower from the same mapping."""
+    try:
+        return MODEL_MAPPING[type(config)]
+    except KeyError:
+        raise VisionError(f"no vision model class for model_type {config.model_type!r}") from None
+
+
+def load_tower(name: str, **kwargs):
+    """The vision tower of a checkpoint, as the class its model_type names. A weight the checkpoint lacks (it
+    would be random) or has but the tower does not use is an error naming the checkpoint."""
+    config = tower_config(name)
+    tower, info = tower_class(config).from_pretrained(name, config=config, output_loading_info=True, **kwargs)
+    unused = [k for k in info["unexpected_keys"] if not k.startswith(OTHER_HALF)]
+    problems = [f"{len(keys)} {what} (e.g. {sorted(keys)[0]})" for what, keys in
+                (("weights missing, which would be random", info["missing_keys"]),
+                 ("weights of another shape", info["mismatched_keys"]), ("weights the tower does not use", unused))
+                if keys]
+    if problems:
+        raise VisionError(f"vision tower {name} ({config.model_type}) does not load as a "
+                          f"{type(tower).__name__}: {'; '.join(problems)}")
+    return tower
+
+
+def load_image_processor(vision_tower: str, image_processor: str = "", image_size: int = 0,
+                         image_mean: list[float] = (), image_std: list[float] = ()):
+    """The image processor of the tower (or of `image_processor`), with the recipe's size / mean / std put
+    over it; a tower that ships none gets a resize + centre-crop + normalize one from those settings."""
+    source = image_processor or vision_tower
+    try:
+        processor = AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError):
+        if not (image_size and image_mean and image_std):
+            raise VisionError(f"{source} ships no image processor (preprocessor_config.json): set "
+                              "model.image_processor, or model.image_size, model.image_mean and model.image_std")
+        processor = CLIPImageProcessor()
+    if image_size:
+        processor.size = {"shortest_edge": image_size} if "shortest_edge" in _as_dict(processor.size) \
+            else {"height": image_size, "width": image_size}
+        if getattr(processor, "crop_size", None):
+            processor.crop_size = {"height": image_size, "width": image_size}
+    if image_mean:
+        processor.image_mean = list(image_mean)
+    if image_std:
+        processor.image_std = list(image_std)
+    return processor
+
+
+def output_size(image_processor) -> tuple[int, int]:
+    """(height, width) of the pixel_values the processor makes: its crop when it crops, else its size."""
+    crop = _as_dict(getattr(image_processor, "crop_size", None))
+    if getattr(image_processor, "do_center_crop", False) and crop.get("height"):
+        return crop["height"], crop["width"]
+    size = _as_dict(image_processor.size)
+    if size.get("height"):
+        return size["height"], size["width"]
+    edge = size.get("shortest_edge")
+    if edge:  # resized to a square below: LLaVA pads (or crops) images to a square first
+        return edge, edge
+    raise VisionError(f"cannot tell the image size of {type(image_processor).__name__} (size {size})")
+
+
+def tower_tokens(config, height: int, width: int, feature_layer: int = -2) -> int:
+    """Features the tower puts out for one image of (height, width) at `feature_layer`, prefix tokens
+    (CLS, registers) included: its forward pass run on the meta device."""
+    with torch.device("meta"):
+        tower = tower_class(config)(config)
+        out = tower(pixel_values=torch.empty(1, config.num_channels, height, width), output_hidden_states=True)
+    return out.hidden_states[feature_layer].shape[1]
+
+
+def prefix_tokens(config, height: int, width: int, feature_layer: int = -2) -> int:
+    """Features that are not image patches: CLIP and DINOv2's CLS token, DINOv2's registers; none for SigLIP."""
+    return tower_tokens(config, height, width, feature_layer) - (height // config.patch_size) * (width // config.patch_size)
+
+
+def tokens_per_image(config, image_processor, select_strategy: str, feature_layer: int = -2) -> int:
+    """Image tokens per image in input_ids: the tower's features at the processor's output size, minus the
+    first one with the "default" strategy (transformers' LLaVA drops exactly that one: the CLS token)."""
+    height, width = output_size(image_processor)
+    tokens = tower_tokens(config, height, width, feature_layer)
+    if select_strategy == "default":
+        if prefix_tokens(config, height, width, feature_layer) == 0:
+            raise VisionError(f"model.vision_feature_select_strategy: \"default\" drops the first feature as the "
+                              f"CLS token, but a {config.model_type} tower has none (it would drop an image "
+                              "patch): set \"full\"")
+        tokens -= 1
+    return tokens
+
+
+def pad_to_square(image: Image.Image, image_mean) -> Image.Image:
+    """LLaVA's expand2square: centre on a square of the image-mean colour (truncated to ints, as LLaVA does)."""
+    width, height = image.size
+    if width == height:
+        return image
+    size = max(width, height)
+    canvas = Image.new(image.mode, (size, size), tuple(int(x * 255) for x in image_mean))
+    canvas.paste(image, ((size - width) // 2, (size - height) // 2))
+    return canvas
+
+
+def prepared(image: Image.Image, image_processor, aspect_ratio: str) -> Image.Image:
+    """An image as training sees it before the processor: padded to a square ("pad", LLaVA-1.5), or as it
+    is ("crop": the processor's resize and centre crop)."""
+    return pad_to_square(image, image_processor.image_mean) if aspect_ratio == "pad" else image
+
+
+def blank_image(image_processor) -> Image.Image:
+    """The image-mean colour at the processor's output size: normalized, every pixel is ~0; it says nothing."""
+    height, width = output_size(image_processor)
+    return Image.new("RGB", (width, height), tuple(int(x * 255) for x in image_processor.image_mean))
+
+
+def pixel_values(images: list[Image.Image], image_processor, aspect_ratio: str) -> torch.Tensor:
+    """The processor's pixel_values of RGB images, prepared as training prepares them, in the given order."""
+    images = [prepared(image, image_processor, aspect_ratio) for image in images]
+    return image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def _as_dict(size) -> dict:
+    if size is None:
+        return {}
+    if isinstance(size, dict):
+        return size
+    return {k: v for k, v in vars(size).items() if v is not None} if hasattr(size, "__dict__") else dict(size)

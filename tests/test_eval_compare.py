@@ -1,13 +1,17 @@
-"""qllava eval (batched, resumable, the demo's own scorer) and qllava compare."""
+"""qllava eval (batched, resumable, the demo's own scorer, answers files LLaVA's scripts read) and qllava compare."""
 
 import json
 
 import pytest
 
+from conformance_corpus import WRITERS
 from qllava import evaluate as ev
 from qllava.cli import main
 from qllava.compare import paired_bootstrap
 from qllava.data import DataError
+from qllava.scorers import load_items, score
+
+LLAVA_FIELDS = {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}  # model_vqa*.py's records
 
 
 @pytest.fixture
@@ -37,7 +41,11 @@ def test_an_interrupted_eval_resumes_without_redoing_answered_questions(eval_arg
         f.write('{"question_id": "eval-9", "te')  # a line cut by the kill: ignored, asked again
     result = ev.evaluate(**eval_args, out=out, limit=12, batch_size=4, max_new_tokens=4)
     assert result["asked_now"] == 4 and asked[8:] == ["eval-8", "eval-9", "eval-10", "eval-11"]
-    assert [json.loads(line)["text"] for line in out.read_text().splitlines()[:8]] == [r["text"] for r in first]
+    records = [json.loads(line) for line in out.read_text().splitlines()]  # the cut line is gone: JSON lines again
+    assert [r["text"] for r in records[:8]] == [r["text"] for r in first] and len(records) == 12
+    assert [r["question_id"] for r in records] == [f"eval-{i}" for i in range(12)]
+    assert all(set(r) == LLAVA_FIELDS and r["prompt"] == "<image>\nWhat color is the shape?" or
+               r["prompt"].startswith("<image>\n") for r in records)
     again = ev.evaluate(**eval_args, out=out, limit=12, batch_size=4, max_new_tokens=4)
     assert again["asked_now"] == 0 and again["metrics"] == result["metrics"] and len(asked) == 12
     assert set(result["per_question"]) == {f"eval-{i}" for i in range(12)}
@@ -45,7 +53,8 @@ def test_an_interrupted_eval_resumes_without_redoing_answered_questions(eval_arg
 
 def test_answers_of_another_model_are_refused(eval_args, tmp_path):
     out = tmp_path / "answers.jsonl"
-    out.write_text(json.dumps({"question_id": "eval-0", "text": "red", "model_fingerprint": "someone-else"}) + "\n")
+    out.write_text(json.dumps({"question_id": "eval-0", "text": "red",
+                               "metadata": {"key": "eval-0", "model_fingerprint": "someone-else"}}) + "\n")
     with pytest.raises(DataError, match="holds answers of another model"):
         ev.evaluate(**eval_args, out=out, limit=2)
 
@@ -82,3 +91,24 @@ def test_paired_bootstrap():
     same = paired_bootstrap(first, first)
     assert same["mean"] == 0 and same["ci95"] == [0.0, 0.0]
     assert paired_bootstrap({"a": 1.0}, {"b": 1.0}) == {"questions": 0}
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_answers_files_are_the_ones_llava_writes(name, tmp_path, monkeypatch):
+    """qllava eval's answers file holds, line for line, what LLaVA's model_vqa*.py writes for the same answers
+    (question_id with its JSON type, prompt, text), which official scripts were run on for test_conformance.py."""
+    paths = WRITERS[name](tmp_path / "corpus")
+    benchmark = {"textvqa": "vqa", "gqa": "vqa"}.get(name, name)
+    llava_answers = ev.read_answers(paths["answers"])
+    monkeypatch.setattr(ev, "answer", lambda loaded, items, *args, **kw: [llava_answers[i.question_id] for i in items])
+    out = tmp_path / "answers.jsonl"
+    result = ev.evaluate(tmp_path, benchmark, str(paths["data"]), out=out, annotations=str(paths["annotations"]),
+                         batch_size=1000, loaded=object())
+    ours = [json.loads(line) for line in out.read_text().splitlines()]
+    theirs = [json.loads(line) for line in paths["answers"].read_text().splitlines()]
+    assert all(set(r) == LLAVA_FIELDS for r in ours)
+    fields = ("question_id", "prompt", "text")
+    assert [tuple(r[f] for f in fields) for r in ours] == [tuple(r[f] for f in fields) for r in theirs]
+    items = load_items(benchmark, str(paths["data"]), str(paths["annotations"]))
+    assert result["metrics"] == score(benchmark, items, llava_answers)[0]
+

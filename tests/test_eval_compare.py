@@ -7,7 +7,7 @@ import pytest
 from conformance_corpus import WRITERS
 from qllava import evaluate as ev
 from qllava.cli import main
-from qllava.compare import paired_bootstrap
+from qllava.compare import compare, paired_bootstrap
 from qllava.data import DataError
 from qllava.scorers import load_items, score
 
@@ -112,3 +112,27 @@ def test_answers_files_are_the_ones_llava_writes(name, tmp_path, monkeypatch):
     items = load_items(benchmark, str(paths["data"]), str(paths["annotations"]))
     assert result["metrics"] == score(benchmark, items, llava_answers)[0]
 
+
+def write_result(path, per_question, benchmark="vqa", question_set="q1"):
+    path.write_text(json.dumps({"benchmark": benchmark, "data": "d", "model": {"name": path.name.split(".")[0]},
+                                "metrics": {"accuracy": sum(per_question.values()) / len(per_question)},
+                                "per_question": per_question, "question_set": question_set}))
+    return path
+
+
+def test_compare_pairs_only_results_on_the_same_questions(tmp_path):
+    first = write_result(tmp_path / "a.metrics.json", {"1": 1.0, "2": 0.0, "3": 1.0})
+    same = write_result(tmp_path / "b.metrics.json", {"1": 0.0, "2": 0.0, "3": 1.0})
+    fewer = write_result(tmp_path / "c.metrics.json", {"1": 1.0, "2": 1.0})
+    other_file = write_result(tmp_path / "d.metrics.json", {"1": 1.0, "2": 0.0, "3": 1.0}, question_set="q2")
+    other_benchmark = write_result(tmp_path / "e.metrics.json", {"1": 1.0, "2": 0.0, "3": 1.0}, benchmark="pope")
+    report = compare([first, same, fewer, other_file, other_benchmark], tmp_path / "cmp")
+    d = report["difference_vs_first"]
+    assert d["b"]["paired"] and d["b"]["questions"] == 3 and d["b"]["mean"] == pytest.approx(-1 / 3)
+    assert d["c"] == {"paired": False, "reason": "different question sets (2 questions in both, 1 only in the "
+                                                 "first, 0 only in this one)"}
+    assert d["d"]["reason"] == "the same question ids with other questions or references (another question file)"
+    assert d["e"]["reason"] == "different benchmarks (vqa and pope)"
+    md = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| accuracy | 0.6667 | 0.3333 (-0.3333) | 1.0000 | 0.6667 | 0.6667 |" in md  # no differences unpaired
+    assert "- c vs a: not paired, different question sets (2 questions in both" in md and md.count("95% CI") == 1

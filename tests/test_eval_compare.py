@@ -120,7 +120,7 @@ def write_result(path, per_question, benchmark="vqa", question_set="q1"):
     return path
 
 
-def test_compare_pairs_only_results_on_the_same_questions(tmp_path):
+def test_compare_pairs_only_results_on_the_same_questions(tmp_path, capsys):
     first = write_result(tmp_path / "a.metrics.json", {"1": 1.0, "2": 0.0, "3": 1.0})
     same = write_result(tmp_path / "b.metrics.json", {"1": 0.0, "2": 0.0, "3": 1.0})
     fewer = write_result(tmp_path / "c.metrics.json", {"1": 1.0, "2": 1.0})
@@ -136,3 +136,7 @@ def test_compare_pairs_only_results_on_the_same_questions(tmp_path):
     md = (tmp_path / "cmp" / "report.md").read_text()
     assert "| accuracy | 0.6667 | 0.3333 (-0.3333) | 1.0000 | 0.6667 | 0.6667 |" in md  # no differences unpaired
     assert "- c vs a: not paired, different question sets (2 questions in both" in md and md.count("95% CI") == 1
+    assert main(["compare", str(first), str(fewer)]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "not paired: different question sets (2 questions in both, 1 only in the first" in printed
+    assert "(+" not in printed and "95% CI" not in printed

@@ -190,7 +190,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--images", default="", help="folder the questions' image paths are relative to")
     ev.add_argument("--annotations", help="ground truth: problems.json (scienceqa), the coco_pope_*.json folder (pope), "
                     "TextVQA/GQA annotation JSON (vqa), the MME_Benchmark folder (mme)")
-    ev.add_argument("--out", help="answers file (JSON lines; default MODEL/eval/BENCHMARK-DATA.jsonl); resumed if present")
+    ev.add_argument("--out", help="answers file (LLaVA's JSON lines; default MODEL/eval/BENCHMARK-DATA.jsonl); "
+                    "resumed if present")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--limit", type=int, default=0, help="only the first N questions")
     ev.add_argument("--max-new-tokens", type=int, default=128)
@@ -212,12 +213,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-EVAL_FORMATS = """question files (official LLaVA's):
-  scienceqa  llava_test_CQM-A.json (conversations; "The answer is X." answers) [+ --annotations problems.json]
+EVAL_FORMATS = """question files (official LLaVA's; every line is one question, whatever its id):
+  scienceqa  llava_test_CQM-A.json (conversations; "A. text" choice lines, gpt turn the letter) [+ --annotations
+             problems.json]
   pope       llava_pope_test.jsonl (question_id, image, text, category) + --annotations DIR of coco_pope_*.json
-  vqa        jsonl (question_id, image, text[, answers or answer]) [+ --annotations TextVQA/GQA JSON],
-             or LLaVA JSON whose first gpt turn is the answer
+  vqa        jsonl (question_id, image, text[, answers: ten (TextVQA) or answer: one (GQA)]) [+ --annotations
+             TextVQA_0.5.1_val.json or GQA testdev_balanced_questions.json], or LLaVA JSON whose first gpt turn
+             is the answer
   mme        llava_mme.jsonl (question_id, image, text, category) + --annotations MME_Benchmark_release_version
+answers file: LLaVA's model_vqa*.py records (question_id, prompt, text, answer_id, model_id, metadata), which
+LLaVA's eval_science_qa.py, eval_pope.py, eval_textvqa.py, convert_gqa_for_eval.py and MME's tools read
 """
 
 

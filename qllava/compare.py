@@ -1,6 +1,7 @@
 """`qllava compare`: evaluation results side by side (one column per run, one row per metric), the difference
-to the first run, and a paired bootstrap 95% interval of that difference over the questions both answered.
-Writes report.md and a bar chart (compare.png) when given an output folder."""
+to the first run, and a paired bootstrap 95% interval of that difference. Differences are only computed between
+results on the same questions (same benchmark, same question keys, same questions and references); for others
+the report says why they are not paired. Writes report.md and a bar chart (compare.png) given an output folder."""
 
 from __future__ import annotations
 
@@ -37,9 +38,7 @@ def compare(paths: list[str | Path], out_dir: str | Path | None = None, seed: in
     for r in results:
         names += [m for m in r["metrics"] if m not in names]
     table = {name: [r["metrics"].get(name) for r in results] for name in names}
-    differences = {}
-    for r, label in zip(results[1:], labels[1:]):
-        differences[label] = paired_bootstrap(results[0]["per_question"], r["per_question"], seed)
+    differences = {label: difference(results[0], r, seed) for r, label in zip(results[1:], labels[1:])}
     report = {"runs": [{"label": label, "benchmark": r["benchmark"], "data": r["data"], **r["model"]}
                        for label, r in zip(labels, results)],
               "metrics": table, "difference_vs_first": differences}
@@ -50,6 +49,26 @@ def compare(paths: list[str | Path], out_dir: str | Path | None = None, seed: in
         (out / "report.json").write_text(json.dumps(report, indent=1))
         bar_chart(report, out / "compare.png")
     return report
+
+
+def difference(first: dict, second: dict, seed: int = 0) -> dict:
+    """The paired bootstrap of second - first when both scored the same questions, else why they are not paired."""
+    reason = unpaired_reason(first, second)
+    if reason:
+        return {"paired": False, "reason": reason}
+    return {"paired": True, **paired_bootstrap(first["per_question"], second["per_question"], seed)}
+
+
+def unpaired_reason(first: dict, second: dict) -> str | None:
+    if first["benchmark"] != second["benchmark"]:
+        return f"different benchmarks ({first['benchmark']} and {second['benchmark']})"
+    ours, theirs = set(first["per_question"]), set(second["per_question"])
+    if ours != theirs:
+        return (f"different question sets ({len(ours & theirs)} questions in both, {len(ours - theirs)} only in the "
+                f"first, {len(theirs - ours)} only in this one)")
+    if first.get("question_set") and second.get("question_set") and first["question_set"] != second["question_set"]:
+        return "the same question ids with other questions or references (another question file)"
+    return None
 
 
 def paired_bootstrap(first: dict, second: dict, seed: int = 0) -> dict:
@@ -70,20 +89,30 @@ def markdown(report: dict) -> str:
              "|---|" + "---|" * len(runs)]
     for key in ("backbone", "template", "recipe", "benchmark", "data", "steps"):
         lines.append(f"| {key} | " + " | ".join(str(r.get(key, "")) for r in runs) + " |")
-    for name, values in report["metrics"].items():
-        cells = [_fmt(v) for v in values]
-        if len(values) > 1 and all(isinstance(v, (int, float)) for v in values):
-            cells = [cells[0]] + [f"{_fmt(v)} ({v - values[0]:+.4f})" for v in values[1:]]
+    for name, cells in metric_rows(report):
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Differences are to the first column. Paired bootstrap over the questions both runs answered "
+    lines += ["", "Differences are to the first column, for runs on the same questions. Paired bootstrap "
               f"({BOOTSTRAP_SAMPLES} resamples), per-question score of the second minus the first:", ""]
     for label, d in report["difference_vs_first"].items():
-        if d.get("questions"):
+        if d["paired"]:
             lines.append(f"- {label} - {runs[0]['label']}: {d['mean']:+.4f}, 95% CI [{d['ci95'][0]:+.4f}, "
                          f"{d['ci95'][1]:+.4f}] over {d['questions']} questions")
         else:
-            lines.append(f"- {label}: no questions in common with {runs[0]['label']}")
+            lines.append(f"- {label} vs {runs[0]['label']}: not paired, {d['reason']}; no difference computed")
     return "\n".join(lines) + "\n"
+
+
+def metric_rows(report: dict) -> list[tuple[str, list[str]]]:
+    """(metric, cells): each run's value and, for a run paired with the first, its difference to the first."""
+    paired = [True] + [report["difference_vs_first"][r["label"]]["paired"] for r in report["runs"][1:]]
+    rows = []
+    for name, values in report["metrics"].items():
+        cells = [_fmt(v) for v in values]
+        for i in range(1, len(values)):
+            if paired[i] and all(isinstance(v, (int, float)) for v in (values[0], values[i])):
+                cells[i] += f" ({values[i] - values[0]:+.4f})"
+        rows.append((name, cells))
+    return rows
 
 
 def bar_chart(report: dict, path: Path) -> None:

@@ -142,6 +142,7 @@ def eval_table(result: dict) -> Table:
 
 
 def compare_table(report: dict) -> Table:
+    from .compare import metric_rows
     runs = report["runs"]
     table = Table(title="qllava compare")
     table.add_column("")
@@ -149,15 +150,13 @@ def compare_table(report: dict) -> Table:
         table.add_column(run["label"], justify="right")
     for key in ("backbone", "template", "recipe", "data", "steps"):
         table.add_row(key, *(str(r.get(key, "")) for r in runs))
-    for name, values in report["metrics"].items():
-        cells = [f"{v:.4f}" if isinstance(v, float) else str(v) for v in values]
-        cells = [cells[0]] + [c + (f" ({v - values[0]:+.4f})" if isinstance(v, (int, float)) and
-                                   isinstance(values[0], (int, float)) else "") for c, v in zip(cells[1:], values[1:])]
+    for name, cells in metric_rows(report):
         table.add_row(name, *cells)
-    for label, d in report["difference_vs_first"].items():
-        if d.get("questions"):
-            table.add_row(f"{label} - {runs[0]['label']}", *([""] * (len(runs) - 1)),
-                          f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] 95% CI, n={d['questions']}")
+    for column, (label, d) in enumerate(report["difference_vs_first"].items(), start=1):
+        cells = [""] * len(runs)
+        cells[column] = (f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] 95% CI, n={d['questions']}"
+                         if d["paired"] else f"not paired: {d['reason']}")
+        table.add_row(f"{label} - {runs[0]['label']}", *cells)
     return table
 
 

@@ -1,8 +1,10 @@
 """`qllava eval`: batched greedy answers to a benchmark's questions, resumable, and their scores.
 
-Answers are appended to an answers file (JSON lines, LLaVA's answer-file records) as each batch finishes,
-so an interrupted evaluation continues where it stopped: questions already in the file are not asked
-again. The metrics (and every question's score, for paired comparisons) go to FILE.metrics.json.
+Answers are appended to an answers file as each batch finishes, so an interrupted evaluation continues
+where it stopped: questions already in the file are not asked again. The file's lines are the records
+LLaVA's model_vqa*.py writes (question_id with its JSON type, prompt, text, answer_id, model_id, metadata), so
+LLaVA's own scorers read it; qllava keeps its question key and the model's fingerprint in "metadata".
+The metrics (and every question's score, for paired comparisons) go to FILE.metrics.json.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 
 from . import scorers
@@ -30,23 +33,20 @@ def evaluate(model_path: str | Path, benchmark: str, data: str, images: str = ""
     if todo:
         loaded = loaded or load_for_inference(model_path)
         out.parent.mkdir(parents=True, exist_ok=True)
+        drop_cut_lines(out)
         with out.open("a") as answers_file:
-            if not _ends_with_newline(out):
-                answers_file.write("\n")  # a line cut by a kill stays alone (and ignored), not glued to the next
             for batch, texts in answer_batches(loaded, todo, images, batch_size, max_new_tokens, blank_images):
                 for item, text in zip(batch, texts):
                     done[item.question_id] = text
-                    answers_file.write(json.dumps({"question_id": item.question_id, "prompt": item.question,
-                                                   "text": text, "model_id": str(model_path),
-                                                   "model_fingerprint": fingerprint}) + "\n")
+                    answers_file.write(json.dumps(answer_record(item, text, Path(model_path).name, fingerprint)) + "\n")
                 answers_file.flush()
                 os.fsync(answers_file.fileno())  # what is on disk survives a kill: the resume point
                 if progress:
                     progress(len(items) - len(todo) + sum(1 for q in todo if q.question_id in done), len(items))
     metrics, per_question = scorers.score(benchmark, items, done)
     result = {"benchmark": benchmark, "data": str(data), "answers": str(out), "questions": len(items),
-              "asked_now": len(todo), "model": describe_model(Path(model_path)), "metrics": metrics,
-              "per_question": per_question}
+              "question_set": question_set(items), "asked_now": len(todo), "model": describe_model(Path(model_path)),
+              "metrics": metrics, "per_question": per_question}
     metrics_file(out).write_text(json.dumps(result, indent=1))
     return result
 
@@ -72,22 +72,56 @@ def answer(loaded: Loaded, items: list[scorers.EvalItem], images: str, max_new_t
     return generate(loaded, prompts, pictures, max_new_tokens)
 
 
+def answer_record(item: scorers.EvalItem, text: str, model_id: str, fingerprint: str) -> dict:
+    """An answers-file line as LLaVA's model_vqa*.py writes it; qllava's own fields go in its metadata."""
+    return {"question_id": item.source_id, "prompt": item.prompt, "text": text, "answer_id": uuid.uuid4().hex,
+            "model_id": model_id, "metadata": {"key": item.question_id, "model_fingerprint": fingerprint}}
+
+
 def read_answers(path: Path, fingerprint: str | None = None) -> dict[str, str]:
-    """question_id -> answer text of an answers file; a last line cut by a crash is ignored. Answers of another
-    model (its weights changed since, or another folder) are refused rather than silently mixed in."""
+    """question key -> answer text of an answers file; a line cut by a crash is ignored. Answers of another
+    model (its weights changed since, or another folder) are refused rather than silently mixed in. A file
+    written by LLaVA itself has no keys: its n-th answer to an id is that id's n-th question."""
     if not path.exists():
         return {}
+    records = [r for r in map(_parsed, path.read_text().splitlines()) if r is not None]
+    derived = iter(scorers.question_keys(r["question_id"] for r in records if "key" not in _metadata(r)))
     done = {}
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if fingerprint and record.get("model_fingerprint", fingerprint) != fingerprint:
+    for record in records:
+        meta = _metadata(record)
+        if fingerprint and meta.get("model_fingerprint", fingerprint) != fingerprint:
             raise DataError(f"{path} holds answers of another model (or of this one before it was retrained): "
                             "remove it or pass another --out")
-        done[str(record["question_id"])] = record["text"]
+        done[meta["key"] if "key" in meta else next(derived)] = record["text"]
     return done
+
+
+def drop_cut_lines(path: Path) -> None:
+    """Rewrite the answers file without lines a kill cut short, so that it stays JSON lines for LLaVA's scorers."""
+    if not path.exists():
+        return
+    text = path.read_text()
+    whole = [line for line in text.splitlines() if _parsed(line) is not None]
+    if whole != text.splitlines() or (text and not text.endswith("\n")):
+        path.write_text("".join(line + "\n" for line in whole))
+
+
+def question_set(items: list[scorers.EvalItem]) -> str:
+    """Identifies the questions a result scored (keys, questions asked, references): compare pairs only equals."""
+    content = [(item.question_id, item.question, item.reference) for item in items]
+    return hashlib.sha256(json.dumps(content, default=str).encode()).hexdigest()[:16]
+
+
+def _parsed(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "question_id" in record and "text" in record else None
+
+
+def _metadata(record: dict) -> dict:
+    return record.get("metadata") or {}
 
 
 def model_fingerprint(path: Path) -> str:
@@ -96,14 +130,6 @@ def model_fingerprint(path: Path) -> str:
                    and "checkpoints" not in f.relative_to(path).parts)
     key = [(str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
-
-
-def _ends_with_newline(path: Path) -> bool:
-    if path.stat().st_size == 0:
-        return True
-    with path.open("rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
 
 
 def metrics_file(answers: Path) -> Path:

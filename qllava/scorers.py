@@ -4,12 +4,18 @@ question files, the prompt LLaVA gives the model, parsing the answers as LLaVA d
 Each benchmark turns a question file into EvalItems and a list of answers into (metrics, per-question scores).
 A question file may also be a LLaVA training-format JSON (conversations): the first human turn is the
 question and the first gpt turn the reference, which is how the tiny demo's held-out split is written.
+
+Every line of a question file is one question, whatever its id: LLaVA's TextVQA file uses the image id as
+question_id (5,000 questions, 3,166 ids) and its MME file the image path, so a repeated id gets "#n" in the
+key answers and scores are stored under. Parsing and metrics equal the official scripts' on the adversarial
+corpus in tests/conformance_corpus.py (the expected values in tests/test_conformance.py are their output).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,13 +29,19 @@ LETTER_ANSWER = "Answer with the option's letter from the given choices directly
 @dataclass
 class EvalItem:
     question_id: str
+    """The key the question's answer and score are stored under: its id in the file as text, "#n" added for the
+    n-th repeat of an id."""
     question: str
     """The user message without the image tag; the prompt suffix included."""
     image: str = ""
     category: str = ""
     reference: object = None
-    """What the scorer compares with: a letter index (scienceqa), "yes"/"no", a list of answers, an answer."""
+    """What the scorer compares with: a letter index (scienceqa), "yes"/"no", ten answers or one (vqa)."""
     meta: dict = field(default_factory=dict)
+    source_id: object = None
+    """The id as the question file writes it (its JSON type kept): the answers file's question_id."""
+    prompt: str = ""
+    """The "prompt" LLaVA's model_vqa*.py writes in its answers file, which its scorers read back."""
 
 
 def load_items(benchmark: str, data: str, annotations: str | None = None) -> list[EvalItem]:
@@ -39,13 +51,27 @@ def load_items(benchmark: str, data: str, annotations: str | None = None) -> lis
     rows = _read_rows(Path(data))
     reader = {"scienceqa": _scienceqa_items, "pope": _pope_items, "vqa": _vqa_items, "mme": _mme_items}[benchmark]
     try:
-        items = reader(rows, annotations)
+        items = reader(rows, annotations, data)
+    except DataError:
+        raise
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise DataError(f"{data}: not a {benchmark} question file in LLaVA's format ({type(e).__name__}: {e}); "
                         f"see `qllava eval --help` for the formats") from None
     if not items:
         raise DataError(f"{data}: no questions")
+    for item, key in zip(items, question_keys(item.source_id for item in items)):
+        item.question_id = key
     return items
+
+
+def question_keys(ids) -> list[str]:
+    """Each id as text; the n-th repeat of an id (n >= 1) as "id#n", so that no question overwrites another."""
+    seen: Counter = Counter()
+    keys = []
+    for qid in map(str, ids):
+        keys.append(f"{qid}#{seen[qid]}" if seen[qid] else qid)
+        seen[qid] += 1
+    return keys
 
 
 def score(benchmark: str, items: list[EvalItem], answers: dict[str, str]) -> tuple[dict, dict[str, float]]:
@@ -56,18 +82,21 @@ def score(benchmark: str, items: list[EvalItem], answers: dict[str, str]) -> tup
 
 # ---------------------------------------------------------------- ScienceQA (llava_test_CQM-A.json + problems.json)
 
+OPTIONS = ["A", "B", "C", "D", "E"]
+
+
 def parse_letter(text: str, n_choices: int) -> int:
-    """LLaVA's eval_science_qa.py: "B", "B. text" or exactly one "The answer is B." (any char after the letter);
-    anything else, or a letter beyond the choices, is -1 (wrong, never a random guess)."""
-    options = "ABCDE"
-    if text in options:
+    """LLaVA's eval_science_qa.py: exactly "B", or "B. text", or exactly one "The answer is B." (any character
+    after the letter) names a letter; it counts when it is one of the choices. Anything else is -1: wrong,
+    never a random guess. The letter must equal an option: "" and "BC" name none."""
+    if text in OPTIONS:
         letter = text
-    elif len(text) >= 3 and text[0] in options and text[1:3] == ". ":
+    elif len(text) >= 3 and text[0] in OPTIONS and text[1:3] == ". ":
         letter = text[0]
     else:
         found = re.findall(r"The answer is ([A-Z]).", text)
         letter = found[0] if len(found) == 1 else "FAILED"
-    return options.index(letter) if letter in options[:n_choices] else -1
+    return OPTIONS.index(letter) if letter in OPTIONS[:n_choices] else -1
 
 
 def score_scienceqa(items, answers):
@@ -85,7 +114,7 @@ def score_scienceqa(items, answers):
 
 
 def _scienceqa_groups(item) -> list[str]:
-    out = ["IMG_question"] if item.image else []  # LLaVA's IMG-Accuracy: the problem has an image
+    out = ["IMG_question"] if item.image else []  # LLaVA's IMG-Accuracy: the prompt has "<image>"
     problem = item.meta.get("problem")
     if problem is None:
         return out
@@ -98,21 +127,47 @@ def _scienceqa_groups(item) -> list[str]:
     return out
 
 
-def _scienceqa_items(rows, annotations):
-    problems = json.loads(Path(annotations).read_text()) if annotations else {}
+def _scienceqa_items(rows, annotations, data):
+    problems = json.loads(Path(annotations).read_text()) if annotations else None
     items = []
     for row in rows:
         human = row["conversations"][0]["value"].replace("<image>", "").strip()
-        question = human + "\n" + LETTER_ANSWER
-        problem = problems.get(str(row["id"]))
-        if problem is not None:
-            answer, n_choices = problem["answer"], len(problem["choices"])
-        else:  # the gpt turn of LLaVA's file says "The answer is X."; the options line counts the choices
-            answer = parse_letter(row["conversations"][1]["value"], 5)
-            n_choices = len(re.findall(r"\([A-E]\)", human.split("Options:")[-1]))
-        items.append(EvalItem(str(row["id"]), question, row.get("image", ""), "", answer,
-                              {"n_choices": n_choices, "problem": problem}))
+        question, image = human + "\n" + LETTER_ANSWER, row.get("image", "")
+        if problems is None:
+            problem, (n_choices, answer) = None, _scienceqa_reference(row, human, data)
+        elif str(row["id"]) in problems:
+            problem = problems[str(row["id"])]
+            n_choices, answer = len(problem["choices"]), problem["answer"]
+        else:
+            raise DataError(f"{annotations}: no problem {row['id']!r}, which {data} asks")
+        items.append(EvalItem("", question, image, "", answer, {"n_choices": n_choices, "problem": problem},
+                              row["id"], _conversation_prompt(question, image)))
     return items
+
+
+def _scienceqa_reference(row, human: str, data) -> tuple[int, int]:
+    """(number of choices, answer index) from the question file alone: its choices and its gpt turn ("B", or
+    "The answer is B." in LLaVA-1's files). A reference that names no choice is an error, never a match."""
+    n_choices = _choice_count(human)
+    answer = parse_letter(row["conversations"][1]["value"], n_choices)
+    if answer < 0:
+        raise DataError(f"{data}: question {row['id']!r}: the reference {row['conversations'][1]['value']!r} names "
+                        f"none of its {n_choices} choices (is this ScienceQA in LLaVA's format? "
+                        "--annotations problems.json gives the answers)")
+    return n_choices, answer
+
+
+def _choice_count(human: str) -> int:
+    """The choices as LLaVA writes them: lines "A. text", "B. text", ... from the last "A. " line on (LLaVA-1.5's
+    llava_test_CQM-A.json; a choice may span lines), or "(A) text" after "Options:" (LLaVA-1's files)."""
+    lines = human.split("\n")
+    firsts = [i for i, line in enumerate(lines) if line.startswith("A. ")]
+    if not firsts:
+        return len(re.findall(r"\([A-E]\)", human.split("Options:")[1])) if "Options:" in human else 0
+    count = 0
+    for line in lines[firsts[-1]:]:
+        count += count < len(OPTIONS) and line.startswith(f"{OPTIONS[count]}. ")
+    return count
 
 
 # ---------------------------------------------------------------- POPE (llava_pope_test.jsonl + coco_pope_*.json)
@@ -150,27 +205,40 @@ def _binary_metrics(pairs) -> dict:
             "yes_ratio": sum(p == "yes" for p, _ in pairs) / len(pairs)}
 
 
-def _pope_items(rows, annotations):
+def _pope_items(rows, annotations, data):
     labels = _pope_labels(Path(annotations)) if annotations else {}
-    items, position = [], {}
+    items, position = [], Counter()
     for row in rows:
         text, category = _question_text(row), row.get("category", "")
         if "label" in row or "answer" in row:
-            label = row.get("label", row.get("answer"))
-        else:  # LLaVA pairs answers with a category's labels by position
-            at = position[category] = position.get(category, -1) + 1
-            label = labels[category][at]
-        items.append(EvalItem(str(row["question_id"]), _with_suffix(text, SHORT_ANSWER), row.get("image", ""),
-                              category, str(label).strip().lower()))
+            label, source = row.get("label", row.get("answer")), data
+        else:  # LLaVA pairs a category's answers with its labels by position
+            source, category_labels = _category_labels(labels, category, annotations, data)
+            if position[category] >= len(category_labels):
+                raise DataError(f"{source}: {len(category_labels)} labels, fewer than the {category!r} questions "
+                                f"of {data}")
+            label = category_labels[position[category]]
+            position[category] += 1
+        if label not in ("yes", "no"):  # eval_pope.py would count anything but "no" as yes
+            raise DataError(f"{source}: question {row['question_id']!r} has the label {label!r}; POPE labels are "
+                            '"yes" or "no"')
+        items.append(EvalItem("", _with_suffix(text, SHORT_ANSWER), row.get("image", ""), category, label,
+                              source_id=row["question_id"], prompt=row["text"]))
     return items
 
 
-def _pope_labels(folder: Path) -> dict[str, list[str]]:
-    """coco_pope_{category}.json files (JSON lines with "label") in a folder."""
+def _category_labels(labels: dict, category: str, folder, data) -> tuple[Path, list]:
+    if category not in labels:
+        raise DataError(f"{data}: no labels for its {category!r} questions: no coco_pope_{category}.json in "
+                        f"{folder or 'an --annotations folder'}")
+    return labels[category]
+
+
+def _pope_labels(folder: Path) -> dict[str, tuple[Path, list]]:
+    """category -> (file, labels) from the coco_pope_{category}.json files (JSON lines with "label") in a folder."""
     out = {}
     for path in sorted(folder.glob("*_pope_*.json")):
-        rows = _read_rows(path)
-        out[path.stem.split("_pope_")[-1]] = [r["label"] for r in rows]
+        out[path.stem.split("_pope_")[-1]] = (path, [r["label"] for r in _read_rows(path)])
     if not out:
         raise DataError(f"{folder}: no coco_pope_<category>.json annotation files")
     return out
@@ -182,14 +250,32 @@ PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_",
 NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 ARTICLES = {"a", "an", "the"}
-CONTRACTIONS = {  # the common ones of the official list: an apostrophe-less spelling -> the official form
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's",
-    "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itll": "it'll", "lets": "let's", "shouldnt":
-    "shouldn't", "thats": "that's", "theres": "there's", "theyre": "they're", "theyve": "they've", "wasnt": "wasn't",
-    "werent": "weren't", "whats": "what's", "wheres": "where's", "whos": "who's", "wont": "won't",
-    "wouldnt": "wouldn't", "youre": "you're", "youve": "you've"}
+# EvalAI's contraction table, every entry (its quirks too: capitalised keys never match lower-cased words, and
+# "somebody'd" becomes "somebodyd"); written as spelling>official form.
+CONTRACTIONS = dict(pair.split(">") for pair in """
+aint>ain't arent>aren't cant>can't couldve>could've couldnt>couldn't couldn'tve>couldn't've
+couldnt've>couldn't've didnt>didn't doesnt>doesn't dont>don't hadnt>hadn't hadnt've>hadn't've
+hadn'tve>hadn't've hasnt>hasn't havent>haven't hed>he'd hed've>he'd've he'dve>he'd've hes>he's
+howd>how'd howll>how'll hows>how's Id've>I'd've I'dve>I'd've Im>I'm Ive>I've isnt>isn't itd>it'd
+itd've>it'd've it'dve>it'd've itll>it'll let's>let's maam>ma'am mightnt>mightn't
+mightnt've>mightn't've mightn'tve>mightn't've mightve>might've mustnt>mustn't mustve>must've
+neednt>needn't notve>not've oclock>o'clock oughtnt>oughtn't ow's'at>'ow's'at 'ows'at>'ow's'at
+'ow'sat>'ow's'at shant>shan't shed've>she'd've she'dve>she'd've she's>she's shouldve>should've
+shouldnt>shouldn't shouldnt've>shouldn't've shouldn'tve>shouldn't've somebody'd>somebodyd
+somebodyd've>somebody'd've somebody'dve>somebody'd've somebodyll>somebody'll somebodys>somebody's
+someoned>someone'd someoned've>someone'd've someone'dve>someone'd've someonell>someone'll
+someones>someone's somethingd>something'd somethingd've>something'd've something'dve>something'd've
+somethingll>something'll thats>that's thered>there'd thered've>there'd've there'dve>there'd've
+therere>there're theres>there's theyd>they'd theyd've>they'd've they'dve>they'd've theyll>they'll
+theyre>they're theyve>they've twas>'twas wasnt>wasn't wed've>we'd've we'dve>we'd've weve>we've
+werent>weren't whatll>what'll whatre>what're whats>what's whatve>what've whens>when's whered>where'd
+wheres>where's whereve>where've whod>who'd whod've>who'd've who'dve>who'd've wholl>who'll whos>who's
+whove>who've whyll>why'll whyre>why're whys>why's wont>won't wouldve>would've wouldnt>wouldn't
+wouldnt've>wouldn't've wouldn'tve>wouldn't've yall>y'all yall'll>y'all'll y'allll>y'all'll
+yall'd've>y'all'd've y'alld've>y'all'd've y'all'dve>y'all'd've youd>you'd youd've>you'd've
+you'dve>you'd've youll>you'll youre>you're youve>you've
+""".split())
+PERIODS_STRIPPED = 32  # EvalAI passes re.UNICODE (32) where re.sub takes its count: at most 32 periods go
 
 
 def normalize_answer(text: str) -> str:
@@ -202,7 +288,7 @@ def normalize_answer(text: str) -> str:
             text = text.replace(p, "")
         else:
             text = text.replace(p, " ")
-    text = re.sub(r"(?!<=\d)(\.)(?!\d)", "", text)
+    text = re.sub(r"\.(?!\d)", "", text, count=PERIODS_STRIPPED)  # a period not before a digit
     words = [NUMBERS.get(w, w) for w in text.lower().split() if w not in ARTICLES]
     return " ".join(CONTRACTIONS.get(w, w) for w in words)
 
@@ -215,17 +301,22 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
     return sum(scores) / len(scores)
 
 
+def gqa_match(prediction: str, answer: str) -> float:
+    """LLaVA's GQA flow: convert_gqa_for_eval.py writes text.rstrip(".").lower(), GQA's eval.py compares it with
+    the gold answer exactly (no VQA normalization)."""
+    return float(prediction.rstrip(".").lower() == answer)
+
+
 def score_vqa(items, answers):
     per_question = {}
     for item in items:
         prediction = answers.get(item.question_id)
         if prediction is None:
             per_question[item.question_id] = 0.0
-        elif isinstance(item.reference, list) and len(item.reference) == 10:
+        elif isinstance(item.reference, list):
             per_question[item.question_id] = vqa_accuracy(prediction, item.reference)
-        else:  # one reference (GQA style): exact match after normalization
-            refs = item.reference if isinstance(item.reference, list) else [item.reference]
-            per_question[item.question_id] = float(normalize_answer(prediction) in {normalize_answer(r) for r in refs})
+        else:
+            per_question[item.question_id] = gqa_match(prediction, item.reference)
     metrics = {"accuracy": _mean(per_question.values())}
     by_category = {}
     for item in items:
@@ -238,7 +329,7 @@ def score_vqa(items, answers):
     return metrics, per_question
 
 
-def _vqa_items(rows, annotations):
+def _vqa_items(rows, annotations, data):
     refs = _vqa_annotations(Path(annotations)) if annotations else {}
     items = []
     for i, row in enumerate(rows):
@@ -246,26 +337,56 @@ def _vqa_items(rows, annotations):
             # Training format (a held-out split): the human turn is asked verbatim, as the model was trained
             # with it, and the first gpt turn is the answer.
             turns = row["conversations"]
-            question = turns[0]["value"].replace("<image>", "").strip()
-            qid = str(row.get("id", i))
-            reference = turns[1]["value"]
+            question, qid = turns[0]["value"].replace("<image>", "").strip(), row.get("id", i)
+            reference, prompt = turns[1]["value"], _conversation_prompt(question, row.get("image", ""))
             meta = {"options": row["options"]} if "options" in row else {}
         else:
-            question, qid = _with_suffix(_question_text(row), SHORT_ANSWER), str(row["question_id"])
+            question, qid, prompt = _with_suffix(_question_text(row), SHORT_ANSWER), row["question_id"], row["text"]
             reference = row.get("answers", row.get("answer"))
-            if reference is None:
-                reference = refs.get(qid) or refs[(qid, question.split("\n")[0].strip().lower())]
+            reference = _annotated_answer(refs, row, annotations, data) if reference is None else reference
             meta = {}
-        items.append(EvalItem(qid, question, row.get("image", ""), row.get("category", ""), reference, meta))
+        _check_vqa_reference(reference, qid, data)
+        items.append(EvalItem("", question, row.get("image", ""), row.get("category", ""), reference, meta, qid,
+                              prompt))
     return items
 
 
+def _check_vqa_reference(reference, qid, data) -> None:
+    if isinstance(reference, list) and len(reference) != 10:
+        raise DataError(f"{data}: question {qid!r} has {len(reference)} human answers; VQA accuracy (TextVQA's "
+                        "m4c evaluator) takes 10, and one answer is written as a string (GQA style)")
+    if not isinstance(reference, (list, str)):
+        raise DataError(f"{data}: question {qid!r}: the answer {reference!r} is neither ten answers nor one string")
+
+
 def _vqa_annotations(path: Path) -> dict:
-    """TextVQA ({"data": [{image_id, question, answers}]}) keyed by (image_id, question), or GQA (qid -> {answer})."""
+    """TextVQA ({"data": [{image_id, question, answers}]}) keyed by (image_id, lower-cased question) as
+    eval_textvqa.py keys it, or GQA's questions file (qid -> {answer}) keyed by question id."""
     raw = json.loads(path.read_text())
     if isinstance(raw, dict) and "data" in raw:
-        return {(str(d["image_id"]), d["question"].strip().lower()): d["answers"] for d in raw["data"]}
+        return {(str(d["image_id"]), d["question"].lower()): d["answers"] for d in raw["data"]}
     return {str(qid): q["answer"] for qid, q in raw.items()}
+
+
+def _annotated_answer(refs: dict, row: dict, annotations, data):
+    qid = str(row["question_id"])
+    key = qid if qid in refs else (qid, _textvqa_question(row["text"]))
+    if key not in refs:
+        raise DataError(f"{data}: no answer for question {row['question_id']!r} ({row['text'].splitlines()[0]!r}) "
+                        f"in {annotations or 'the file, and no --annotations'}")
+    return refs[key]
+
+
+def _textvqa_question(text: str) -> str:
+    """The question eval_textvqa.py finds in a prompt, lower-cased: the line that is not the OCR tokens of
+    LLaVA's three-line prompts, the first line of two-line ones, or what follows "Question:" in OCR-first ones."""
+    lines = text.split("\n")
+    if text.startswith("OCR tokens: "):
+        found = re.search(r"Question: (.*?) Short answer:", text, re.DOTALL)
+        return found.group(1).lower() if found else ""
+    if "Reference OCR token: " in text and len(lines) == 3:
+        return (lines[1] if text.startswith("Reference OCR token:") else lines[0]).lower()
+    return lines[0].lower() if len(lines) == 2 else ""
 
 
 # ---------------------------------------------------------------- MME (llava_mme.jsonl + MME_Benchmark folder)
@@ -302,15 +423,19 @@ def score_mme(items, answers):
     return metrics, per_question
 
 
-def _mme_items(rows, annotations):
+def _mme_items(rows, annotations, data):
     truth = _mme_truth(Path(annotations)) if annotations else {}
     items = []
-    for i, row in enumerate(rows):
-        question, category = _question_text(row), row["category"]
-        qid = str(row["question_id"])
-        answer = row.get("answer") or truth[(category, Path(qid).stem, _mme_key(question))]
-        items.append(EvalItem(f"{qid}#{i}", _with_suffix(question, SHORT_ANSWER), row.get("image", qid), category,
-                              answer.strip().lower()))
+    for row in rows:
+        question, category, qid = _question_text(row), row["category"], row["question_id"]
+        answer = row.get("answer") or truth.get((category, Path(str(qid)).stem, _mme_key(question)))
+        if answer is None:
+            raise DataError(f"{data}: no answer to {category}/{Path(str(qid)).stem} {question!r} in "
+                            f"{annotations or 'the file, and no --annotations'}")
+        if answer.strip().lower() not in ("yes", "no"):  # MME's calculation.py asserts it
+            raise DataError(f"{data}: question {qid!r} has the answer {answer!r}; MME answers are yes or no")
+        items.append(EvalItem("", _with_suffix(question, SHORT_ANSWER), row.get("image", str(qid)), category,
+                              answer.strip().lower(), source_id=qid, prompt=row["text"]))
     return items
 
 
@@ -351,6 +476,11 @@ def _read_rows(path: Path) -> list[dict]:
     if not all(isinstance(r, dict) for r in rows):
         raise DataError(f"{path}: expected a list of question objects")
     return rows
+
+
+def _conversation_prompt(question: str, image: str) -> str:
+    """The prompt model_vqa_science.py writes for a conversations file: "<image>" first when there is one."""
+    return ("<image>\n" + question) if image else question
 
 
 def _question_text(row: dict) -> str:

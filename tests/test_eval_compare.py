@@ -1,13 +1,17 @@
-"""qllava eval (batched, resumable, the demo's own scorer) and qllava compare."""
+"""qllava eval (batched, resumable, the demo's own scorer, answers files LLaVA's scripts read) and qllava compare."""
 
 import json
 
 import pytest
 
+from conformance_corpus import WRITERS
 from qllava import evaluate as ev
 from qllava.cli import main
-from qllava.compare import paired_bootstrap
+from qllava.compare import compare, paired_bootstrap
 from qllava.data import DataError
+from qllava.scorers import load_items, score
+
+LLAVA_FIELDS = {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}  # model_vqa*.py's records
 
 
 @pytest.fixture
@@ -37,7 +41,11 @@ def test_an_interrupted_eval_resumes_without_redoing_answered_questions(eval_arg
         f.write('{"question_id": "eval-9", "te')  # a line cut by the kill: ignored, asked again
     result = ev.evaluate(**eval_args, out=out, limit=12, batch_size=4, max_new_tokens=4)
     assert result["asked_now"] == 4 and asked[8:] == ["eval-8", "eval-9", "eval-10", "eval-11"]
-    assert [json.loads(line)["text"] for line in out.read_text().splitlines()[:8]] == [r["text"] for r in first]
+    records = [json.loads(line) for line in out.read_text().splitlines()]  # the cut line is gone: JSON lines again
+    assert [r["text"] for r in records[:8]] == [r["text"] for r in first] and len(records) == 12
+    assert [r["question_id"] for r in records] == [f"eval-{i}" for i in range(12)]
+    assert all(set(r) == LLAVA_FIELDS and r["prompt"] == "<image>\nWhat color is the shape?" or
+               r["prompt"].startswith("<image>\n") for r in records)
     again = ev.evaluate(**eval_args, out=out, limit=12, batch_size=4, max_new_tokens=4)
     assert again["asked_now"] == 0 and again["metrics"] == result["metrics"] and len(asked) == 12
     assert set(result["per_question"]) == {f"eval-{i}" for i in range(12)}
@@ -45,7 +53,8 @@ def test_an_interrupted_eval_resumes_without_redoing_answered_questions(eval_arg
 
 def test_answers_of_another_model_are_refused(eval_args, tmp_path):
     out = tmp_path / "answers.jsonl"
-    out.write_text(json.dumps({"question_id": "eval-0", "text": "red", "model_fingerprint": "someone-else"}) + "\n")
+    out.write_text(json.dumps({"question_id": "eval-0", "text": "red",
+                               "metadata": {"key": "eval-0", "model_fingerprint": "someone-else"}}) + "\n")
     with pytest.raises(DataError, match="holds answers of another model"):
         ev.evaluate(**eval_args, out=out, limit=2)
 
@@ -82,3 +91,52 @@ def test_paired_bootstrap():
     same = paired_bootstrap(first, first)
     assert same["mean"] == 0 and same["ci95"] == [0.0, 0.0]
     assert paired_bootstrap({"a": 1.0}, {"b": 1.0}) == {"questions": 0}
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_answers_files_are_the_ones_llava_writes(name, tmp_path, monkeypatch):
+    """qllava eval's answers file holds, line for line, what LLaVA's model_vqa*.py writes for the same answers
+    (question_id with its JSON type, prompt, text), which official scripts were run on for test_conformance.py."""
+    paths = WRITERS[name](tmp_path / "corpus")
+    benchmark = {"textvqa": "vqa", "gqa": "vqa"}.get(name, name)
+    llava_answers = ev.read_answers(paths["answers"])
+    monkeypatch.setattr(ev, "answer", lambda loaded, items, *args, **kw: [llava_answers[i.question_id] for i in items])
+    out = tmp_path / "answers.jsonl"
+    result = ev.evaluate(tmp_path, benchmark, str(paths["data"]), out=out, annotations=str(paths["annotations"]),
+                         batch_size=1000, loaded=object())
+    ours = [json.loads(line) for line in out.read_text().splitlines()]
+    theirs = [json.loads(line) for line in paths["answers"].read_text().splitlines()]
+    assert all(set(r) == LLAVA_FIELDS for r in ours)
+    fields = ("question_id", "prompt", "text")
+    assert [tuple(r[f] for f in fields) for r in ours] == [tuple(r[f] for f in fields) for r in theirs]
+    items = load_items(benchmark, str(paths["data"]), str(paths["annotations"]))
+    assert result["metrics"] == score(benchmark, items, llava_answers)[0]
+
+
+def write_result(path, per_question, benchmark="vqa", question_set="q1"):
+    path.write_text(json.dumps({"benchmark": benchmark, "data": "d", "model": {"name": path.name.split(".")[0]},
+                                "metrics": {"accuracy": sum(per_question.values()) / len(per_question)},
+                                "per_question": per_question, "question_set": question_set}))
+    return path
+
+
+def test_compare_pairs_only_results_on_the_same_questions(tmp_path, capsys):
+    first = write_result(tmp_path / "a.metrics.json", {"1": 1.0, "2": 0.0, "3": 1.0})
+    same = write_result(tmp_path / "b.metrics.json", {"1": 0.0, "2": 0.0, "3": 1.0})
+    fewer = write_result(tmp_path / "c.metrics.json", {"1": 1.0, "2": 1.0})
+    other_file = write_result(tmp_path / "d.metrics.json", {"1": 1.0, "2": 0.0, "3": 1.0}, question_set="q2")
+    other_benchmark = write_result(tmp_path / "e.metrics.json", {"1": 1.0, "2": 0.0, "3": 1.0}, benchmark="pope")
+    report = compare([first, same, fewer, other_file, other_benchmark], tmp_path / "cmp")
+    d = report["difference_vs_first"]
+    assert d["b"]["paired"] and d["b"]["questions"] == 3 and d["b"]["mean"] == pytest.approx(-1 / 3)
+    assert d["c"] == {"paired": False, "reason": "different question sets (2 questions in both, 1 only in the "
+                                                 "first, 0 only in this one)"}
+    assert d["d"]["reason"] == "the same question ids with other questions or references (another question file)"
+    assert d["e"]["reason"] == "different benchmarks (vqa and pope)"
+    md = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| accuracy | 0.6667 | 0.3333 (-0.3333) | 1.0000 | 0.6667 | 0.6667 |" in md  # no differences unpaired
+    assert "- c vs a: not paired, different question sets (2 questions in both" in md and md.count("95% CI") == 1
+    assert main(["compare", str(first), str(fewer)]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "not paired: different question sets (2 questions in both, 1 only in the first" in printed
+    assert "(+" not in printed and "95% CI" not in printed

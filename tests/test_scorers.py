@@ -5,8 +5,8 @@ import json
 import pytest
 
 from qllava.data import DataError
-from qllava.scorers import (EvalItem, load_items, normalize_answer, parse_letter, parse_mme, parse_yes_no, score,
-                            vqa_accuracy)
+from qllava.scorers import (EvalItem, load_items, normalize_answer, parse_letter, parse_mme, parse_yes_no,
+                            question_keys, score, vqa_accuracy)
 
 
 @pytest.mark.parametrize("text,n,expected", [
@@ -19,6 +19,8 @@ from qllava.scorers import (EvalItem, load_items, normalize_answer, parse_letter
     ("b", 4, -1),                      # lower case is not a letter option
     ("A.", 4, -1),                     # too short for "X. "
     ("I think it is B", 4, -1),
+    ("", 4, -1), ("BC", 4, -1), ("AB", 4, -1),  # the letter must be one option, not a substring of "ABCDE"
+    (" B", 4, -1), ("B ", 4, -1),
 ])
 def test_scienceqa_answer_parsing(text, n, expected):
     assert parse_letter(text, n) == expected
@@ -129,3 +131,90 @@ def test_wrong_format_is_a_clear_error(tmp_path):
         load_items("gqa", str(bad))
     with pytest.raises(DataError, match="nope.json: question file not found"):
         load_items("vqa", str(tmp_path / "nope.json"))
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_scienceqa_without_problems_json_reads_llava_15_choice_lines(tmp_path):
+    """LLaVA-1.5's llava_test_CQM-A.json: "A. text" lines (a choice may span lines) and the letter as gpt turn."""
+    sqa = tmp_path / "llava_test_CQM-A.json"
+    sqa.write_text(json.dumps([
+        {"id": "512", "conversations": [
+            {"from": "human",
+             "value": "Which closing is correct for a letter?\nA. See you soon,\nJanet\nB. See You Soon,\nJanet"},
+            {"from": "gpt", "value": "A"}]},
+        {"id": "5", "image": "5/image.png", "conversations": [
+            {"from": "human", "value": "<image>\nContext: A. Smith's test.\nWhich?\nA. x\nB. y\nC. z"},
+            {"from": "gpt", "value": "C"}]}]))
+    items = load_items("scienceqa", str(sqa))
+    assert [(i.meta["n_choices"], i.reference) for i in items] == [(2, 0), (3, 2)]
+    assert items[1].prompt == "<image>\nContext: A. Smith's test.\nWhich?\nA. x\nB. y\nC. z\n" + \
+        "Answer with the option's letter from the given choices directly."
+    assert (items[0].source_id, items[0].prompt.startswith("Which closing")) == ("512", True)
+    _, per_q = score("scienceqa", items, {"512": "A", "5": "The answer is D."})
+    assert per_q == {"512": 1.0, "5": 0.0}
+
+
+def test_a_file_that_is_not_scienceqa_is_an_error_not_a_perfect_score(tmp_path):
+    held_out = tmp_path / "eval.json"  # a VQA file: its gpt turn names no choice
+    held_out.write_text(json.dumps([{"id": "eval-0", "conversations": [
+        {"from": "human", "value": "<image>\nWhat color is the shape?"}, {"from": "gpt", "value": "red"}]}]))
+    with pytest.raises(DataError, match=r"eval.json: question 'eval-0': the reference 'red' names none of its 0 "
+                                        r"choices"):
+        load_items("scienceqa", str(held_out))
+    problems = tmp_path / "problems.json"
+    problems.write_text(json.dumps({"1": {"choices": ["x", "y"], "answer": 0}}))
+    with pytest.raises(DataError, match="problems.json: no problem 'eval-0', which .*eval.json asks"):
+        load_items("scienceqa", str(held_out), str(problems))
+
+
+def test_pope_labels_must_be_yes_or_no(tmp_path):
+    question = {"question_id": 7, "image": "x.jpg", "text": "Is there a dog?", "category": "random"}
+    with pytest.raises(DataError, match=r"q.jsonl: question 7 has the label 'Yes'; POPE labels are \"yes\" or \"no\""):
+        load_items("pope", write_rows(tmp_path / "q.jsonl", [{**question, "label": "Yes"}]))
+    ann = tmp_path / "coco"
+    ann.mkdir()
+    write_rows(ann / "coco_pope_random.json", [{"question_id": 1, "label": "1"}])
+    data = write_rows(tmp_path / "llava_pope_test.jsonl", [question])
+    with pytest.raises(DataError, match=r"coco_pope_random.json: question 7 has the label '1'"):
+        load_items("pope", data, str(ann))
+    write_rows(ann / "coco_pope_random.json", [])
+    with pytest.raises(DataError, match=r"coco_pope_random.json: 0 labels, fewer than the 'random' questions of"):
+        load_items("pope", data, str(ann))
+    data = write_rows(tmp_path / "llava_pope_test.jsonl", [{**question, "category": "popular"}])
+    with pytest.raises(DataError, match=r"no labels for its 'popular' questions: no coco_pope_popular.json in"):
+        load_items("pope", data, str(ann))
+
+
+def test_vqa_and_mme_references_are_checked(tmp_path):
+    question = {"question_id": 3, "image": "x.jpg", "text": "What is it?"}
+    with pytest.raises(DataError, match="question 3 has 9 human answers; VQA accuracy .* takes 10"):
+        load_items("vqa", write_rows(tmp_path / "q.jsonl", [{**question, "answers": ["a"] * 9}]))
+    annotations = tmp_path / "TextVQA_0.5.1_val.json"
+    annotations.write_text(json.dumps({"data": [{"image_id": 3, "question": "Else?", "answers": ["a"] * 10}]}))
+    with pytest.raises(DataError, match=r"no answer for question 3 \('What is it\?'\) in .*TextVQA_0.5.1_val.json"):
+        load_items("vqa", write_rows(tmp_path / "q.jsonl", [question]), str(annotations))
+    mme = {"question_id": "count/1.png", "image": "count/1.png", "text": "Two?", "category": "count", "answer": "Maybe"}
+    with pytest.raises(DataError, match="question 'count/1.png' has the answer 'Maybe'; MME answers are yes or no"):
+        load_items("mme", write_rows(tmp_path / "mme.jsonl", [mme]))
+
+
+def test_every_line_is_a_question_whatever_its_id(tmp_path):
+    """LLaVA's TextVQA file uses the image id as question_id: three questions of one image stay three."""
+    assert question_keys(["a", "a", 5, "a", "5"]) == ["a", "a#1", "5", "a#2", "5#1"]
+    rows = [{"question_id": "img1", "image": "img1.jpg", "text": f"What is {k}?", "answers": [str(k)] * 10}
+            for k in range(3)]
+    items = load_items("vqa", write_rows(tmp_path / "textvqa.jsonl", rows))
+    assert [i.question_id for i in items] == ["img1", "img1#1", "img1#2"] and {i.source_id for i in items} == {"img1"}
+    metrics, per_q = score("vqa", items, {"img1": "0", "img1#1": "1", "img1#2": "wrong"})
+    assert per_q == {"img1": 1.0, "img1#1": 1.0, "img1#2": 0.0} and metrics["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_gqa_style_answers_match_exactly_after_rstrip_and_lower():
+    """LLaVA's GQA flow: text.rstrip(".").lower() == gold, no VQA normalization (no articles or numbers dropped)."""
+    items = [EvalItem(str(i), "q", "", "", gold) for i, gold in enumerate(["cat", "2", "yes"])]
+    _, per_q = score("vqa", items, {"0": "The cat", "1": "two", "2": "Yes.."})
+    assert per_q == {"0": 0.0, "1": 0.0, "2": 1.0}

@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from qllava import tiny
-from qllava.data import encode
+from qllava.data import encode, expand_images
 from qllava.templates import TemplateError, render
 
 TURNS = [("user", "<image>\nWhat is in the image?"), ("assistant", "A cat."),
@@ -25,7 +25,10 @@ def mistral(mistral_tokenizer_dir):
 
 
 def pieces(tok, template, turns=TURNS, n_image=2):
-    ids, labels = encode(render(template, turns, "<s>", "</s>"), tok, tok.convert_tokens_to_ids(IMG), n_image)
+    image_id = tok.convert_tokens_to_ids(IMG)
+    ids, labels = encode(render(template, turns, "<s>", "</s>"), tok, image_id)
+    widths = [n_image] * ids.count(image_id)  # one placeholder per image, widened as the collator does
+    ids, labels = expand_images(ids, image_id, widths).tolist(), expand_images(ids, image_id, widths, labels).tolist()
     return tok.convert_ids_to_tokens(ids), [tok.convert_ids_to_tokens(x) for x in labels if x != -100]
 
 

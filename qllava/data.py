@@ -15,6 +15,7 @@ only decoded when a batch is built (packing.py).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import itertools
 import json
@@ -316,14 +317,20 @@ def _tokenized_jobs(jobs: Iterator, how: Tokenization, num_proc: int) -> Iterato
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with context.Pool(num_proc, initializer=_start_worker, initargs=(how,)) as pool:
-        pending = deque()
-        for job in jobs:
-            pending.append(pool.apply_async(_worker_job, (job,)))
-            if len(pending) >= 2 * num_proc:
+    # Forked processes share this process's memory until they write to it, and the garbage collector's visits
+    # write to every object it tracks: frozen, the inherited objects stay shared (no copy per process).
+    gc.freeze()
+    try:
+        with context.Pool(num_proc, initializer=_start_worker, initargs=(how,)) as pool:
+            pending = deque()
+            for job in jobs:
+                pending.append(pool.apply_async(_worker_job, (job,)))
+                if len(pending) >= 2 * num_proc:
+                    yield *pending.popleft().get(), num_proc
+            while pending:
                 yield *pending.popleft().get(), num_proc
-        while pending:
-            yield *pending.popleft().get(), num_proc
+    finally:
+        gc.unfreeze()
 
 
 _WORKER_TOKENIZATION: Tokenization | None = None

@@ -78,8 +78,9 @@ def main() -> None:
         print(f"{n:>9,} samples: {result['wall_s']:6.1f} s wall, peak RSS {result['peak_rss_gb']:5.2f} GB "
               f"(PSS {result['peak_pss_gb']:5.2f} GB, main process {result['main_rss_gb']:5.2f} GB), "
               f"cache {result['cache_gb']:.3f} GB, {result['samples_used']:,} used", flush=True)
-    summary = extrapolate(results)
-    print_table(results, summary)
+    summary = extrapolate(results) if len(results) > 1 else {"sizes": args.sizes}
+    if len(results) > 1:
+        print_table(results, summary)
     if not args.skip_collator:
         smallest = sorted(args.sizes)[0]
         recipe = work / f"recipe_{smallest}.toml"

@@ -33,6 +33,7 @@ from typing import Iterator
 import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 from PIL import Image
 
 from . import templates
@@ -176,7 +177,6 @@ def expand_images(ids, image_token_id: int, image_tokens: list[int], values=None
     """`values` (the ids themselves by default, or labels aligned with them) as a tensor in which each image
     placeholder of `ids` is repeated as many times as its image has tokens (image_tokens, in order). The one
     place that widens placeholders, for training batches and generation prompts alike."""
-    import torch
     ids = torch.as_tensor(ids)
     values = ids if values is None else torch.as_tensor(values)
     if not image_tokens:
@@ -188,7 +188,6 @@ def expand_images(ids, image_token_id: int, image_tokens: list[int], values=None
 
 def expand_sample(sample: dict, image_token_id: int):
     """A cached sample's input_ids and labels as tensors, every image placeholder widened to its image's tokens."""
-    import torch
     ids = torch.tensor(sample["input_ids"])
     placeholders = int((ids == image_token_id).sum())
     if placeholders != len(sample["image_tokens"]):
@@ -273,7 +272,12 @@ def build_stage_dataset(stage, tokenizer, image_token_id: int, n_image_tokens: i
 
 def default_num_proc() -> int:
     """Tokenizing processes when [data] num_proc is unset: one per core, at most 8."""
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    return min(8, available_cores())
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (a container's or taskset's share, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _prepare(folder: Path, files: list["_DataFile"], sources: list, how: Tokenization, num_proc: int) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import random
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import datasets
 import torch

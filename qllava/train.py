@@ -25,7 +25,7 @@ from transformers import PrinterCallback, TrainerCallback, set_seed
 from trl import SFTConfig
 
 from . import evaluate, model as modeling, scorers, synthetic
-from .data import build_stage_dataset
+from .data import available_cores, build_stage_dataset
 from .inference import Loaded
 from .packing import Collator, Rows, TokenCounts
 from .recipe import Recipe
@@ -234,8 +234,7 @@ def dataloader_num_workers(setting: int | None) -> int:
         return setting
     if not torch.cuda.is_available():
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    per_process = available_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return max(0, min(4, per_process - 1))
 
 

@@ -47,6 +47,7 @@ FEATURES = datasets.Features({
     "labels": datasets.List(datasets.Value("int32")), "length": datasets.Value("int32"),
     "source": datasets.Value("int32"), "image": datasets.Value("string"),
     "image_tokens": datasets.List(datasets.Value("int32"))})
+SAVED_DATASET_FILES = ("state.json", "dataset_info.json", "dataset_dict.json")
 JOB_SAMPLES = 1000
 """Samples per tokenizing job: enough to make handing a job to a process cheap, few enough to bound memory."""
 JSON_WINDOW_CHARS = 1 << 22
@@ -630,8 +631,9 @@ def _file_identity(path: str, where) -> list:
     if isinstance(where, str):
         stat = p.stat() if p.exists() else None
         return [str(p.resolve()), stat.st_size if stat else None, stat.st_mtime_ns if stat else None]
-    files = sorted((str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns) for f in p.rglob("*")
-                   if f.is_file()) if p.is_dir() else []
+    saved = [f for f in p.rglob("*") if f.name in SAVED_DATASET_FILES or re.fullmatch(r"data-.*\.arrow", f.name)] \
+        if p.is_dir() else []  # what save_to_disk writes; not cache files that transforms may add beside them
+    files = sorted((str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns) for f in saved)
     return [str(p.resolve()) if p.exists() else path, where._fingerprint, files]
 
 

@@ -292,6 +292,8 @@ def test_a_hugging_face_dataset_saved_again_in_place_is_prepared_again(tmp_path,
     folder = hf_dataset(tmp_path, rows)
     stage = StageConfig(data=[folder], template="vicuna_v1", max_seq_len=256)
     first, _, _ = prepare(stage, tokenizer, tmp_path / "cache")
+    (Path(folder) / "cache-1234.arrow").write_bytes(b"a transform's cache file, not the dataset")
+    assert prepare(stage, tokenizer, tmp_path / "cache")[2].cached
     rows["messages"] = rows["messages"][:2]
     datasets.Dataset.from_dict(rows).save_to_disk(folder + ".new")
     shutil.rmtree(folder)

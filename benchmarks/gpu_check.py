@@ -113,10 +113,12 @@ def measure(recipe, stage: str, counts, args, folder: Path, peak_tflops: float |
     train._trainable_to_float32(model)
     dataset, images = synthetic_samples(model, processor, folder, cfg.max_seq_len, rows=args.steps + 2)
     rows = Rows(dataset, cfg.max_seq_len, packing=True, seed=0)
-    collator = Collator(rows, images, processor.image_processor, "pad", processor.tokenizer.pad_token_id,
-                        flatten=model.config._attn_implementation == "flash_attention_2")
-    timer = StepTimer(collator)
-    trainer = train._build_trainer(model, processor, rows, collator, cfg, folder / stage, [timer])
+    collator = Collator(images, processor.image_processor, "pad", processor.tokenizer.pad_token_id,
+                        model.config.image_token_id, flatten=model.config._attn_implementation == "flash_attention_2")
+    timer = StepTimer()
+    trainer = train._build_trainer(model, processor, rows, collator, cfg, folder / stage, [timer],
+                                   train.dataloader_num_workers(None))
+    timer.counts = trainer.token_counter.counts
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -176,7 +178,7 @@ def synthetic_samples(model, processor, folder: Path, row_tokens: int, rows: int
     """Conversations of one image + random text, sized so that about two fill a row, written as training samples."""
     import datasets
     from PIL import Image
-    from qllava.data import ImageStore
+    from qllava.data import FEATURES, ImageStore
     images = folder / "images"
     images.mkdir(exist_ok=True)
     size = processor.image_processor.crop_size["height"]
@@ -186,33 +188,36 @@ def synthetic_samples(model, processor, folder: Path, row_tokens: int, rows: int
     n_image = modeling.image_tokens_per_image(model.config)
     vocab = min(model.config.text_config.vocab_size, len(processor.tokenizer) - 1)
     image_id = model.config.image_token_id
-    columns = {"id": [], "input_ids": [], "labels": [], "length": [], "source": [], "image": []}
+    columns = {name: [] for name in FEATURES}
     for i in range(2 * rows):
         text = max(8, row_tokens // 2 - n_image - 1)
-        ids = [1] + [image_id] * n_image + [rng.randrange(3, vocab) for _ in range(text)]
-        labels = [-100] * (1 + n_image + text // 2) + ids[1 + n_image + text // 2:]
-        for key, value in (("id", str(i)), ("input_ids", ids), ("labels", labels), ("length", len(ids)),
-                           ("source", 0), ("image", f"{i % 4}.png")):
+        ids = [1, image_id] + [rng.randrange(3, vocab) for _ in range(text)]  # one placeholder per image
+        labels = [-100] * (2 + text // 2) + ids[2 + text // 2:]
+        for key, value in (("id", str(i)), ("input_ids", ids), ("labels", labels), ("length", len(ids) - 1 + n_image),
+                           ("source", 0), ("image", f"{i % 4}.png"), ("image_tokens", [n_image])):
             columns[key].append(value)
-    return datasets.Dataset.from_dict(columns), ImageStore([str(images)])
+    return datasets.Dataset.from_dict(columns, features=FEATURES), ImageStore([str(images)])
 
 
 class StepTimer(train.TrainerCallback):
     """Tokens per second over the steps after the first (which pays for warm-up and kernel selection)."""
 
-    def __init__(self, collator):
-        self.collator, self.start, self.tokens_at_start = collator, None, 0
+    counts = None
+    """The trainer's token counts (its TokenCounter's), set once the trainer exists."""
+
+    def __init__(self):
+        self.start, self.tokens_at_start = None, 0
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 1:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            self.start, self.tokens_at_start = time.perf_counter(), self.collator.counts.tokens
+            self.start, self.tokens_at_start = time.perf_counter(), self.counts.tokens
 
     def on_train_end(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.end, self.tokens_at_end = time.perf_counter(), self.collator.counts.tokens
+        self.end, self.tokens_at_end = time.perf_counter(), self.counts.tokens
 
     def tokens_per_second(self) -> float:
         if self.start is None:

@@ -250,7 +250,6 @@ def bf16_autocast_for_qllava() -> None:
 def exactness(checkpoint: Path, work: Path, args) -> float:
     """Packed vs unpacked loss and gradients on this benchmark's model and data (float32)."""
     from qllava.data import build_stage_dataset
-    from qllava.packing import Rows
     recipe = bench_recipe(work, {"llava": str(checkpoint)}, 1, args.max_seq_len, "lengths")
     processor = modeling.build_processor(recipe.model)
     config = modeling.load_llava_config(recipe.model)
@@ -264,11 +263,8 @@ def exactness(checkpoint: Path, work: Path, args) -> float:
             p.data.normal_(std=0.02)
     modeling.projector(model).requires_grad_(True)
     model.train()
-    collators = []
-    for packing in (True, False):
-        rows = Rows.__new__(Rows)
-        rows.packing = packing
-        collators.append(Collator(rows, images, processor.image_processor, "pad", processor.tokenizer.pad_token_id))
+    collators = [Collator(images, processor.image_processor, "pad", processor.tokenizer.pad_token_id,
+                          config.image_token_id, packing=packing) for packing in (True, False)]
     return packed_vs_unpacked_error(model, *collators, [[items[:3]], [items[3:5], items[5:]]])
 
 

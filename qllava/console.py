@@ -113,6 +113,16 @@ def print_stats(stats: dict) -> None:
     for low, high, count in stats["histogram"]:
         histogram.add_row(f"{low}-{high}", f"{count:,}", "█" * round(40 * count / peak))
     console.print(histogram)
+    console.print(preparation_line(stats["preparation"], stats["cached"]), markup=False)
+
+
+def preparation_line(prep: dict, cached: bool) -> str:
+    """What preparing a stage's data cost: time and peak memory of the preparing process and of its helpers."""
+    helpers = (f" + {prep['processes']} tokenizing processes of at most {prep['peak_worker_rss_gb']:.2f} GB each"
+               if prep["processes"] > 1 else "")
+    line = (f"data prepared in {prep['seconds']:.1f} s; peak memory (RSS) {prep['peak_rss_gb']:.2f} GB in the "
+            f"preparing process{helpers}")
+    return f"{line} (read from the cache now)" if cached else line
 
 
 @contextmanager

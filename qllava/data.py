@@ -1,30 +1,59 @@
 """Reading LLaVA JSON and Hugging Face datasets, tokenizing conversations into input_ids + labels, images.
 
-A sample becomes {"id", "input_ids", "labels", "length", "source", "image"}: input_ids already hold one image
-token per vision feature, labels are -100 everywhere but the assistant text and its end token. Samples that
-cannot be trained on are skipped and counted by reason (never silently: LLaVA's "tokenization mismatch
-(ignored)" is the anti-example), and a file-level problem is an error naming the file. Tokenized datasets
-are cached on disk; images are only decoded when a batch is built (collate.py).
+A sample becomes {"id", "input_ids", "labels", "length", "source", "image", "image_tokens"}. input_ids hold ONE
+placeholder (the image token id) per image and image_tokens says, per image, how many tokens it becomes: the
+collator expands each placeholder to that many image tokens. "length" counts tokens after that expansion (what
+packing and max_seq_len measure); labels are -100 everywhere but the assistant text and its end token. Samples
+that cannot be trained on are skipped and counted by reason (never silently: LLaVA's "tokenization mismatch
+(ignored)" is the anti-example), and a file-level problem is an error naming the file.
+
+A stage's data are prepared once and cached: the data files are read as streams (a JSON list sample by sample,
+a Hugging Face dataset batch by batch), tokenized in `num_proc` processes and written batch by batch into one
+Arrow file, which training then memory-maps. Memory stays bounded whatever the size of the data. Images are
+only decoded when a batch is built (packing.py).
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import itertools
 import json
+import multiprocessing
 import os
-from collections import Counter
+import re
+import resource
+import shutil
+import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
 from PIL import Image
 
 from . import templates
 from .templates import IMAGE_TAG, TemplateError
 from .tokenizer import ids_and_offsets
 
-CACHE_VERSION = 3  # 3: the separator space before an answer is a label, as in LLaVA
+CACHE_VERSION = 4  # 4: the separator space before an answer is a label, as in LLaVA
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+SAMPLES_FILE = "samples.arrow"
+FEATURES = datasets.Features({
+    "id": datasets.Value("string"), "input_ids": datasets.List(datasets.Value("int32")),
+    "labels": datasets.List(datasets.Value("int32")), "length": datasets.Value("int32"),
+    "source": datasets.Value("int32"), "image": datasets.Value("string"),
+    "image_tokens": datasets.List(datasets.Value("int32"))})
+SAVED_DATASET_FILES = ("state.json", "dataset_info.json", "dataset_dict.json")
+JOB_SAMPLES = 1000
+"""Samples per tokenizing job: enough to make handing a job to a process cheap, few enough to bound memory."""
+JSON_WINDOW_CHARS = 1 << 22
+MAX_SAMPLE_CHARS = 1 << 26
+"""A JSON list item still undecoded after this many characters is a syntax error, not a long sample."""
 
 
 class DataError(ValueError):
@@ -45,13 +74,19 @@ class Conversation:
 
 @dataclass
 class DataReport:
-    """What a stage's data turned into: samples used, skipped by reason (with example ids), tokens."""
+    """What a stage's data turned into: samples used, skipped by reason (with example ids), tokens, and what
+    preparing them cost."""
 
     used: int = 0
     skipped: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)
     tokens: int = 0
     label_tokens: int = 0
+    with_image: int = 0
+    preparation: dict = field(default_factory=dict)
+    """seconds, processes, peak_rss_gb (the preparing process), peak_worker_rss_gb (its largest helper)."""
+    cached: bool = False
+    """Read from the cache (preparation then describes the run that wrote it)."""
 
     def skip(self, sample_id: str, reason: str) -> None:
         self.skipped[reason] += 1
@@ -59,13 +94,26 @@ class DataReport:
         if len(self.examples[reason]) < 3:
             self.examples[reason].append(sample_id)
 
+    def add(self, other: "DataReport") -> None:
+        """Counts of a later part of the data (a tokenizing job) added to these; examples stay the first ones."""
+        self.used += other.used
+        self.tokens += other.tokens
+        self.label_tokens += other.label_tokens
+        self.with_image += other.with_image
+        self.skipped.update(other.skipped)
+        for reason, ids in other.examples.items():
+            kept = self.examples.setdefault(reason, [])
+            kept += ids[:3 - len(kept)]
+
     def to_dict(self) -> dict:
         return {"used": self.used, "skipped": dict(self.skipped), "examples": self.examples,
-                "tokens": self.tokens, "label_tokens": self.label_tokens}
+                "tokens": self.tokens, "label_tokens": self.label_tokens, "with_image": self.with_image,
+                "preparation": self.preparation, "cached": self.cached}
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataReport":
-        return cls(d["used"], Counter(d["skipped"]), d["examples"], d["tokens"], d["label_tokens"])
+        return cls(d["used"], Counter(d["skipped"]), d["examples"], d["tokens"], d["label_tokens"], d["with_image"],
+                   d["preparation"], d.get("cached", False))
 
 
 class ImageStore:
@@ -92,24 +140,28 @@ def image_source(path: str, image_folder: str):
 
 
 def read_conversations(path: str, where, source: int, report: DataReport) -> list[Conversation]:
-    """All usable conversations of one data file; unusable samples are counted in `report`."""
-    if _is_llava_json(path):
-        return _read_llava_json(Path(path), where, source, report)
-    return _read_hf_dataset(where, path, source, report)
+    """All usable conversations of one data file (for small files: evaluation, merge checks); unusable samples
+    are counted in `report`. Training reads through build_stage_dataset, which never holds them all."""
+    file = _DataFile(path, source, where if isinstance(where, str) else "")
+    out = []
+    for records in file.records(where):
+        out += [conv for record in records if (conv := file.conversation(record, report, []))]
+    return out
 
 
-def encode(rendered: templates.Rendered, tokenizer, image_token_id: int, n_image_tokens: int) -> tuple[list[int], list[int]]:
+def encode(rendered: templates.Rendered, tokenizer, image_token_id: int) -> tuple[list[int], list[int]]:
     """Token ids and labels of a rendered conversation, tokenized the way LLaVA's tokenizer_image_token does.
 
     The text around each <image> is tokenized on its own (so the tokens next to an image are LLaVA's, e.g.
-    "▁" + "<0x0A>" after it), only the first chunk keeps its BOS, and the tag becomes n_image_tokens ids.
+    "▁" + "<0x0A>" after it), only the first chunk keeps its BOS, and the tag becomes one placeholder
+    (image_token_id, never a label) that expand_images later widens to the image's tokens.
     A token is a label when its characters overlap a trained span of the template.
     """
     ids, labels, offset = [], [], 0
     for i, chunk in enumerate(rendered.text.split(IMAGE_TAG)):
         if i > 0:
-            ids += [image_token_id] * n_image_tokens
-            labels += [-100] * n_image_tokens
+            ids.append(image_token_id)
+            labels.append(-100)
             offset += len(IMAGE_TAG)
         chunk_ids, spans = ids_and_offsets(tokenizer, chunk)
         if i > 0 and chunk_ids and chunk_ids[0] == tokenizer.bos_token_id:
@@ -122,66 +174,272 @@ def encode(rendered: templates.Rendered, tokenizer, image_token_id: int, n_image
     return ids, labels
 
 
-def tokenize_conversation(turns: list[tuple[str, str]], template: str, tokenizer, image_token_id: int,
-                          n_image_tokens: int) -> tuple[list[int], list[int]]:
-    """input_ids and labels of one conversation to train on, as official LLaVA's preprocessing makes them
-    (TemplateError for one LLaVA would not train on as a conversation: see templates.render)."""
+def tokenize_conversation(turns: list[tuple[str, str]], template: str, tokenizer,
+                          image_token_id: int) -> tuple[list[int], list[int]]:
+    """input_ids (one placeholder per image) and labels of one conversation to train on, as official LLaVA's
+    preprocessing makes them (TemplateError for one LLaVA would not train on: see templates.render)."""
     rendered = templates.render(template, turns, tokenizer.bos_token or "", tokenizer.eos_token,
                                 special_tokens=tuple(tokenizer.all_special_tokens))
-    return encode(rendered, tokenizer, image_token_id, n_image_tokens)
+    return encode(rendered, tokenizer, image_token_id)
+
+
+def expand_images(ids, image_token_id: int, image_tokens: list[int], values=None):
+    """`values` (the ids themselves by default, or labels aligned with them) as a tensor in which each image
+    placeholder of `ids` is repeated as many times as its image has tokens (image_tokens, in order). The one
+    place that widens placeholders, for training batches and generation prompts alike."""
+    ids = torch.as_tensor(ids)
+    values = ids if values is None else torch.as_tensor(values)
+    if not image_tokens:
+        return values
+    repeats = torch.ones_like(ids)
+    repeats[ids == image_token_id] = torch.tensor(image_tokens, dtype=repeats.dtype)
+    return values.repeat_interleave(repeats)
+
+
+def expand_sample(sample: dict, image_token_id: int):
+    """A cached sample's input_ids and labels as tensors, every image placeholder widened to its image's tokens."""
+    ids = torch.tensor(sample["input_ids"])
+    placeholders = int((ids == image_token_id).sum())
+    if placeholders != len(sample["image_tokens"]):
+        raise DataError(f"sample {sample['id']}: {placeholders} image placeholders for {len(sample['image_tokens'])} "
+                        "images (prepared with another tokenizer?): delete its folder in the tokenized-data cache")
+    wide = expand_images(ids, image_token_id, sample["image_tokens"])
+    if len(wide) != sample["length"]:
+        raise DataError(f"sample {sample['id']}: {len(wide)} tokens once its images are widened, its length says "
+                        f"{sample['length']}: delete its folder in the tokenized-data cache")
+    return wide, expand_images(ids, image_token_id, sample["image_tokens"], values=sample["labels"])
+
+
+@dataclass
+class Tokenization:
+    """What turns conversations into samples; handed to every tokenizing process."""
+
+    tokenizer: object
+    template: str
+    image_token_id: int
+    n_image_tokens: int
+    """Tokens per image, stored with each image (the collator reads the stored count, not this)."""
+    max_seq_len: int
 
 
 def tokenize_dataset(conversations: list[Conversation], template: str, tokenizer, image_token_id: int,
                      n_image_tokens: int, max_seq_len: int, report: DataReport) -> datasets.Dataset:
-    columns = {"id": [], "input_ids": [], "labels": [], "length": [], "source": [], "image": []}
+    """Samples of a few conversations, in memory (evaluation, merge checks, tests)."""
+    how = Tokenization(tokenizer, template, image_token_id, n_image_tokens, max_seq_len)
+    return datasets.Dataset.from_dict(_sample_columns(conversations, how, report), features=FEATURES)
+
+
+def _sample_columns(conversations: list[Conversation], how: Tokenization, report: DataReport) -> dict:
+    columns = {name: [] for name in FEATURES}
+    tokenizer = how.tokenizer
     for conv in conversations:
         try:
-            ids, labels = tokenize_conversation(conv.turns, template, tokenizer, image_token_id, n_image_tokens)
+            ids, labels = tokenize_conversation(conv.turns, how.template, tokenizer, how.image_token_id)
         except TemplateError as e:
             report.skip(conv.id, str(e))
             continue
-        if len(ids) > max_seq_len:
-            report.skip(conv.id, f"longer than max_seq_len ({max_seq_len} tokens, image tokens included)")
+        image_tokens = [how.n_image_tokens] * ids.count(how.image_token_id)
+        length = len(ids) - len(image_tokens) + sum(image_tokens)
+        if length > how.max_seq_len:
+            report.skip(conv.id, f"longer than max_seq_len ({how.max_seq_len} tokens, image tokens included)")
             continue
         n_labels = sum(label != -100 for label in labels)
         if n_labels == 0:
             report.skip(conv.id, "no token left to train on (empty assistant text)")
             continue
         report.used += 1
-        report.tokens += len(ids)
+        report.with_image += bool(image_tokens)
+        report.tokens += length
         report.label_tokens += n_labels
-        for key, value in (("id", conv.id), ("input_ids", ids), ("labels", labels), ("length", len(ids)),
-                           ("source", conv.source), ("image", conv.image)):
+        for key, value in (("id", conv.id), ("input_ids", ids), ("labels", labels), ("length", length),
+                           ("source", conv.source), ("image", conv.image), ("image_tokens", image_tokens)):
             columns[key].append(value)
-    return datasets.Dataset.from_dict(columns)
+    return columns
 
 
 def build_stage_dataset(stage, tokenizer, image_token_id: int, n_image_tokens: int, cache_dir: str,
-                        stage_name: str) -> tuple[datasets.Dataset, ImageStore, DataReport]:
-    """A stage's data, tokenized with its template (cached), filtered and counted."""
+                        stage_name: str, num_proc: int | None = None) -> tuple[datasets.Dataset, ImageStore, DataReport]:
+    """A stage's samples, prepared with its template (once: cached), filtered and counted, memory-mapped."""
     if stage.max_seq_len < n_image_tokens + 2:
         raise DataError(f"{stage_name}.max_seq_len: {stage.max_seq_len} is shorter than one image's "
                         f"{n_image_tokens} tokens plus text; raise it (LLaVA-1.5 uses 2048)")
     sources = [image_source(path, stage.image_folder) for path in stage.data]
-    key = _cache_key(stage, tokenizer, image_token_id, n_image_tokens)
+    key = _cache_key(stage, sources, tokenizer, image_token_id, n_image_tokens)
     folder = Path(cache_dir or Path.home() / ".cache" / "qllava") / "tokenized" / key
-    if (folder / "report.json").exists():
-        report = DataReport.from_dict(json.loads((folder / "report.json").read_text()))
-        dataset = datasets.load_from_disk(str(folder / "dataset"))
-    else:
-        report = DataReport()
-        conversations = []
-        for source, path in enumerate(stage.data):
-            conversations += read_conversations(path, sources[source], source, report)
-        dataset = tokenize_dataset(conversations, stage.template, tokenizer, image_token_id, n_image_tokens,
-                                   stage.max_seq_len, report)
-        if len(dataset):
-            dataset.save_to_disk(str(folder / "dataset"))
-            (folder / "report.json").write_text(json.dumps(report.to_dict()))
-    if len(dataset) == 0:
+    how = Tokenization(tokenizer, stage.template, image_token_id, n_image_tokens, stage.max_seq_len)
+    cached = _cache_still_true(folder)
+    if not cached:
+        files = [_DataFile(path, i, stage.image_folder if _is_llava_json(path) else "") for i, path in enumerate(stage.data)]
+        _prepare(folder, files, sources, how, num_proc or default_num_proc())
+    report = DataReport.from_dict(json.loads((folder / "report.json").read_text()))
+    report.cached = cached
+    if report.used == 0:
         reasons = "; ".join(f"{n} {r}" for r, n in report.skipped.most_common()) or "the files hold no samples"
         raise DataError(f"{stage_name}: no trainable samples left in {', '.join(stage.data)} ({reasons})")
-    return dataset, ImageStore(sources), report
+    return datasets.Dataset.from_file(str(folder / SAMPLES_FILE)), ImageStore(sources), report
+
+
+def default_num_proc() -> int:
+    """Tokenizing processes when [data] num_proc is unset: one per core, at most 8."""
+    return min(8, available_cores())
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (a container's or taskset's share, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _prepare(folder: Path, files: list["_DataFile"], sources: list, how: Tokenization, num_proc: int) -> None:
+    """Tokenize every data file into folder/samples.arrow, batch by batch, then write the report; the folder
+    appears whole or not at all (a crash leaves only a .partial folder, which the next run replaces)."""
+    started = time.perf_counter()
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    report, recheck = DataReport(), []
+    jobs = ((file, records) for file, where in zip(files, sources) for records in file.records(where))
+    writer = datasets.arrow_writer.ArrowWriter(features=FEATURES, path=str(partial / SAMPLES_FILE))
+    processes = 1
+    for batch, part, unusable, processes in _tokenized_jobs(jobs, how, num_proc):
+        if batch.num_rows:
+            writer.write_table(pa.Table.from_batches([batch]))
+        report.add(part)
+        recheck += unusable
+    writer.finalize()
+    report.preparation = {"seconds": round(time.perf_counter() - started, 2), "processes": processes,
+                          "peak_rss_gb": _peak_rss_gb(resource.RUSAGE_SELF),
+                          "peak_worker_rss_gb": _peak_rss_gb(resource.RUSAGE_CHILDREN) if processes > 1 else 0.0}
+    (partial / "recheck.json").write_text(json.dumps(recheck))
+    (partial / "report.json").write_text(json.dumps(report.to_dict()))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+
+
+def _tokenized_jobs(jobs: Iterator, how: Tokenization, num_proc: int) -> Iterator[tuple]:
+    """(record batch, report, unusable image paths, processes) per job, in the order of the jobs. One job is
+    tokenized here; more go to a pool of num_proc processes, at most two jobs per process in flight, so memory
+    holds a few jobs, never the data."""
+    first_two = list(itertools.islice(jobs, 2))
+    jobs = itertools.chain(first_two, jobs)
+    if len(first_two) < 2 or num_proc <= 1:
+        for job in jobs:
+            yield *_tokenize_job(job, how), 1
+        return
+    # Forked processes inherit the tokenizer; a Rust tokenizer that used threads before a fork warns and
+    # disables them, so say up front that it should not use them (one process per core does the work).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    # Forked processes share this process's memory until they write to it, and the garbage collector's visits
+    # write to every object it tracks: frozen, the inherited objects stay shared (no copy per process).
+    gc.freeze()
+    try:
+        with context.Pool(num_proc, initializer=_start_worker, initargs=(how,)) as pool:
+            pending = deque()
+            for job in jobs:
+                pending.append(pool.apply_async(_worker_job, (job,)))
+                if len(pending) >= 2 * num_proc:
+                    yield *pending.popleft().get(), num_proc
+            while pending:
+                yield *pending.popleft().get(), num_proc
+    finally:
+        gc.unfreeze()
+
+
+_WORKER_TOKENIZATION: Tokenization | None = None
+
+
+def _start_worker(how: Tokenization) -> None:
+    global _WORKER_TOKENIZATION
+    _WORKER_TOKENIZATION = how
+
+
+def _worker_job(job) -> tuple:
+    return _tokenize_job(job, _WORKER_TOKENIZATION)
+
+
+def _tokenize_job(job, how: Tokenization) -> tuple[pa.RecordBatch, DataReport, list[str]]:
+    file, records = job
+    report, unusable = DataReport(), []
+    conversations = [conv for record in records if (conv := file.conversation(record, report, unusable))]
+    columns = _sample_columns(conversations, how, report)
+    return pa.RecordBatch.from_pydict(columns, schema=FEATURES.arrow_schema), report, unusable
+
+
+def _peak_rss_gb(who: int) -> float:
+    return round(resource.getrusage(who).ru_maxrss * 1024 / 1e9, 3)  # ru_maxrss is in KiB on Linux
+
+
+@dataclass
+class _DataFile:
+    """One data file of a stage: how its raw samples are read (as a stream) and turned into conversations."""
+
+    path: str
+    source: int
+    image_folder: str
+    """LLaVA JSON: the folder its image paths are relative to."""
+
+    def records(self, where) -> Iterator[list]:
+        """The file's raw samples in batches of JOB_SAMPLES: (index, sample) for LLaVA JSON, (row, messages,
+        number of images) for a Hugging Face dataset (images are counted, never decoded)."""
+        if _is_llava_json(self.path):
+            yield from _batched(enumerate(_json_samples(Path(self.path))), JOB_SAMPLES)
+            return
+        messages = where.select_columns(["messages"])
+        for start in range(0, len(where), JOB_SAMPLES):
+            end = min(start + JOB_SAMPLES, len(where))
+            yield list(zip(range(start, end), messages[start:end]["messages"], _image_counts(where, start, end)))
+
+    def conversation(self, record, report: DataReport, unusable: list[str]) -> Conversation | None:
+        """The record as a conversation, or None (counted in report; unusable images listed for the cache)."""
+        if _is_llava_json(self.path):
+            return self._llava_conversation(*record, report, unusable)
+        return self._hf_conversation(*record, report)
+
+    def _llava_conversation(self, i: int, sample, report: DataReport, unusable: list[str]) -> Conversation | None:
+        name = Path(self.path).name
+        sample_id = str(sample.get("id", f"{name}[{i}]")) if isinstance(sample, dict) else f"{name}[{i}]"
+        problem = _llava_sample_problem(sample)
+        if not problem and isinstance(sample.get("image"), str):
+            image = os.path.join(self.image_folder, sample["image"])
+            problem = _image_problem(image, self.image_folder)
+            if problem:
+                unusable.append(os.path.abspath(image))
+        if problem:
+            report.skip(sample_id, problem)
+            return None
+        turns = [(ROLES[t["from"]], t["value"]) for t in sample["conversations"]]
+        conv = _conversation(sample_id, turns, sample.get("image", ""), self.source, report)
+        if conv:
+            conv.extra = {k: v for k, v in sample.items() if k not in ("id", "image", "conversations")}
+        return conv
+
+    def _hf_conversation(self, row: int, messages, n_images: int, report: DataReport) -> Conversation | None:
+        sample_id = f"{Path(self.path).name}[{row}]"
+        try:
+            turns = [(m["role"], _content_text(m["content"])) for m in messages]
+        except (KeyError, TypeError):
+            report.skip(sample_id, 'a message is not {"role", "content"}')
+            return None
+        if any(role not in ROLES and role != "system" for role, _ in turns):
+            report.skip(sample_id, "a role is not user/assistant/system")
+            return None
+        if n_images > 1:
+            report.skip(sample_id, "more than one image (one image per sample)")
+            return None
+        turns = [(ROLES.get(role, role), text) for role, text in turns]
+        return _conversation(sample_id, turns, f"row:{row}" if n_images else "", self.source, report)
+
+
+def _batched(items, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def pad_to_square(image: Image.Image, image_mean: list[float]) -> Image.Image:
@@ -195,34 +453,85 @@ def pad_to_square(image: Image.Image, image_mean: list[float]) -> Image.Image:
     return canvas
 
 
-def _read_llava_json(path: Path, image_folder: str, source: int, report: DataReport) -> list[Conversation]:
+def _json_samples(path: Path) -> Iterator:
+    """The items of a JSON list (.json) or the lines of a .jsonl file, read as a stream: memory holds a window of
+    the file and one sample, never the whole file or all of its samples."""
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
     try:
-        text = path.read_text()
-        raw = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
-            else json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:
+        with path.open(encoding="utf-8") as f:
+            if path.suffix == ".jsonl":
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            yield json.loads(line)
+                        except ValueError as e:
+                            raise DataError(f"{path}: not valid JSON (line {n}: {e})") from None
+            else:
+                yield from _json_list_items(f, path)
+    except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, list):
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_JSON_KINDS = {"{": "dict", '"': "str", "t": "bool", "f": "bool", "n": "NoneType"}
+
+
+def _json_list_items(f, path: Path) -> Iterator:
+    decoder = json.JSONDecoder()
+    window, at, eof = "", 0, False
+
+    def read_more() -> None:
+        nonlocal window, at, eof
+        chunk = f.read(JSON_WINDOW_CHARS)
+        eof = not chunk
+        window, at = window[at:] + chunk, 0
+
+    def next_char() -> str:
+        """The next character that is not whitespace ("" at the end of the file); `at` points at it."""
+        nonlocal at
+        while True:
+            at = _WHITESPACE.match(window, at).end()
+            if at < len(window) or eof:
+                return window[at:at + 1]
+            read_more()
+
+    read_more()
+    first = next_char()
+    if first != "[":
+        kind = _JSON_KINDS.get(first) or ("float" if first and first in "-0123456789" else None)
+        if kind is None:
+            raise DataError(f"{path}: not valid JSON (expected a list at its start)")
         raise DataError(f"{path}: expected a JSON list of LLaVA samples "
-                        f'({{"id", "image", "conversations"}}), got a {type(raw).__name__}')
-    out = []
-    for i, sample in enumerate(raw):
-        sample_id = str(sample.get("id", f"{path.name}[{i}]")) if isinstance(sample, dict) else f"{path.name}[{i}]"
-        problem = _llava_sample_problem(sample, image_folder)
-        if problem:
-            report.skip(sample_id, problem)
-            continue
-        turns = [(ROLES[t["from"]], t["value"]) for t in sample["conversations"]]
-        conv = _conversation(sample_id, turns, sample.get("image", ""), source, report)
-        if conv:
-            conv.extra = {k: v for k, v in sample.items() if k not in ("id", "image", "conversations")}
-            out.append(conv)
-    return out
+                        f'({{"id", "image", "conversations"}}), got a {kind}')
+    at += 1
+    if next_char() == "]":
+        return
+    n = 0
+    while True:
+        if not next_char():
+            raise DataError(f"{path}: not valid JSON (the list is not closed)")
+        while True:  # decode the next item; an item cut by the window's end is decoded again with more text
+            try:
+                item, end = decoder.raw_decode(window, at)
+                if end < len(window) or eof:
+                    break
+            except json.JSONDecodeError as e:
+                if eof or len(window) - at > MAX_SAMPLE_CHARS:
+                    raise DataError(f"{path}: not valid JSON (sample {n}: {e.msg})") from None
+            read_more()
+        yield item
+        n, at = n + 1, end
+        sep = next_char()
+        if sep == "]":
+            return
+        if sep != ",":
+            raise DataError(f"{path}: not valid JSON (after sample {n}: expected ',' or ']', "
+                            f"found {sep!r})" if sep else f"{path}: not valid JSON (the list is not closed)")
+        at += 1
 
 
-def _llava_sample_problem(sample, image_folder: str) -> str | None:
+def _llava_sample_problem(sample) -> str | None:
     if not isinstance(sample, dict):
         return "not a JSON object"
     turns = sample.get("conversations")
@@ -232,16 +541,18 @@ def _llava_sample_problem(sample, image_folder: str) -> str | None:
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLES:
             return 'a turn is not {"from": "human"|"gpt", "value": text}'
     image = sample.get("image")
-    if image is not None:
-        if not isinstance(image, str):
-            return "\"image\" is not one path (one image per sample)"
-        path = os.path.join(image_folder, image)
-        if not os.path.isfile(path):
-            return f"image file not found under the image folder ({image_folder or '.'})"
-        try:  # the header only (fast); a file cut short later in its data stops training naming the file
-            Image.open(path).close()
-        except (OSError, ValueError):
-            return "image file cannot be read as an image"
+    if image is not None and not isinstance(image, str):
+        return "\"image\" is not one path (one image per sample)"
+    return None
+
+
+def _image_problem(path: str, image_folder: str) -> str | None:
+    if not os.path.isfile(path):
+        return f"image file not found under the image folder ({image_folder or '.'})"
+    try:  # the header only (fast); a file cut short later in its data stops training naming the file
+        Image.open(path).close()
+    except (OSError, ValueError):
+        return "image file cannot be read as an image"
     return None
 
 
@@ -294,36 +605,12 @@ def _load_hf_dataset(path: str) -> datasets.Dataset:
     return dataset
 
 
-def _read_hf_dataset(dataset: datasets.Dataset, path: str, source: int, report: DataReport) -> list[Conversation]:
-    out = []
-    image_counts = _image_counts(dataset)
-    for row, messages in enumerate(dataset["messages"]):
-        sample_id = f"{Path(path).name}[{row}]"
-        try:
-            turns = [(m["role"], _content_text(m["content"])) for m in messages]
-        except (KeyError, TypeError):
-            report.skip(sample_id, 'a message is not {"role", "content"}')
-            continue
-        if any(role not in ROLES and role != "system" for role, _ in turns):
-            report.skip(sample_id, "a role is not user/assistant/system")
-            continue
-        turns = [(ROLES.get(role, role), text) for role, text in turns]
-        n_images = image_counts[row]
-        if n_images > 1:
-            report.skip(sample_id, "more than one image (one image per sample)")
-            continue
-        conv = _conversation(sample_id, turns, f"row:{row}" if n_images else "", source, report)
-        if conv:
-            out.append(conv)
-    return out
-
-
-def _image_counts(dataset: datasets.Dataset) -> list[int]:
-    """Images per row, read without decoding any image."""
+def _image_counts(dataset: datasets.Dataset, start: int, end: int) -> list[int]:
+    """Images per row of dataset[start:end], read from the Arrow column's list lengths: no image is decoded."""
     if "images" not in dataset.column_names:
-        return [0] * len(dataset)
-    undecoded = dataset.select_columns(["images"]).cast_column("images", datasets.List(datasets.Image(decode=False)))
-    return [len(images or []) for images in undecoded["images"]]
+        return [0] * (end - start)
+    images = dataset.select_columns(["images"]).with_format("arrow")[start:end]["images"]
+    return pc.fill_null(pc.list_value_length(images), 0).to_pylist()
 
 
 def _content_text(content) -> str:
@@ -336,16 +623,36 @@ def _is_llava_json(path: str) -> bool:
     return path.endswith((".json", ".jsonl"))
 
 
-def _cache_key(stage, tokenizer, image_token_id: int, n_image_tokens: int) -> str:
-    files = []
-    for path in stage.data:
-        p = Path(path)
-        stat = p.stat() if p.exists() else None
-        files.append([str(p.resolve()), stat.st_size if stat else None, stat.st_mtime_ns if stat else None])
+def _cache_key(stage, sources: list, tokenizer, image_token_id: int, n_image_tokens: int) -> str:
+    """What the prepared samples depend on: each data file's identity, the template, the tokenizer and the image
+    geometry. Which images exist is checked apart (_cache_still_true): it changes without any file changing."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    key = {"version": CACHE_VERSION, "files": files, "image_folder": str(Path(stage.image_folder).resolve()),
-           "template": stage.template, "max_seq_len": stage.max_seq_len, "image_token_id": image_token_id,
-           "n_image_tokens": n_image_tokens, "tokenizer": hashlib.sha256(vocab.encode()).hexdigest(),
-           "bos": tokenizer.bos_token, "eos": tokenizer.eos_token}
+    key = {"version": CACHE_VERSION, "files": [_file_identity(path, where) for path, where in zip(stage.data, sources)],
+           "image_folder": str(Path(stage.image_folder).resolve()), "template": stage.template,
+           "max_seq_len": stage.max_seq_len, "image_token_id": image_token_id, "n_image_tokens": n_image_tokens,
+           "tokenizer": hashlib.sha256(vocab.encode()).hexdigest(), "bos": tokenizer.bos_token,
+           "eos": tokenizer.eos_token}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _file_identity(path: str, where) -> list:
+    """A LLaVA JSON file: path, size and modification time. A Hugging Face dataset: its fingerprint, and for a
+    saved one the size and modification time of every file of its folder (a dataset saved again in place)."""
+    p = Path(path)
+    if isinstance(where, str):
+        stat = p.stat() if p.exists() else None
+        return [str(p.resolve()), stat.st_size if stat else None, stat.st_mtime_ns if stat else None]
+    saved = [f for f in p.rglob("*") if f.name in SAVED_DATASET_FILES or re.fullmatch(r"data-.*\.arrow", f.name)] \
+        if p.is_dir() else []  # what save_to_disk writes; not cache files that transforms may add beside them
+    files = sorted((str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns) for f in saved)
+    return [str(p.resolve()) if p.exists() else path, where._fingerprint, files]
+
+
+def _cache_still_true(folder: Path) -> bool:
+    """A prepared folder exists and no image it skipped as missing or unreadable has become usable since (an image
+    added after a skip is picked up by the next run)."""
+    if not (folder / "report.json").exists():
+        return False
+    unusable = json.loads((folder / "recheck.json").read_text())
+    return all(_image_problem(path, "") for path in unusable)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from . import model as modeling, templates
-from .data import DataError, encode, pad_to_square
+from .data import DataError, encode, expand_images, pad_to_square
 
 QLLAVA_FILE = "qllava.json"
 
@@ -65,7 +65,8 @@ def prompt_ids(loaded: Loaded, turns: list[tuple[str, str]]) -> list[int]:
         rendered = templates.render(loaded.template, turns, tokenizer.bos_token or "", tokenizer.eos_token,
                                     generation_prompt=True)
     image_token_id = tokenizer.convert_tokens_to_ids(templates.IMAGE_TAG)
-    return encode(rendered, tokenizer, image_token_id, loaded.n_image_tokens)[0]
+    ids = encode(rendered, tokenizer, image_token_id)[0]
+    return expand_images(ids, image_token_id, [loaded.n_image_tokens] * ids.count(image_token_id)).tolist()
 
 
 def open_image(path: str | Path) -> Image.Image:

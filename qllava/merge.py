@@ -20,7 +20,7 @@ import torch
 from . import model as modeling, templates
 from .data import DataReport, ImageStore, image_source, read_conversations, tokenize_dataset
 from .inference import QLLAVA_FILE
-from .packing import Collator, Rows
+from .packing import Collator
 from .recipe import load_recipe
 from .tokenizer import adds_bos
 
@@ -113,12 +113,12 @@ def _verification_batch(recipe, stage_dir: Path, processor, n: int = 4) -> dict 
         return None
     tokenizer = processor.tokenizer
     config = modeling.load_llava_config(recipe.model)
-    samples = tokenize_dataset(conversations, stage.template, tokenizer, tokenizer.convert_tokens_to_ids("<image>"),
+    image_token_id = tokenizer.convert_tokens_to_ids(modeling.IMAGE_TOKEN)
+    samples = tokenize_dataset(conversations, stage.template, tokenizer, image_token_id,
                                modeling.image_tokens_per_image(config), 10**6, DataReport())
-    rows = Rows(samples, 10**6, packing=False, seed=0)
-    collator = Collator(rows, ImageStore([where]), processor.image_processor, stage.image_aspect_ratio,
-                        tokenizer.pad_token_id)
-    batch = collator([{"row": i} for i in range(len(rows))])
+    collator = Collator(ImageStore([where]), processor.image_processor, stage.image_aspect_ratio,
+                        tokenizer.pad_token_id, image_token_id, packing=False)
+    batch = collator.batch([[sample] for sample in samples])
     batch.pop("labels")
     return batch
 

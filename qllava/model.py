@@ -1,9 +1,9 @@
 """Building LLaVA: processor, the model assembled from a vision tower + a decoder (4-bit), LoRA, projector files.
 
 Stage 1 assembles LlavaForConditionalGeneration in memory from two checkpoints: the decoder is loaded by
-from_pretrained straight into NF4 (weights are quantized shard by shard as they stream in, so no
-full-precision copy of the 7B decoder is ever written or held), the CLIP vision tower is loaded in the
-recipe's dtype, and the 2-layer MLP projector is new (or read from a projector file). A llava-hf checkpoint
+from_pretrained straight into NF4 (weights are quantized tensor by tensor as they are read, so no
+full-precision copy of the 7B decoder is ever written or held; checkpoint files are read, not memory-mapped:
+see unmapped_checkpoints), the CLIP vision tower is loaded in the recipe's dtype, and the 2-layer MLP projector is new (or read from a projector file). A llava-hf checkpoint
 is loaded whole, with the vision tower, projector and lm_head kept out of quantization.
 Everything is frozen here; train.py decides what learns.
 """
@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -114,18 +115,53 @@ def load_base_model(recipe: Recipe, processor: LlavaProcessor, quantized: bool =
     attn = attention_implementation(cfg.attn_implementation)
     place = {"device_map": {"": device()}} if torch.cuda.is_available() else {}
     if cfg.llava:
-        model = LlavaForConditionalGeneration.from_pretrained(
-            cfg.llava, dtype=torch_dtype, quantization_config=quantization, attn_implementation=attn, **place)
+        with unmapped_checkpoints():
+            model = LlavaForConditionalGeneration.from_pretrained(
+                cfg.llava, dtype=torch_dtype, quantization_config=quantization, attn_implementation=attn, **place)
         # transformers refuses to train a quantized model without adapters (it reads `is_quantized`); stage 1
         # trains the projector, which is never quantized. An assembled model carries no such flag either: both
         # sources then train alike (the 4-bit layers themselves stay frozen).
         model.is_quantized = False
     else:
-        decoder = AutoModelForCausalLM.from_pretrained(cfg.decoder, dtype=torch_dtype, quantization_config=quantization,
-                                                       attn_implementation=attn, **place)
-        vision = CLIPVisionModel.from_pretrained(cfg.vision_tower, dtype=torch_dtype, attn_implementation=attn, **place)
+        decoder = load_decoder(cfg.decoder, torch_dtype, quantization, attn)
+        with unmapped_checkpoints():
+            vision = CLIPVisionModel.from_pretrained(cfg.vision_tower, dtype=torch_dtype, attn_implementation=attn,
+                                                     **place)
         model = assemble(vision, decoder, processor.tokenizer, cfg, attn)
     return frozen(model)
+
+
+def load_decoder(name: str, dtype: torch.dtype, quantization: BitsAndBytesConfig | None, attn: str):
+    """The causal-LM decoder, quantized as its weights stream in (no full-precision copy is ever held)."""
+    place = {"device_map": {"": device()}} if torch.cuda.is_available() else {}
+    with unmapped_checkpoints():
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, quantization_config=quantization,
+                                                    attn_implementation=attn, **place)
+
+
+@contextmanager
+def unmapped_checkpoints():
+    """Checkpoint files read with safetensors' pread backend instead of memory-mapped.
+
+    transformers maps every shard of a checkpoint and keeps all the mappings until the last tensor is loaded, and
+    the tensors it does not quantize (embeddings, norms) stay views into them: the resident memory a user's monitor
+    or a container limit sees grows to about the whole checkpoint (19.6 GB for a 14.5 GB Mistral-7B loaded in NF4,
+    whose result is 4.1 GB). Read with pread, each tensor is copied out when it is needed and nothing is mapped:
+    resident memory stays at what the model and one tensor in flight take (benchmarks/load_7b.py).
+    """
+    from transformers import modeling_utils
+    original = getattr(modeling_utils, "safe_open", None)
+    if original is None:  # another transformers layout: leave its loading as it is
+        yield
+        return
+
+    def pread_open(filename, framework, device="cpu", backend=None):
+        return original(filename, framework=framework, device=device, backend="pread" if device == "cpu" else backend)
+    modeling_utils.safe_open = pread_open
+    try:
+        yield
+    finally:
+        modeling_utils.safe_open = original
 
 
 def frozen(model: LlavaForConditionalGeneration) -> LlavaForConditionalGeneration:

@@ -3,8 +3,12 @@
 Packed rows are exact, not approximate: transformers isolates the samples of a row (block-diagonal causal
 attention, or FlashAttention varlen) only when position_ids restart at 0 for every sample, the attention
 mask is None and no cache is built (STACK.md). The collator produces exactly that, masks the first label
-of every sample (so no sample learns from its predecessor's last token), and orders pixel_values as their
-image tokens appear. Unpacked rows are right-padded with an attention mask, the classic way.
+of every sample (so no sample learns from its predecessor's last token), widens each sample's image
+placeholders to the token count stored with each image, and orders pixel_values as their image tokens appear.
+Unpacked rows are right-padded with an attention mask, the classic way.
+
+The collator is a pure function of the rows it is handed (Rows yields them), so DataLoader worker processes
+can build batches and decode images; what it counts travels in the batch (REAL_TOKENS), for the trainer.
 """
 
 from __future__ import annotations
@@ -12,12 +16,15 @@ from __future__ import annotations
 import bisect
 import random
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import datasets
 import torch
 
-from .data import ImageStore, pad_to_square
+from .data import ImageStore, expand_sample, pad_to_square
+
+REAL_TOKENS = "qllava_real_tokens"
+"""Batch key: the batch's real (not padding) tokens. The trainer takes it out before the model sees the batch."""
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -51,12 +58,13 @@ def pad_fraction(batches: list[list[int]]) -> float:
     return 1 - sum(map(sum, batches)) / slots if slots else 0.0
 
 
-class Rows:
-    """The rows of the current epoch: lists of sample indices, one sample per row unless packing.
+class Rows(torch.utils.data.Dataset):
+    """The rows of the current epoch: lists of sample indices, one sample per row unless packing. Item i is row
+    i's samples (what the collator is handed), so a DataLoader draws rows, in this process or in workers.
 
-    Packed rows are re-drawn every epoch (set_epoch): samples of equal length are shuffled among themselves
-    before best-fit decreasing, so rows change but their number and lengths stay fixed, as the trainer's
-    step count requires. The trainer sees only row numbers (as_dataset); the collator looks rows up here.
+    Packed rows are re-drawn every epoch (set_epoch, before the epoch's DataLoader iterator starts its workers):
+    samples of equal length are shuffled among themselves before best-fit decreasing, so rows change but their
+    number and lengths stay fixed, as the trainer's step count requires.
     """
 
     def __init__(self, samples, max_seq_len: int, packing: bool, seed: int):
@@ -86,15 +94,15 @@ class Rows:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def samples_of(self, row: int) -> list[dict]:
+    def __getitem__(self, row: int) -> list[dict]:
         return [self.samples[j] for j in self.rows[row]]
 
     def row_lengths(self) -> list[int]:
+        """Tokens per row; they do not change between epochs (only equal-length samples swap rows)."""
         return [sum(self.lengths[i] for i in row) for row in self.rows]
 
-    def as_dataset(self) -> datasets.Dataset:
-        """Row numbers and row lengths as a datasets.Dataset: what TRL's trainer accepts and its sampler draws
-        from. Row lengths do not change between epochs (only equal-length samples swap rows)."""
+    def as_dataset(self):
+        """Row numbers and row lengths as a datasets.Dataset, the type TRL's trainer requires of its train_dataset."""
         return datasets.Dataset.from_dict({"row": list(range(len(self.rows))), "length": self.row_lengths()})
 
 
@@ -131,38 +139,48 @@ class SimilarLengthSampler(torch.utils.data.Sampler):
 
 @dataclass
 class TokenCounts:
-    """What the collator has built so far: real tokens, label tokens and padded slots."""
+    """Tokens of the batches trained on so far: real tokens, label tokens and padded slots."""
 
     tokens: int = 0
     label_tokens: int = 0
     slots: int = 0
+
+    def add(self, batch: dict) -> None:
+        """Count a batch as the collator built it (REAL_TOKENS still in it)."""
+        self.tokens += int(batch[REAL_TOKENS])
+        self.label_tokens += int((batch["labels"] != -100).sum())
+        self.slots += batch["input_ids"].numel()
 
     @property
     def pad_fraction(self) -> float:
         return 1 - self.tokens / self.slots if self.slots else 0.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class Collator:
-    """Turns a list of row numbers into one batch for LlavaForConditionalGeneration."""
+    """Turns rows (lists of tokenized samples, as Rows yields them) into one batch for
+    LlavaForConditionalGeneration. Holds settings only: the same rows always give the same batch."""
 
-    rows: Rows
     images: ImageStore
     image_processor: object
     image_aspect_ratio: str
     pad_token_id: int
+    image_token_id: int
+    packing: bool = True
     flatten: bool = False
     """FlashAttention-2 isolates packed samples only in a batch of one row: concatenate the rows (no padding)."""
-    counts: TokenCounts = field(default_factory=TokenCounts)
 
-    def __call__(self, features: list[dict]) -> dict:
-        return self.batch([self.rows.samples_of(f["row"]) for f in features])
+    def __call__(self, rows: list[list[dict]]) -> dict:
+        """The training batch: model inputs plus REAL_TOKENS (the trainer counts it and takes it out)."""
+        batch = self.batch(rows)
+        batch[REAL_TOKENS] = torch.tensor(sum(s["length"] for row in rows for s in row))
+        return batch
 
     def batch(self, rows: list[list[dict]]) -> dict:
-        """The batch of rows given as lists of tokenized samples."""
-        if self.flatten and self.rows.packing:
+        """The model inputs of the rows given as lists of tokenized samples."""
+        if self.flatten and self.packing:
             rows = [[sample for row in rows for sample in row]]
-        row_lengths = torch.tensor([sum(len(s["input_ids"]) for s in row) for row in rows])
+        row_lengths = torch.tensor([sum(s["length"] for s in row) for row in rows])
         width = int(row_lengths.max())
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -170,22 +188,22 @@ class Collator:
         for r, row in enumerate(rows):
             at = 0
             for sample in row:
-                n = len(sample["input_ids"])
-                ids[r, at:at + n] = torch.tensor(sample["input_ids"])
-                labels[r, at:at + n] = torch.tensor(sample["labels"])
+                sample_ids, sample_labels = expand_sample(sample, self.image_token_id)
+                n = len(sample_ids)
+                ids[r, at:at + n] = sample_ids
+                labels[r, at:at + n] = sample_labels
                 labels[r, at] = -100  # never learn a sample's first token from the previous sample's last one
                 positions[r, at:at + n] = torch.arange(n)
                 at += n
             positions[r, at:] = torch.arange(width - at)  # padding is a sequence of its own
         batch = {"input_ids": ids, "labels": labels}
-        if self.rows.packing:
+        if self.packing:
             batch["position_ids"] = positions
         else:
             batch["attention_mask"] = (torch.arange(width)[None, :] < row_lengths[:, None]).long()
         pixel_values = self.pixel_values([s for row in rows for s in row])
         if pixel_values is not None:
             batch["pixel_values"] = pixel_values
-        self._count(row_lengths, labels, width)
         return batch
 
     def pixel_values(self, samples: list[dict]) -> torch.Tensor | None:
@@ -196,11 +214,6 @@ class Collator:
         if self.image_aspect_ratio == "pad":
             images = [pad_to_square(img, self.image_processor.image_mean) for img in images]
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-
-    def _count(self, row_lengths: torch.Tensor, labels: torch.Tensor, width: int) -> None:
-        self.counts.tokens += int(row_lengths.sum())
-        self.counts.label_tokens += int((labels != -100).sum())
-        self.counts.slots += len(row_lengths) * width
 
 
 def packed_vs_unpacked_error(model, packed: Collator, unpacked: Collator, micro_batches: list[list[list[dict]]]) -> float:

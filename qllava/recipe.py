@@ -193,13 +193,21 @@ class EvalConfig:
 
 @dataclass
 class DataConfig:
-    """[data] how samples are read and cached."""
+    """[data] how samples are prepared, cached and loaded."""
 
     cache_dir: str = ""
     """Tokenized-dataset cache; empty = ~/.cache/qllava."""
+    num_proc: int | None = None
+    """Processes that tokenize a stage's data (unset: one per CPU core, at most 8)."""
+    dataloader_num_workers: int | None = None
+    """DataLoader worker processes that build batches and decode images while the GPU trains (unset: up to 4 on
+    CUDA, 0 on CPU, where workers would take cores from training itself)."""
 
     def problems(self, path: str) -> list[str]:
-        return []
+        out = _positive(path, "num_proc", self.num_proc) if self.num_proc is not None else []
+        if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
+            out.append(f"{path}.dataloader_num_workers: must be >= 0, got {self.dataloader_num_workers}")
+        return out
 
 
 @dataclass

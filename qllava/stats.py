@@ -1,7 +1,8 @@
 """`qllava data stats`: what a stage's data look like at the recipe's settings, before any training.
 
-Samples, a length histogram, what was dropped and why, and the share of padding a padded trainer would
-process against qllava's packed rows. Reads only tokenizer and config files, no model weights.
+Samples, a length histogram, what was dropped and why, the share of padding a padded trainer would process
+against qllava's packed rows, and what preparing the data cost (time, memory). Reads only tokenizer and config
+files, no model weights.
 """
 
 from __future__ import annotations
@@ -18,20 +19,20 @@ def stage_stats(recipe: Recipe, name: str, bins: int = 12) -> dict:
     tokenizer = processor.tokenizer
     n_image_tokens = modeling.image_tokens_per_image(modeling.load_llava_config(recipe.model))
     dataset, _, report = build_stage_dataset(cfg, tokenizer, tokenizer.convert_tokens_to_ids(modeling.IMAGE_TOKEN),
-                                             n_image_tokens, recipe.data.cache_dir, name)
+                                             n_image_tokens, recipe.data.cache_dir, name, recipe.data.num_proc)
     lengths = list(dataset["length"])
     rows = Rows(dataset, cfg.max_seq_len, packing=True, seed=cfg.seed)
     batch = cfg.per_device_train_batch_size
     return {
         "stage": name, "samples": report.used, "skipped": dict(report.skipped), "examples": report.examples,
         "tokens": report.tokens, "label_tokens": report.label_tokens, "image_tokens_per_image": n_image_tokens,
-        "with_image": sum(1 for image in dataset["image"] if image), "max_seq_len": cfg.max_seq_len,
+        "with_image": report.with_image, "max_seq_len": cfg.max_seq_len,
         "length_min": min(lengths), "length_mean": sum(lengths) / len(lengths), "length_max": max(lengths),
         "histogram": histogram(lengths, cfg.max_seq_len, bins),
         "padded_pad_fraction": pad_fraction(padded_batches(lengths, batch, cfg.seed)),
         "packed_rows": len(rows), "samples_per_row": len(lengths) / len(rows),
         "packed_pad_fraction": pad_fraction(packed_batches(rows.row_lengths(), batch, cfg.seed)),
-        "per_device_train_batch_size": batch,
+        "per_device_train_batch_size": batch, "preparation": report.preparation, "cached": report.cached,
     }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import shutil
 import time
@@ -24,9 +25,9 @@ from transformers import PrinterCallback, TrainerCallback, set_seed
 from trl import SFTConfig
 
 from . import evaluate, model as modeling, scorers, synthetic
-from .data import build_stage_dataset
+from .data import available_cores, build_stage_dataset
 from .inference import Loaded
-from .packing import Collator, Rows
+from .packing import Collator, Rows, TokenCounts
 from .recipe import Recipe
 from .trainer import QllavaTrainer, latest_checkpoint
 
@@ -105,23 +106,26 @@ def run_stage(recipe: Recipe, name: str, progress=None, say=print, heldout: "Hel
     _trainable_to_float32(model)
 
     tokenizer = processor.tokenizer
+    image_token_id = tokenizer.convert_tokens_to_ids(modeling.IMAGE_TOKEN)
     n_image_tokens = modeling.image_tokens_per_image(model.config)
     with state.main_process_first():  # the main process tokenizes and caches; the others read the cache
-        dataset, images, report = build_stage_dataset(cfg, tokenizer, tokenizer.convert_tokens_to_ids(modeling.IMAGE_TOKEN),
-                                                      n_image_tokens, recipe.data.cache_dir, name)
+        dataset, images, report = build_stage_dataset(cfg, tokenizer, image_token_id, n_image_tokens,
+                                                      recipe.data.cache_dir, name, recipe.data.num_proc)
     say(f"{name}: {report.used} samples, {report.tokens:,} tokens ({report.label_tokens:,} trained)"
         + "".join(f"; skipped {n}: {reason} (e.g. {', '.join(report.examples[reason])})"
                   for reason, n in report.skipped.most_common()))
     rows = Rows(dataset, cfg.max_seq_len, cfg.packing, cfg.seed)
-    collator = Collator(rows, images, processor.image_processor, cfg.image_aspect_ratio, tokenizer.pad_token_id,
+    collator = Collator(images, processor.image_processor, cfg.image_aspect_ratio, tokenizer.pad_token_id,
+                        image_token_id, packing=cfg.packing,
                         flatten=model.config._attn_implementation == "flash_attention_2")
-    callbacks = [ProgressCallback(collator, progress(name))] if progress else []
-    trainer = _build_trainer(model, processor, rows, collator, cfg, out_dir, callbacks)
+    callbacks = [ProgressCallback(progress(name))] if progress else []
+    trainer = _build_trainer(model, processor, rows, collator, cfg, out_dir, callbacks,
+                             dataloader_num_workers(recipe.data.dataloader_num_workers))
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
 
-    metrics = _stage_metrics(trainer, report, collator, seconds, name, model)
+    metrics = _stage_metrics(trainer, report, trainer.token_counter.counts, seconds, name, model)
     metrics["steps_per_rank"] = gather_object([trainer.state.global_step])
     if state.is_main_process:
         _save_stage(model, processor, recipe, out_dir, metrics, trainer.state.log_history, name)
@@ -163,10 +167,11 @@ class HeldOut:
 
 
 class ProgressCallback(TrainerCallback):
-    """Hands the CLI's progress display what it shows: step, loss, lr, tokens/s, pad fraction, ETA."""
+    """Hands the CLI's progress display what it shows: step, loss, lr, tokens/s, pad fraction, ETA (the token
+    rates come in the logs, from the trainer's TokenCounter)."""
 
-    def __init__(self, collator: Collator, show):
-        self.collator, self.show = collator, show
+    def __init__(self, show):
+        self.show = show
         self.started = None
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -177,11 +182,10 @@ class ProgressCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs and state.is_world_process_zero:
             elapsed = time.perf_counter() - self.started
-            counts = self.collator.counts
             self.show({"event": "log", "step": state.global_step, "max_steps": state.max_steps,
                        "loss": logs["loss"], "lr": logs.get("learning_rate", 0.0), "elapsed_s": elapsed,
-                       "tokens_per_s": counts.tokens / elapsed, "label_tokens_per_s": counts.label_tokens / elapsed,
-                       "pad_fraction": counts.pad_fraction, "memory_gib": peak_memory_gib()})
+                       "tokens_per_s": logs["tokens_per_s"], "label_tokens_per_s": logs["label_tokens_per_s"],
+                       "pad_fraction": logs["pad_fraction"], "memory_gib": peak_memory_gib()})
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -195,7 +199,11 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _build_trainer(model, processor, rows, collator, cfg, out_dir: Path, callbacks):
+def _build_trainer(model, processor, rows: Rows, collator: Collator, cfg, out_dir: Path, callbacks,
+                   num_workers: int = 0):
+    """The trainer of a stage. With num_workers > 0, DataLoader worker processes build the batches (images decoded
+    and preprocessed there). They are started anew each epoch (not persistent): each starts from the rows that
+    _EpochRows has just drawn for its epoch."""
     cuda = torch.cuda.is_available()
     dtype = model.get_input_embeddings().weight.dtype
     args = SFTConfig(
@@ -207,15 +215,27 @@ def _build_trainer(model, processor, rows, collator, cfg, out_dir: Path, callbac
         save_steps=cfg.save_steps or 500, save_total_limit=2, activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False}, bf16=cuda and dtype == torch.bfloat16,
         fp16=cuda and dtype == torch.float16, use_cpu=not cuda, report_to="none", disable_tqdm=True,
-        remove_unused_columns=False, dataloader_num_workers=0, max_length=None, packing=False,
+        remove_unused_columns=False, dataloader_num_workers=num_workers, dataloader_pin_memory=cuda,
+        dataloader_persistent_workers=False, max_length=None, packing=False,
         dataset_kwargs={"skip_prepare_dataset": True}, save_only_model=False)
     optimizer = build_optimizer(model, cfg)
-    trainer = QllavaTrainer(model=model, args=args, train_dataset=rows.as_dataset(), data_collator=collator,
+    trainer = QllavaTrainer(model=model, args=args, rows=rows, data_collator=collator,
                             processing_class=processor, optimizers=(optimizer, None), callbacks=callbacks)
     _trainable_to_float32(model)  # TRL casts trainable weights of a 4-bit model to bf16; keep float32 masters
     trainer.add_callback(_EpochRows(rows))
     trainer.remove_callback(PrinterCallback)  # progress is the caller's (the CLI's rich display)
     return trainer
+
+
+def dataloader_num_workers(setting: int | None) -> int:
+    """[data] dataloader_num_workers, or its default: on CUDA up to 4 workers per training process (keeping a core
+    for the process itself), on CPU none (workers would take cores from the training computation)."""
+    if setting is not None:
+        return setting
+    if not torch.cuda.is_available():
+        return 0
+    per_process = available_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(0, min(4, per_process - 1))
 
 
 def build_optimizer(model, cfg) -> torch.optim.Optimizer:
@@ -269,9 +289,8 @@ def _trainable_to_float32(model) -> None:
             p.data = p.data.float()
 
 
-def _stage_metrics(trainer, report, collator, seconds: float, name: str, model) -> dict:
+def _stage_metrics(trainer, report, counts: TokenCounts, seconds: float, name: str, model) -> dict:
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    counts = collator.counts
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"stage": name, "steps": trainer.state.global_step, "first_loss": losses[0] if losses else None,
             "final_loss": losses[-1] if losses else None, "train_seconds": round(seconds, 2),

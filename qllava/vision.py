@@ -54,12 +54,13 @@ def load_tower(name: str, **kwargs):
 
 
 def load_image_processor(vision_tower: str, image_processor: str = "", image_size: int = 0,
-                         image_mean: list[float] = (), image_std: list[float] = ()):
-    """The image processor of the tower (or of `image_processor`), with the recipe's size / mean / std put
-    over it; a tower that ships none gets a resize + centre-crop + normalize one from those settings."""
+                         image_mean: list[float] = (), image_std: list[float] = (), processor=None):
+    """The image processor of the tower (or of `image_processor`, or the one given), with the recipe's size /
+    mean / std put over it; a tower that ships none gets a resize + centre-crop + normalize one from those
+    settings."""
     source = image_processor or vision_tower
     try:
-        processor = AutoImageProcessor.from_pretrained(source)
+        processor = processor or AutoImageProcessor.from_pretrained(source)
     except (OSError, ValueError):
         if not (image_size and image_mean and image_std):
             raise VisionError(f"{source} ships no image processor (preprocessor_config.json): set "

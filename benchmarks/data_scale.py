@@ -308,7 +308,8 @@ def collator_throughput(recipe_path: Path, cache: Path, workers: int, seconds: f
     config = modeling.load_llava_config(recipe.model)
     image_token_id = processor.tokenizer.convert_tokens_to_ids(modeling.IMAGE_TOKEN)
     samples, images, _ = build_stage_dataset(cfg, processor.tokenizer, image_token_id,
-                                             modeling.image_tokens_per_image(config), str(cache), "stage2")
+                                             modeling.image_geometry(config, processor.image_processor), str(cache),
+                                             "stage2")
     rows = Rows(samples, cfg.max_seq_len, packing=True, seed=cfg.seed)
     collator = Collator(images, processor.image_processor, cfg.image_aspect_ratio, processor.tokenizer.pad_token_id,
                         image_token_id)

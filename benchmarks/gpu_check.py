@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qllava import model as modeling, plan, tiny, train  # noqa: E402
+from qllava import model as modeling, plan, tiny, train, vision as vision_seam  # noqa: E402
 from qllava.packing import Collator, Rows  # noqa: E402
 from qllava.recipe import recipe_from_dict  # noqa: E402
 
@@ -181,11 +181,11 @@ def synthetic_samples(model, processor, folder: Path, row_tokens: int, rows: int
     from qllava.data import FEATURES, ImageStore
     images = folder / "images"
     images.mkdir(exist_ok=True)
-    size = processor.image_processor.crop_size["height"]
+    size = vision_seam.output_size(processor.image_processor)[0]
     rng = random.Random(0)
     for k in range(4):
         Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3))).save(images / f"{k}.png")
-    n_image = modeling.image_tokens_per_image(model.config)
+    n_image = modeling.image_geometry(model.config, processor.image_processor).tokens_of()
     vocab = min(model.config.text_config.vocab_size, len(processor.tokenizer) - 1)
     image_id = model.config.image_token_id
     columns = {name: [] for name in FEATURES}

@@ -172,7 +172,8 @@ def token_lengths(checkpoint: Path, work: Path, args) -> list[int]:
     tokenizer = processor.tokenizer
     config = modeling.load_llava_config(recipe.model)
     dataset, _, report = build_stage_dataset(recipe.stage2, tokenizer, config.image_token_id,
-                                             modeling.image_tokens_per_image(config), recipe.data.cache_dir, "stage2")
+                                             modeling.image_geometry(config, processor.image_processor),
+                                             recipe.data.cache_dir, "stage2")
     if report.skipped:
         raise SystemExit(f"benchmark data lost samples: {dict(report.skipped)}")
     return list(dataset["length"])
@@ -254,7 +255,8 @@ def exactness(checkpoint: Path, work: Path, args) -> float:
     processor = modeling.build_processor(recipe.model)
     config = modeling.load_llava_config(recipe.model)
     dataset, images, _ = build_stage_dataset(recipe.stage2, processor.tokenizer, config.image_token_id,
-                                             modeling.image_tokens_per_image(config), recipe.data.cache_dir, "stage2")
+                                             modeling.image_geometry(config, processor.image_processor),
+                                             recipe.data.cache_dir, "stage2")
     items = [dataset[i] for i in range(6)]
     model = modeling.attach_lora(modeling.load_base_model(recipe, processor, quantized=False), recipe.lora)
     torch.manual_seed(0)

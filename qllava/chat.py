@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .inference import generate, load_for_inference, open_image, prepared, prompt_ids
+from .inference import generate, load_for_inference, prompt_ids
+from .vision import open_image
 
 
 class Chat:
     def __init__(self, model_path: str | Path, image_path: str | Path):
         self.image = open_image(image_path)  # a bad image fails before minutes of model loading
         self.loaded = load_for_inference(model_path)
-        self.image = prepared(self.loaded, self.image)
         self.turns: list[tuple[str, str]] = []
 
     def reply(self, text: str, max_new_tokens: int = 256, streamer=None, **sampling) -> str:

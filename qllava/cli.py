@@ -232,7 +232,9 @@ def _user_errors() -> tuple:
     from .merge import MergeError
     from .model import BaseMismatchError
     from .templates import TemplateError
-    return (RecipeError, DataError, TemplateError, MergeError, BaseMismatchError, FileExistsError, FileNotFoundError)
+    from .vision import VisionError
+    return (RecipeError, DataError, TemplateError, VisionError, MergeError, BaseMismatchError, FileExistsError,
+            FileNotFoundError)
 
 
 def _quiet_libraries() -> None:

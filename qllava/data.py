@@ -26,7 +26,7 @@ import resource
 import shutil
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -39,6 +39,7 @@ from PIL import Image
 from . import templates
 from .templates import IMAGE_TAG, TemplateError
 from .tokenizer import ids_and_offsets
+from .vision import ImageGeometry, open_image
 
 CACHE_VERSION = 4  # 4: the separator space before an answer is a label, as in LLaVA
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -125,12 +126,7 @@ class ImageStore:
     def open(self, source: int, image: str) -> Image.Image:
         where = self.sources[source]
         if isinstance(where, str):
-            path = os.path.join(where, image)
-            try:
-                with Image.open(path) as img:
-                    return img.convert("RGB")
-            except (OSError, ValueError) as e:
-                raise DataError(f"image {path}: cannot be read ({e})") from None
+            return open_image(os.path.join(where, image))
         return where[int(image.removeprefix("row:"))]["images"][0].convert("RGB")
 
 
@@ -217,15 +213,15 @@ class Tokenization:
     tokenizer: object
     template: str
     image_token_id: int
-    n_image_tokens: int
-    """Tokens per image, stored with each image (the collator reads the stored count, not this)."""
+    geometry: ImageGeometry
+    """How many tokens each image becomes: stored with each image (the collator widens by the stored count)."""
     max_seq_len: int
 
 
 def tokenize_dataset(conversations: list[Conversation], template: str, tokenizer, image_token_id: int,
-                     n_image_tokens: int, max_seq_len: int, report: DataReport) -> datasets.Dataset:
+                     geometry: ImageGeometry, max_seq_len: int, report: DataReport) -> datasets.Dataset:
     """Samples of a few conversations, in memory (evaluation, merge checks, tests)."""
-    how = Tokenization(tokenizer, template, image_token_id, n_image_tokens, max_seq_len)
+    how = Tokenization(tokenizer, template, image_token_id, geometry, max_seq_len)
     return datasets.Dataset.from_dict(_sample_columns(conversations, how, report), features=FEATURES)
 
 
@@ -238,7 +234,7 @@ def _sample_columns(conversations: list[Conversation], how: Tokenization, report
         except TemplateError as e:
             report.skip(conv.id, str(e))
             continue
-        image_tokens = [how.n_image_tokens] * ids.count(how.image_token_id)
+        image_tokens = [how.geometry.tokens_of() for _ in range(ids.count(how.image_token_id))]
         length = len(ids) - len(image_tokens) + sum(image_tokens)
         if length > how.max_seq_len:
             report.skip(conv.id, f"longer than max_seq_len ({how.max_seq_len} tokens, image tokens included)")
@@ -257,16 +253,16 @@ def _sample_columns(conversations: list[Conversation], how: Tokenization, report
     return columns
 
 
-def build_stage_dataset(stage, tokenizer, image_token_id: int, n_image_tokens: int, cache_dir: str,
+def build_stage_dataset(stage, tokenizer, image_token_id: int, geometry: ImageGeometry, cache_dir: str,
                         stage_name: str, num_proc: int | None = None) -> tuple[datasets.Dataset, ImageStore, DataReport]:
     """A stage's samples, prepared with its template (once: cached), filtered and counted, memory-mapped."""
-    if stage.max_seq_len < n_image_tokens + 2:
+    if stage.max_seq_len < geometry.tokens_of() + 2:
         raise DataError(f"{stage_name}.max_seq_len: {stage.max_seq_len} is shorter than one image's "
-                        f"{n_image_tokens} tokens plus text; raise it (LLaVA-1.5 uses 2048)")
+                        f"{geometry.tokens_of()} tokens plus text; raise it (LLaVA-1.5 uses 2048)")
     sources = [image_source(path, stage.image_folder) for path in stage.data]
-    key = _cache_key(stage, sources, tokenizer, image_token_id, n_image_tokens)
+    key = _cache_key(stage, sources, tokenizer, image_token_id, geometry)
     folder = Path(cache_dir or Path.home() / ".cache" / "qllava") / "tokenized" / key
-    how = Tokenization(tokenizer, stage.template, image_token_id, n_image_tokens, stage.max_seq_len)
+    how = Tokenization(tokenizer, stage.template, image_token_id, geometry, stage.max_seq_len)
     cached = _cache_still_true(folder)
     if not cached:
         files = [_DataFile(path, i, stage.image_folder if _is_llava_json(path) else "") for i, path in enumerate(stage.data)]
@@ -442,17 +438,6 @@ def _batched(items, size: int) -> Iterator[list]:
         yield batch
 
 
-def pad_to_square(image: Image.Image, image_mean: list[float]) -> Image.Image:
-    """LLaVA's expand2square: centre on a square of the image-mean colour (truncated to ints, as LLaVA does)."""
-    width, height = image.size
-    if width == height:
-        return image
-    size = max(width, height)
-    canvas = Image.new(image.mode, (size, size), tuple(int(x * 255) for x in image_mean))
-    canvas.paste(image, ((size - width) // 2, (size - height) // 2))
-    return canvas
-
-
 def _json_samples(path: Path) -> Iterator:
     """The items of a JSON list (.json) or the lines of a .jsonl file, read as a stream: memory holds a window of
     the file and one sample, never the whole file or all of its samples."""
@@ -623,14 +608,14 @@ def _is_llava_json(path: str) -> bool:
     return path.endswith((".json", ".jsonl"))
 
 
-def _cache_key(stage, sources: list, tokenizer, image_token_id: int, n_image_tokens: int) -> str:
+def _cache_key(stage, sources: list, tokenizer, image_token_id: int, geometry: ImageGeometry) -> str:
     """What the prepared samples depend on: each data file's identity, the template, the tokenizer and the image
     geometry. Which images exist is checked apart (_cache_still_true): it changes without any file changing."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     key = {"version": CACHE_VERSION, "files": [_file_identity(path, where) for path, where in zip(stage.data, sources)],
            "image_folder": str(Path(stage.image_folder).resolve()), "template": stage.template,
-           "max_seq_len": stage.max_seq_len, "image_token_id": image_token_id, "n_image_tokens": n_image_tokens,
+           "max_seq_len": stage.max_seq_len, "image_token_id": image_token_id, "geometry": asdict(geometry),
            "tokenizer": hashlib.sha256(vocab.encode()).hexdigest(), "bos": tokenizer.bos_token,
            "eos": tokenizer.eos_token}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]

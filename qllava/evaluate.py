@@ -17,7 +17,8 @@ from pathlib import Path
 
 from . import scorers
 from .data import DataError
-from .inference import Loaded, blank_image, generate, load_for_inference, open_image, prepared, prompt_ids
+from .inference import Loaded, blank_image, generate, load_for_inference, prompt_ids
+from .vision import open_image
 
 
 def evaluate(model_path: str | Path, benchmark: str, data: str, images: str = "", out: str | Path | None = None,
@@ -68,7 +69,7 @@ def answer(loaded: Loaded, items: list[scorers.EvalItem], images: str, max_new_t
         prompts.append(prompt_ids(loaded, [("user", question)]))
         if item.image:
             pictures.append(blank_image(loaded) if blank_images else
-                            prepared(loaded, open_image(os.path.join(images, item.image))))
+                            open_image(os.path.join(images, item.image)))
     return generate(loaded, prompts, pictures, max_new_tokens)
 
 

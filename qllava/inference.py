@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import model as modeling, templates
-from .data import DataError, encode, expand_images, pad_to_square
+from . import model as modeling, templates, vision
+from .data import encode, expand_images
 
 QLLAVA_FILE = "qllava.json"
 
@@ -32,8 +32,8 @@ class Loaded:
     """"run" (4-bit base + adapter) or "merged"."""
 
     @property
-    def n_image_tokens(self) -> int:
-        return modeling.image_tokens_per_image(self.model.config)
+    def geometry(self) -> vision.ImageGeometry:
+        return modeling.image_geometry(self.model.config, self.processor.image_processor)
 
 
 def load_for_inference(path: str | Path, quantized: bool = True) -> Loaded:
@@ -66,37 +66,19 @@ def prompt_ids(loaded: Loaded, turns: list[tuple[str, str]]) -> list[int]:
                                     generation_prompt=True)
     image_token_id = tokenizer.convert_tokens_to_ids(templates.IMAGE_TAG)
     ids = encode(rendered, tokenizer, image_token_id)[0]
-    return expand_images(ids, image_token_id, [loaded.n_image_tokens] * ids.count(image_token_id)).tolist()
-
-
-def open_image(path: str | Path) -> Image.Image:
-    """An image file as RGB, or a clear error naming it."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"image {path}: file not found") from None
-    except (OSError, ValueError) as e:
-        raise DataError(f"image {path}: cannot be read as an image ({e})") from None
-
-
-def prepared(loaded: Loaded, image: Image.Image) -> Image.Image:
-    """The image as training saw it (LLaVA-1.5's pad-to-square when the stage used it)."""
-    if loaded.image_aspect_ratio == "pad":
-        return pad_to_square(image, loaded.processor.image_processor.image_mean)
-    return image
+    widths = [loaded.geometry.tokens_of() for _ in range(ids.count(image_token_id))]
+    return expand_images(ids, image_token_id, widths).tolist()
 
 
 def blank_image(loaded: Loaded) -> Image.Image:
-    """The image-mean colour: after CLIP normalization every pixel is ~0, the image says nothing."""
-    processor = loaded.processor.image_processor
-    size = processor.crop_size
-    return Image.new("RGB", (size["width"], size["height"]), tuple(int(x * 255) for x in processor.image_mean))
+    """An image that says nothing (the held-out control): the image-mean colour at the processor's size."""
+    return vision.blank_image(loaded.processor.image_processor)
 
 
 def generate(loaded: Loaded, prompts: list[list[int]], images: list[Image.Image], max_new_tokens: int,
              streamer=None, **sampling) -> list[str]:
-    """Answers to left-padded prompts; `images` (already prepared) in the order of their image tokens."""
+    """Answers to left-padded prompts; `images` (RGB, prepared here as in training) in the order of their image
+    tokens."""
     model, tokenizer = loaded.model, loaded.processor.tokenizer
     width = max(len(p) for p in prompts)
     device = next(model.parameters()).device
@@ -107,7 +89,7 @@ def generate(loaded: Loaded, prompts: list[list[int]], images: list[Image.Image]
         mask[i, width - len(p):] = 1
     inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
     if images:
-        pixels = loaded.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        pixels = vision.pixel_values(images, loaded.processor.image_processor, loaded.image_aspect_ratio)
         inputs["pixel_values"] = pixels.to(device)
     dtype = model.get_input_embeddings().weight.dtype
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()

@@ -115,7 +115,7 @@ def _verification_batch(recipe, stage_dir: Path, processor, n: int = 4) -> dict 
     config = modeling.load_llava_config(recipe.model)
     image_token_id = tokenizer.convert_tokens_to_ids(modeling.IMAGE_TOKEN)
     samples = tokenize_dataset(conversations, stage.template, tokenizer, image_token_id,
-                               modeling.image_tokens_per_image(config), 10**6, DataReport())
+                               modeling.image_geometry(config, processor.image_processor), 10**6, DataReport())
     collator = Collator(ImageStore([where]), processor.image_processor, stage.image_aspect_ratio,
                         tokenizer.pad_token_id, image_token_id, packing=False)
     batch = collator.batch([[sample] for sample in samples])

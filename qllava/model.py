@@ -72,6 +72,8 @@ def build_image_processor(cfg: ModelConfig):
     """The vision tower's image processor (or `image_processor`'s) with the recipe's image settings; for the
     shipped recipes' tower, the copy shipped with qllava when it is not cached (plans work offline)."""
     settings = dict(image_size=cfg.image_size, image_mean=cfg.image_mean, image_std=cfg.image_std)
+    if cfg.llava:
+        return vision.load_image_processor(cfg.llava, cfg.image_processor, **settings)
     source = cfg.image_processor or cfg.vision_tower
     if source in PACKAGED_CONFIGS and _local_folder(source) is None:
         from importlib.resources import files
@@ -80,10 +82,10 @@ def build_image_processor(cfg: ModelConfig):
     return vision.load_image_processor(cfg.vision_tower, cfg.image_processor, **settings)
 
 
-def image_tokens_per_image(config, image_processor) -> int:
-    """Image tokens each image becomes in input_ids, for a LlavaConfig and its image processor (the vision seam)."""
-    return vision.tokens_per_image(config.vision_config, image_processor, config.vision_feature_select_strategy,
-                                   config.vision_feature_layer)
+def image_geometry(config, image_processor) -> vision.ImageGeometry:
+    """How many tokens an image becomes, for a LlavaConfig and its image processor (the vision seam's answer)."""
+    return vision.image_geometry(config.vision_config, image_processor, config.vision_feature_select_strategy,
+                                 config.vision_feature_layer)
 
 
 # Configs of the shipped recipes' checkpoints, so that they can be planned without the hub.

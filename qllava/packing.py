@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import datasets
 import torch
 
-from .data import ImageStore, expand_sample, pad_to_square
+from . import vision
+from .data import ImageStore, expand_sample
 
 REAL_TOKENS = "qllava_real_tokens"
 """Batch key: the batch's real (not padding) tokens. The trainer takes it out before the model sees the batch."""
@@ -209,11 +210,7 @@ class Collator:
     def pixel_values(self, samples: list[dict]) -> torch.Tensor | None:
         """Images of the samples that have one, in sample order (the order of their image tokens)."""
         images = [self.images.open(s["source"], s["image"]) for s in samples if s["image"]]
-        if not images:
-            return None
-        if self.image_aspect_ratio == "pad":
-            images = [pad_to_square(img, self.image_processor.image_mean) for img in images]
-        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return vision.pixel_values(images, self.image_processor, self.image_aspect_ratio) if images else None
 
 
 def packed_vs_unpacked_error(model, packed: Collator, unpacked: Collator, micro_batches: list[list[list[dict]]]) -> float:

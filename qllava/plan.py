@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from . import model as modeling
+from .vision import output_size, tower_tokens
 from .recipe import Recipe
 
 GIB = 2**30
@@ -35,7 +36,7 @@ class Counts:
     decoder_linear: int
     """The linear layers of the decoder's blocks: what is quantized to 4-bit."""
     embeddings: int
-    """Input embeddings and lm_head."""
+    """Input embeddings and lm_head (once when they are tied, as SmolLM2's are)."""
     decoder_other: int
     """Norms and any other decoder parameter."""
     lora: int
@@ -54,7 +55,8 @@ def count_parameters(recipe: Recipe) -> Counts:
         model = LlavaForConditionalGeneration(config)
     vision = sum(p.numel() for p in model.model.vision_tower.parameters())
     projector = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
-    embeddings = model.get_input_embeddings().weight.numel() + model.lm_head.weight.numel()
+    embedding, head = model.get_input_embeddings().weight, model.lm_head.weight
+    embeddings = embedding.numel() + (0 if head is embedding else head.numel())
     linear, largest, lora, other = 0, 0, 0, 0
     targets = re.compile(rf".*\.({'|'.join(recipe.lora.target_modules)})$")
     for name, module in model.model.language_model.named_modules():
@@ -93,8 +95,9 @@ def estimate(recipe: Recipe, stage: str, counts: Counts, tokens: int | None = No
     else:
         activations = text.num_hidden_layers * tokens * layer_per_token
         recompute = counts.largest_linear * dtype
-    images = math.ceil(tokens / (modeling.image_tokens_per_image(config) + 64))
-    vision_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    image_processor = modeling.build_image_processor(recipe.model)
+    images = math.ceil(tokens / (modeling.image_geometry(config, image_processor).tokens_of() + 64))
+    vision_tokens = tower_tokens(vision, *output_size(image_processor), config.vision_feature_layer)
     parts = {
         "decoder_4bit" if q.load_in_4bit else "decoder_linear": counts.decoder_linear * per_weight,
         "frozen_base": (counts.vision_tower + frozen_embeddings + counts.decoder_other) * dtype,

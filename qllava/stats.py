@@ -17,15 +17,15 @@ def stage_stats(recipe: Recipe, name: str, bins: int = 12) -> dict:
     cfg = getattr(recipe, name)
     processor = modeling.build_processor(recipe.model)
     tokenizer = processor.tokenizer
-    n_image_tokens = modeling.image_tokens_per_image(modeling.load_llava_config(recipe.model))
+    geometry = modeling.image_geometry(modeling.load_llava_config(recipe.model), processor.image_processor)
     dataset, _, report = build_stage_dataset(cfg, tokenizer, tokenizer.convert_tokens_to_ids(modeling.IMAGE_TOKEN),
-                                             n_image_tokens, recipe.data.cache_dir, name, recipe.data.num_proc)
+                                             geometry, recipe.data.cache_dir, name, recipe.data.num_proc)
     lengths = list(dataset["length"])
     rows = Rows(dataset, cfg.max_seq_len, packing=True, seed=cfg.seed)
     batch = cfg.per_device_train_batch_size
     return {
         "stage": name, "samples": report.used, "skipped": dict(report.skipped), "examples": report.examples,
-        "tokens": report.tokens, "label_tokens": report.label_tokens, "image_tokens_per_image": n_image_tokens,
+        "tokens": report.tokens, "label_tokens": report.label_tokens, "image_tokens_per_image": geometry.tokens_of(),
         "with_image": report.with_image, "max_seq_len": cfg.max_seq_len,
         "length_min": min(lengths), "length_mean": sum(lengths) / len(lengths), "length_max": max(lengths),
         "histogram": histogram(lengths, cfg.max_seq_len, bins),

@@ -107,9 +107,9 @@ def run_stage(recipe: Recipe, name: str, progress=None, say=print, heldout: "Hel
 
     tokenizer = processor.tokenizer
     image_token_id = tokenizer.convert_tokens_to_ids(modeling.IMAGE_TOKEN)
-    n_image_tokens = modeling.image_tokens_per_image(model.config)
+    geometry = modeling.image_geometry(model.config, processor.image_processor)
     with state.main_process_first():  # the main process tokenizes and caches; the others read the cache
-        dataset, images, report = build_stage_dataset(cfg, tokenizer, image_token_id, n_image_tokens,
+        dataset, images, report = build_stage_dataset(cfg, tokenizer, image_token_id, geometry,
                                                       recipe.data.cache_dir, name, recipe.data.num_proc)
     say(f"{name}: {report.used} samples, {report.tokens:,} tokens ({report.label_tokens:,} trained)"
         + "".join(f"; skipped {n}: {reason} (e.g. {', '.join(report.examples[reason])})"

@@ -1,5 +1,5 @@
 """Everything about images, in one place: which vision tower class a checkpoint loads as, how many tokens an
-image becomes, how an image is read and prepared (LLaVA's pad, or crop), the blank image and pixel_values.
+image becomes, how an image file is read and prepared (LLaVA's pad, or crop), the blank image and pixel_values.
 
 Nothing else computes an image's token count: data, packing, stats, plan, merge and inference ask
 `tokens_per_image`. The count is read off the tower itself: its forward pass is run on the meta device (no
@@ -8,6 +8,8 @@ registers and SigLIP's lack of any prefix are all counted as the tower really pr
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -118,6 +120,34 @@ def tokens_per_image(config, image_processor, select_strategy: str, feature_laye
                               "patch): set \"full\"")
         tokens -= 1
     return tokens
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """How many tokens an image becomes. LLaVA-1.5 resizes every image to the processor's one size, so the count
+    is fixed; the per-image method is what data and inference call, so that a scheme whose count depends on
+    the image's size (LLaVA-NeXT's anyres) changes this class only."""
+
+    tokens: int
+
+    def tokens_of(self, size: tuple[int, int] | None = None) -> int:
+        """Tokens of an image of `size` (width, height); the largest an image can take when None."""
+        return self.tokens
+
+
+def image_geometry(config, image_processor, select_strategy: str, feature_layer: int = -2) -> ImageGeometry:
+    return ImageGeometry(tokens_per_image(config, image_processor, select_strategy, feature_layer))
+
+
+def open_image(path) -> Image.Image:
+    """An image file as RGB, or an error naming the file."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise VisionError(f"image {path}: file not found") from None
+    except (OSError, ValueError) as e:
+        raise VisionError(f"image {path}: cannot be read as an image ({e})") from None
 
 
 def pad_to_square(image: Image.Image, image_mean) -> Image.Image:

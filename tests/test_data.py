@@ -8,7 +8,8 @@ import datasets
 import pytest
 from PIL import Image
 
-from qllava.data import DataError, DataReport, ImageStore, build_stage_dataset, pad_to_square, read_conversations
+from qllava.data import DataError, DataReport, ImageStore, build_stage_dataset, read_conversations
+from qllava.vision import ImageGeometry, VisionError, pad_to_square
 from qllava.recipe import StageConfig
 
 
@@ -135,7 +136,7 @@ def test_grayscale_rgba_and_palette_images_open_as_rgb(tmp_path):
 def test_corrupt_image_names_the_file(tmp_path):
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "bad.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match="bad.png: cannot be read"):
+    with pytest.raises(VisionError, match="bad.png: cannot be read"):
         ImageStore([str(tmp_path / "img")]).open(0, "bad.png")
 
 
@@ -153,13 +154,13 @@ def test_stage_dataset_drops_too_long_samples_counts_them_and_is_cached(tmp_path
     path = write(tmp_path, [chat("<image>\nq", "red", name, "short"), chat("<image>\nq", long_answer, name, "long")])
     stage = StageConfig(data=[path], image_folder=str(tmp_path / "img"), template="mistral_instruct", max_seq_len=64)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    dataset, images, report = build_stage_dataset(stage, tokenizer, image_id, 16, str(tmp_path / "cache"), "stage2")
+    dataset, images, report = build_stage_dataset(stage, tokenizer, image_id, ImageGeometry(16), str(tmp_path / "cache"), "stage2")
     assert dataset["id"] == ["short"] and report.used == 1
     assert report.skipped == {"longer than max_seq_len (64 tokens, image tokens included)": 1}
     assert dataset[0]["input_ids"].count(image_id) == 1 and dataset[0]["image_tokens"] == [16]
     assert dataset[0]["length"] == len(dataset[0]["input_ids"]) - 1 + 16
     assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 1
-    again, _, report_again = build_stage_dataset(stage, tokenizer, image_id, 16, str(tmp_path / "cache"), "stage2")
+    again, _, report_again = build_stage_dataset(stage, tokenizer, image_id, ImageGeometry(16), str(tmp_path / "cache"), "stage2")
     assert again["input_ids"] == dataset["input_ids"] and report_again.skipped == report.skipped
 
 
@@ -167,7 +168,7 @@ def test_empty_dataset_after_filtering_is_an_error(tmp_path, tokenizer):
     path = write(tmp_path, [chat("q", "", None, "empty-answer"), {"id": "x"}, chat("q", "a", None, "y")])
     stage = StageConfig(data=[path], template="plain", max_seq_len=64)
     with pytest.raises(DataError) as e:
-        build_stage_dataset(stage, tokenizer, 5, 16, str(tmp_path / "cache"), "stage1")
+        build_stage_dataset(stage, tokenizer, 5, ImageGeometry(16), str(tmp_path / "cache"), "stage1")
     assert str(e.value) == (f"stage1: no trainable samples left in {path} (1 an assistant turn is empty; "
                             '1 no "conversations" list; 1 the plain template needs an image (it renders only '
                             '<image> + caption))')
@@ -176,7 +177,7 @@ def test_empty_dataset_after_filtering_is_an_error(tmp_path, tokenizer):
 def test_max_seq_len_shorter_than_an_image(tmp_path, tokenizer):
     stage = StageConfig(data=["x.json"], template="vicuna_v1", max_seq_len=10)
     with pytest.raises(DataError, match="stage1.max_seq_len: 10 is shorter than one image's 16 tokens"):
-        build_stage_dataset(stage, tokenizer, 5, 16, str(tmp_path), "stage1")
+        build_stage_dataset(stage, tokenizer, 5, ImageGeometry(16), str(tmp_path), "stage1")
 
 
 ADVERSARIAL = [
@@ -248,8 +249,8 @@ def test_parallel_preparation_equals_one_process(tmp_path, tokenizer, monkeypatc
     stage = StageConfig(data=[mix(tmp_path)], image_folder=str(tmp_path / "img"), template="vicuna_v1",
                         max_seq_len=256)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    one, _, report_one = build_stage_dataset(stage, tokenizer, image_id, 16, str(tmp_path / "c1"), "stage2", num_proc=1)
-    two, _, report_two = build_stage_dataset(stage, tokenizer, image_id, 16, str(tmp_path / "c2"), "stage2", num_proc=2)
+    one, _, report_one = build_stage_dataset(stage, tokenizer, image_id, ImageGeometry(16), str(tmp_path / "c1"), "stage2", num_proc=1)
+    two, _, report_two = build_stage_dataset(stage, tokenizer, image_id, ImageGeometry(16), str(tmp_path / "c2"), "stage2", num_proc=2)
     assert one.to_dict() == two.to_dict() and len(one) == 16
     assert one["id"] == [f"s{i}" for i in range(23) if i % 7 != 3 and i % 5 != 4]
     assert (report_two.preparation["processes"], report_one.preparation["processes"]) == (2, 1)
@@ -261,7 +262,8 @@ def test_parallel_preparation_equals_one_process(tmp_path, tokenizer, monkeypatc
 
 
 def prepare(stage, tokenizer, cache):
-    return build_stage_dataset(stage, tokenizer, tokenizer.convert_tokens_to_ids("<image>"), 16, str(cache), "stage2")
+    return build_stage_dataset(stage, tokenizer, tokenizer.convert_tokens_to_ids("<image>"), ImageGeometry(16), str(cache),
+                               "stage2")
 
 
 def test_cache_follows_the_data_file(tmp_path, tokenizer):

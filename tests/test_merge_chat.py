@@ -9,7 +9,7 @@ import pytest
 
 from qllava.chat import Chat
 from qllava.cli import main
-from qllava.data import DataError
+from qllava.vision import VisionError
 from qllava.merge import merge
 
 
@@ -112,10 +112,10 @@ def test_chat_on_run_and_merged_folders(kind, trained_run, merged_fp32, tiny_inp
 
 
 def test_chat_refuses_a_missing_or_unreadable_image(trained_run, tmp_path):
-    with pytest.raises(DataError, match="nope.png: file not found"):
+    with pytest.raises(VisionError, match="nope.png: file not found"):
         Chat(trained_run, tmp_path / "nope.png")
     (tmp_path / "bad.png").write_text("not an image")
-    with pytest.raises(DataError, match="bad.png: cannot be read as an image"):
+    with pytest.raises(VisionError, match="bad.png: cannot be read as an image"):
         Chat(trained_run, tmp_path / "bad.png")
 
 

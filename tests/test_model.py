@@ -20,7 +20,7 @@ def processor(recipe):
 
 def batch(model, processor, seed=0):
     g = torch.Generator().manual_seed(seed)
-    n_image = modeling.image_tokens_per_image(model.config)
+    n_image = modeling.image_geometry(model.config, processor.image_processor).tokens_of()
     text = torch.randint(3, 300, (1, 12), generator=g)
     ids = torch.cat([torch.tensor([[1]]), torch.full((1, n_image), model.config.image_token_id), text], dim=1)
     labels = ids.clone()

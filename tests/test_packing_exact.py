@@ -34,7 +34,7 @@ def samples(recipe, processor) -> list[dict]:
     tok = processor.tokenizer
     config = modeling.load_llava_config(recipe.model)
     ds = tokenize_dataset(chosen, stage.template, tok, tok.convert_tokens_to_ids("<image>"),
-                          modeling.image_tokens_per_image(config), stage.max_seq_len, DataReport())
+                          modeling.image_geometry(config, processor.image_processor), stage.max_seq_len, DataReport())
     return [ds[i] for i in range(len(ds))]
 
 

@@ -9,9 +9,10 @@ import logging
 import os
 import re
 import sys
+import textwrap
 import warnings
 
-from .recipe import BENCHMARKS
+from .scorers import BENCHMARKS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.set_defaults(run=cmd_chat)
 
     ev = commands.add_parser("eval", help="answer a benchmark's questions (resumable) and score them",
-                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EVAL_FORMATS)
+                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=eval_formats())
     ev.add_argument("model", metavar="MODEL_OR_RUN", help="a run folder or a merged folder")
     ev.add_argument("--benchmark", required=True, choices=BENCHMARKS)
     ev.add_argument("--data", required=True, help="the question file, in LLaVA's format")
@@ -213,21 +214,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-EVAL_FORMATS = """question files (official LLaVA's; every line is one question, whatever its id):
-  scienceqa  llava_test_CQM-A.json (conversations; "A. text" choice lines, gpt turn the letter) [+ --annotations
-             problems.json]
-  pope       llava_pope_test.jsonl (question_id, image, text, category) + --annotations DIR of coco_pope_*.json
-  vqa        jsonl (question_id, image, text[, answers: ten (TextVQA) or answer: one (GQA)]) [+ --annotations
-             TextVQA_0.5.1_val.json or GQA testdev_balanced_questions.json], or LLaVA JSON whose first gpt turn
-             is the answer
-  mme        llava_mme.jsonl (question_id, image, text, category) + --annotations MME_Benchmark_release_version
-answers file: LLaVA's model_vqa*.py records (question_id, prompt, text, answer_id, model_id, metadata), which
-LLaVA's eval_science_qa.py, eval_pope.py, eval_textvqa.py, convert_gqa_for_eval.py and MME's tools read
-"""
+def eval_formats() -> str:
+    """`qllava eval --help`'s epilog: each benchmark's files, from the table in scorers."""
+    lines = ["question files (official LLaVA's; every line is one question, whatever its id):"]
+    for name, benchmark in BENCHMARKS.items():
+        lines.append(textwrap.fill(benchmark.files, 110, initial_indent=f"  {name:<10} ", subsequent_indent=" " * 13))
+    lines.append("answers file: LLaVA's model_vqa*.py records (question_id, prompt, text, answer_id, model_id, metadata), "
+                 "which\nLLaVA's eval_science_qa.py, eval_pope.py, eval_textvqa.py, convert_gqa_for_eval.py and MME's "
+                 "tools read")
+    return "\n".join(lines) + "\n"
 
 
 def _user_errors() -> tuple:
-    from .data import DataError
+    from .errors import DataError
     from .recipe import RecipeError
     from .merge import MergeError
     from .model import BaseMismatchError

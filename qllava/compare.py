@@ -9,7 +9,7 @@ import json
 import random
 from pathlib import Path
 
-from .data import DataError
+from .errors import DataError
 from .evaluate import metrics_file
 
 BOOTSTRAP_SAMPLES = 2000

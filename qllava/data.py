@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from . import templates
+from .errors import DataError
 from .templates import IMAGE_TAG, TemplateError
 from .tokenizer import ids_and_offsets
 from .vision import ImageGeometry, open_image
@@ -55,10 +56,6 @@ JOB_SAMPLES = 1000
 JSON_WINDOW_CHARS = 1 << 22
 MAX_SAMPLE_CHARS = 1 << 26
 """A JSON list item still undecoded after this many characters is a syntax error, not a long sample."""
-
-
-class DataError(ValueError):
-    """A problem with a data file or a data setting, naming the file or the recipe key."""
 
 
 @dataclass

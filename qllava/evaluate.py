@@ -1,4 +1,5 @@
-"""`qllava eval`: batched greedy answers to a benchmark's questions, resumable, and their scores.
+"""`qllava eval`: batched greedy answers to a benchmark's questions, resumable, and their scores; and the same
+code scoring the recipe's held-out questions during `qllava finetune` (HeldOut).
 
 Answers are appended to an answers file as each batch finishes, so an interrupted evaluation continues
 where it stopped: questions already in the file are not asked again. The file's lines are the records
@@ -16,8 +17,9 @@ import uuid
 from pathlib import Path
 
 from . import scorers
-from .data import DataError
-from .inference import Loaded, blank_image, generate, load_for_inference, prompt_ids
+from .errors import DataError
+from .inference import QLLAVA_FILE, Loaded, blank_image, generate, load_for_inference, prompt_ids
+from .run import RunFolder
 from .vision import open_image
 
 
@@ -79,6 +81,36 @@ def answer_record(item: scorers.EvalItem, text: str, model_id: str, fingerprint:
             "model_id": model_id, "metadata": {"key": item.question_id, "model_fingerprint": fingerprint}}
 
 
+class HeldOut:
+    """The recipe's [eval] questions, scored by `qllava eval`'s code at the points it names (before, stage1,
+    stage2, blank_images: stage 2 with blank images in place of the real ones)."""
+
+    def __init__(self, recipe, say=print, done: dict | None = None):
+        self.recipe, self.say = recipe, say
+        self.items = scorers.load_items(recipe.eval.benchmark, recipe.eval.data)
+        self.items = self.items[:recipe.eval.limit] if recipe.eval.limit else self.items
+        self.scores: dict = {k: v for k, v in (done or {}).items() if k.startswith(("accuracy_", "by_category_"))}
+
+    def score(self, point: str, model, processor, blank_images: bool = False) -> None:
+        """Score on the main process only (the others wait at the stage's end); points already scored are kept."""
+        from accelerate import PartialState
+        if point not in self.recipe.eval.at or f"accuracy_{point}" in self.scores or not PartialState().is_main_process:
+            return
+        cfg, stage2 = self.recipe.eval, self.recipe.stage2
+        loaded = Loaded(model, processor, stage2.template, stage2.image_aspect_ratio, "run")
+        answers = {}
+        for batch, texts in answer_batches(loaded, self.items, cfg.image_folder, cfg.batch_size,
+                                                    cfg.max_new_tokens, blank_images):
+            answers.update({item.question_id: text for item, text in zip(batch, texts)})
+        metrics, _ = scorers.score(cfg.benchmark, self.items, answers)
+        self.scores[f"accuracy_{point}"] = metrics["accuracy"]
+        self.scores[f"by_category_{point}"] = {k.removeprefix("accuracy_"): v for k, v in metrics.items()
+                                               if k.startswith("accuracy_")}
+        if "chance" in metrics:
+            self.scores["chance"] = metrics["chance"]
+        self.say(f"held-out accuracy {point}: {metrics['accuracy']:.3f} ({len(self.items)} questions)")
+
+
 def read_answers(path: Path, fingerprint: str | None = None) -> dict[str, str]:
     """question key -> answer text of an answers file; a line cut by a crash is ignored. Answers of another
     model (its weights changed since, or another folder) are refused rather than silently mixed in. A file
@@ -138,22 +170,24 @@ def metrics_file(answers: Path) -> Path:
 
 
 def default_answers_file(model_path: Path, benchmark: str, data: str) -> Path:
-    return model_path / "eval" / f"{benchmark}-{Path(data).stem}.jsonl"
+    folder = RunFolder(model_path).eval_dir if RunFolder.holds_run(model_path) else model_path / "eval"
+    return folder / f"{benchmark}-{Path(data).stem}.jsonl"
 
 
 def describe_model(path: Path) -> dict:
     """What a comparison labels a column with: backbone, template, recipe, data, steps."""
     run = path
-    info_file = path / "qllava.json"
+    info_file = path / QLLAVA_FILE
     if info_file.exists():  # a merged folder remembers its run
         run = Path(json.loads(info_file.read_text()).get("source_run", path))
-    stage = next((run / s for s in ("stage2", "stage1") if (run / s / "recipe.toml").exists()), None)
-    if stage is None:
+    try:
+        stage = RunFolder(run).final_stage()
+    except FileNotFoundError:  # a llava-hf folder, or a merged one whose run is gone
         return {"name": path.name, "path": str(path)}
     from .recipe import load_recipe
     recipe = load_recipe(stage / "recipe.toml")
     cfg = getattr(recipe, stage.name)
-    steps = json.loads((stage / "metrics.json").read_text()).get("steps") if (stage / "metrics.json").exists() else None
+    steps = json.loads((stage / "metrics.json").read_text()).get("steps")
     return {"name": path.name, "path": str(path), "backbone": recipe.model.llava or recipe.model.decoder,
             "vision_tower": recipe.model.vision_tower, "template": cfg.template, "recipe": recipe.source,
             "data": cfg.data, "stage": stage.name, "steps": steps}

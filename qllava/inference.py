@@ -17,6 +17,7 @@ from PIL import Image
 
 from . import model as modeling, templates, vision
 from .data import encode, expand_images
+from .run import RunFolder
 
 QLLAVA_FILE = "qllava.json"
 
@@ -39,9 +40,9 @@ class Loaded:
 def load_for_inference(path: str | Path, quantized: bool = True) -> Loaded:
     """A run folder (RUN with stage1/ or stage2/) or a merged / llava-hf folder (config.json)."""
     path = Path(path)
-    if (path / "stage2").is_dir() or (path / "stage1").is_dir():
+    if RunFolder.holds_run(path):
         model, processor, recipe = modeling.load_run(path, quantized=quantized)
-        stage = recipe.stage2 if (path / "stage2" / modeling.PROJECTOR_FILE).exists() else recipe.stage1
+        stage = getattr(recipe, RunFolder(path).final_stage().name)
         return Loaded(model, processor, stage.template, stage.image_aspect_ratio, "run")
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is neither a qllava run folder (stage1/, stage2/) nor a model folder "

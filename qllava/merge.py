@@ -22,6 +22,7 @@ from .data import DataReport, ImageStore, image_source, read_conversations, toke
 from .inference import QLLAVA_FILE
 from .packing import Collator
 from .recipe import load_recipe
+from .run import RunFolder
 from .tokenizer import adds_bos
 
 # Max |merged - unmerged| logit difference, relative to the largest logit magnitude (at least 1).
@@ -37,7 +38,7 @@ def merge(run_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", ove
           verify: bool = True, say=print) -> dict:
     """Merge a run into out_dir; return what was measured (diffs, size, time, peak RAM)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    stage_dir = _stage_dir(run_dir)
+    stage_dir = RunFolder(run_dir).final_stage()
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} already exists: pass --overwrite to replace it, or choose another --out")
     started = time.perf_counter()
@@ -79,14 +80,6 @@ def merge(run_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", ove
     report["peak_ram_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     (out_dir / "merge_report.json").write_text(json.dumps(report, indent=1))
     return report
-
-
-def _stage_dir(run_dir: Path) -> Path:
-    for stage in ("stage2", "stage1"):
-        if (run_dir / stage / modeling.PROJECTOR_FILE).exists() and (run_dir / stage / "recipe.toml").exists():
-            return run_dir / stage
-    raise FileNotFoundError(f"{run_dir} is not a qllava run folder: no stage2/ or stage1/ with "
-                            f"{modeling.PROJECTOR_FILE} and recipe.toml (run qllava finetune first)")
 
 
 def _load(build, recipe):

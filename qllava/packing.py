@@ -2,9 +2,10 @@
 
 Packed rows are exact, not approximate: transformers isolates the samples of a row (block-diagonal causal
 attention, or FlashAttention varlen) only when position_ids restart at 0 for every sample, the attention
-mask is None and no cache is built (STACK.md). The collator produces exactly that, masks the first label
-of every sample (so no sample learns from its predecessor's last token), widens each sample's image
-placeholders to the token count stored with each image, and orders pixel_values as their image tokens appear.
+mask is None and no cache is built (tests/test_packing_exact.py guards it). The collator produces exactly
+that, masks the first label of every sample (so no sample learns from its predecessor's last token), widens
+each sample's image placeholders to the token count stored with each image, and orders pixel_values as their
+image tokens appear.
 Unpacked rows are right-padded with an attention mask, the classic way.
 
 The collator is a pure function of the rows it is handed (Rows yields them), so DataLoader worker processes

@@ -19,8 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import DataError
-from .recipe import BENCHMARKS
+from .errors import DataError
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
@@ -49,9 +48,8 @@ def load_items(benchmark: str, data: str, annotations: str | None = None) -> lis
     if benchmark not in BENCHMARKS:
         raise DataError(f"unknown benchmark {benchmark!r}: one of {', '.join(BENCHMARKS)}")
     rows = _read_rows(Path(data))
-    reader = {"scienceqa": _scienceqa_items, "pope": _pope_items, "vqa": _vqa_items, "mme": _mme_items}[benchmark]
     try:
-        items = reader(rows, annotations, data)
+        items = BENCHMARKS[benchmark].read(rows, annotations, data)
     except DataError:
         raise
     except (KeyError, TypeError, ValueError, IndexError) as e:
@@ -76,8 +74,7 @@ def question_keys(ids) -> list[str]:
 
 def score(benchmark: str, items: list[EvalItem], answers: dict[str, str]) -> tuple[dict, dict[str, float]]:
     """(metrics, per-question score in [0, 1]) for the answered items; unanswered ones count as wrong."""
-    scorer = {"scienceqa": score_scienceqa, "pope": score_pope, "vqa": score_vqa, "mme": score_mme}[benchmark]
-    return scorer(items, answers)
+    return BENCHMARKS[benchmark].score(items, answers)
 
 
 # ---------------------------------------------------------------- ScienceQA (llava_test_CQM-A.json + problems.json)
@@ -494,3 +491,30 @@ def _with_suffix(question: str, suffix: str) -> str:
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else 0.0
+
+
+# ---------------------------------------------------------------- the benchmarks, declared once
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A benchmark in official LLaVA's file formats: how its question file is read, how answers are scored, and
+    which files it takes (`qllava eval --help`)."""
+
+    read: object
+    """(rows, annotations, data path) -> EvalItems"""
+    score: object
+    """(items, answers) -> (metrics, per-question scores)"""
+    files: str
+
+
+BENCHMARKS = {
+    "scienceqa": Benchmark(_scienceqa_items, score_scienceqa, 'llava_test_CQM-A.json (conversations; "A. text" '
+                           "choice lines, gpt turn the letter) [+ --annotations problems.json]"),
+    "pope": Benchmark(_pope_items, score_pope, "llava_pope_test.jsonl (question_id, image, text, category) + "
+                      "--annotations DIR of coco_pope_*.json"),
+    "vqa": Benchmark(_vqa_items, score_vqa, "jsonl (question_id, image, text[, answers: ten (TextVQA) or answer: "
+                     "one (GQA)]) [+ --annotations TextVQA_0.5.1_val.json or GQA testdev_balanced_questions.json], "
+                     "or LLaVA JSON whose first gpt turn is the answer"),
+    "mme": Benchmark(_mme_items, score_mme, "llava_mme.jsonl (question_id, image, text, category) + --annotations "
+                     "MME_Benchmark_release_version"),
+}

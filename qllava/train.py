@@ -13,7 +13,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,20 +23,16 @@ from accelerate.utils import gather_object
 from transformers import PrinterCallback, TrainerCallback, set_seed
 from trl import SFTConfig
 
-from . import evaluate, model as modeling, scorers, synthetic
+from . import model as modeling, synthetic
 from .data import available_cores, build_stage_dataset
-from .inference import Loaded
+from .evaluate import HeldOut
 from .packing import Collator, Rows, TokenCounts
 from .recipe import Recipe
+from .run import STAGES, RunFolder
 from .trainer import QllavaTrainer, latest_checkpoint
 
-STAGES = ("stage1", "stage2")
 # Run-level metrics each stage (re)measures: its own summary and the held-out points scored with it.
 REDONE = {"stage1": ("stage1", "_before"), "stage2": ("stage2", "_blank_images")}
-
-
-class RunExistsError(FileExistsError):
-    pass
 
 
 @dataclass
@@ -59,20 +54,21 @@ def finetune(recipe: Recipe, stages=STAGES, overwrite: bool = False, resume: boo
     """
     state = PartialState()
     say = say if state.is_main_process else _silent
+    run = RunFolder(recipe.run_dir)
     with state.main_process_first():
         if state.is_main_process:
-            _claim_run_dir(recipe.run_dir, stages, overwrite, resume)
+            run.claim(stages, overwrite, resume)
             if recipe.synthetic:
                 synthetic.prepare(recipe.synthetic, recipe.model.vision_tower, recipe.model.decoder, say=say)
-    metrics = _read_json(recipe.run_dir / "metrics.json")
+    metrics = _read_json(run.metrics_file)
     if not resume:  # what the stages about to run will measure again must not survive from an older run
         metrics = {k: v for k, v in metrics.items() if not any(k.endswith(p) for s in stages for p in REDONE[s])}
     heldout = HeldOut(recipe, say, done=metrics if resume else {}) if recipe.eval.at else None
     for name in stages:
-        if resume and stage_complete(recipe.run_dir / name):
-            say(f"{name}: already complete in {recipe.run_dir / name}, kept")
+        if resume and run.complete(name):
+            say(f"{name}: already complete in {run.stage(name)}, kept")
             continue
-        checkpoint = latest_checkpoint(recipe.run_dir / name / "checkpoints") if resume else None
+        checkpoint = latest_checkpoint(run.checkpoints(name)) if resume else None
         if checkpoint:
             say(f"{name}: resuming from {checkpoint}")
         result = run_stage(recipe, name, progress, say, heldout, checkpoint)
@@ -80,53 +76,20 @@ def finetune(recipe: Recipe, stages=STAGES, overwrite: bool = False, resume: boo
         if heldout:
             metrics.update(heldout.scores)
         if state.is_main_process:
-            _write_json(recipe.run_dir / "metrics.json", metrics)
+            _write_json(run.metrics_file, metrics)
     return metrics
 
 
-def stage_complete(stage_dir: Path) -> bool:
-    """A stage's metrics.json is written last: with it, everything else of the stage is there."""
-    return (stage_dir / "metrics.json").exists() and (stage_dir / modeling.PROJECTOR_FILE).exists()
-
-
-def run_stage(recipe: Recipe, name: str, progress=None, say=print, heldout: "HeldOut | None" = None,
+def run_stage(recipe: Recipe, name: str, progress=None, say=print, heldout: HeldOut | None = None,
               resume_from: Path | None = None) -> StageResult:
-    cfg = getattr(recipe, name)
-    out_dir = recipe.run_dir / name
+    """One stage: build its model, build its data, train, save; held-out points scored around it."""
     state = PartialState()
-    set_seed(cfg.seed)  # the fresh projector and LoRA weights are drawn from it: a rerun is identical
-    processor = modeling.build_processor(recipe.model)
-    model = modeling.load_base_model(recipe, processor)
-    _start_projector(model, recipe, name)
-    if name == "stage1" and heldout:
-        heldout.score("before", model, processor)
-    if name == "stage2":
-        model = modeling.attach_lora(model, recipe.lora)
-    modeling.projector(model).requires_grad_(True)
-    _trainable_to_float32(model)
-
-    tokenizer = processor.tokenizer
-    image_token_id = tokenizer.convert_tokens_to_ids(modeling.IMAGE_TOKEN)
-    geometry = modeling.image_geometry(model.config, processor.image_processor)
-    with state.main_process_first():  # the main process tokenizes and caches; the others read the cache
-        dataset, images, report = build_stage_dataset(cfg, tokenizer, image_token_id, geometry,
-                                                      recipe.data.cache_dir, name, recipe.data.num_proc)
-    say(f"{name}: {report.used} samples, {report.tokens:,} tokens ({report.label_tokens:,} trained)"
-        + "".join(f"; skipped {n}: {reason} (e.g. {', '.join(report.examples[reason])})"
-                  for reason, n in report.skipped.most_common()))
-    rows = Rows(dataset, cfg.max_seq_len, cfg.packing, cfg.seed)
-    collator = Collator(images, processor.image_processor, cfg.image_aspect_ratio, tokenizer.pad_token_id,
-                        image_token_id, packing=cfg.packing,
-                        flatten=model.config._attn_implementation == "flash_attention_2")
-    callbacks = [ProgressCallback(progress(name))] if progress else []
-    trainer = _build_trainer(model, processor, rows, collator, cfg, out_dir, callbacks,
-                             dataloader_num_workers(recipe.data.dataloader_num_workers))
-    started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    seconds = time.perf_counter() - started
-
+    model, processor = build_stage_model(recipe, name, heldout)
+    rows, collator, report = build_stage_data(recipe, name, model, processor, say)
+    trainer, seconds = train_stage(recipe, name, model, processor, rows, collator, progress, resume_from)
     metrics = _stage_metrics(trainer, report, trainer.token_counter.counts, seconds, name, model)
     metrics["steps_per_rank"] = gather_object([trainer.state.global_step])
+    out_dir = RunFolder(recipe.run_dir).stage(name)
     if state.is_main_process:
         _save_stage(model, processor, recipe, out_dir, metrics, trainer.state.log_history, name)
     if heldout:
@@ -137,33 +100,51 @@ def run_stage(recipe: Recipe, name: str, progress=None, say=print, heldout: "Hel
     return StageResult(name, out_dir, metrics, model)
 
 
-class HeldOut:
-    """The recipe's [eval] questions, scored by `qllava eval`'s code at the points it names (before, stage1,
-    stage2, blank_images: stage 2 with blank images in place of the real ones)."""
+def build_stage_model(recipe: Recipe, name: str, heldout: HeldOut | None = None):
+    """(model, processor) of a stage, ready to train: the frozen base, its projector where the stage starts from
+    (trainable), and for stage 2 the LoRA adapter. The "before" point is scored on stage 1's untrained model."""
+    set_seed(getattr(recipe, name).seed)  # the fresh projector and LoRA weights are drawn from it: a rerun is identical
+    processor = modeling.build_processor(recipe.model)
+    model = modeling.load_base_model(recipe, processor)
+    _start_projector(model, recipe, name)
+    if name == "stage1" and heldout:
+        heldout.score("before", model, processor)
+    if name == "stage2":
+        model = modeling.attach_lora(model, recipe.lora)
+    modeling.projector(model).requires_grad_(True)
+    _trainable_to_float32(model)
+    return model, processor
 
-    def __init__(self, recipe: Recipe, say=print, done: dict | None = None):
-        self.recipe, self.say = recipe, say
-        self.items = scorers.load_items(recipe.eval.benchmark, recipe.eval.data)
-        self.items = self.items[:recipe.eval.limit] if recipe.eval.limit else self.items
-        self.scores: dict = {k: v for k, v in (done or {}).items() if k.startswith(("accuracy_", "by_category_"))}
 
-    def score(self, point: str, model, processor, blank_images: bool = False) -> None:
-        """Score on the main process only (the others wait at the stage's end); points already scored are kept."""
-        if point not in self.recipe.eval.at or f"accuracy_{point}" in self.scores or not PartialState().is_main_process:
-            return
-        cfg, stage2 = self.recipe.eval, self.recipe.stage2
-        loaded = Loaded(model, processor, stage2.template, stage2.image_aspect_ratio, "run")
-        answers = {}
-        for batch, texts in evaluate.answer_batches(loaded, self.items, cfg.image_folder, cfg.batch_size,
-                                                    cfg.max_new_tokens, blank_images):
-            answers.update({item.question_id: text for item, text in zip(batch, texts)})
-        metrics, _ = scorers.score(cfg.benchmark, self.items, answers)
-        self.scores[f"accuracy_{point}"] = metrics["accuracy"]
-        self.scores[f"by_category_{point}"] = {k.removeprefix("accuracy_"): v for k, v in metrics.items()
-                                               if k.startswith("accuracy_")}
-        if "chance" in metrics:
-            self.scores["chance"] = metrics["chance"]
-        self.say(f"held-out accuracy {point}: {metrics['accuracy']:.3f} ({len(self.items)} questions)")
+def build_stage_data(recipe: Recipe, name: str, model, processor, say=print) -> tuple[Rows, Collator, object]:
+    """(rows, collator, data report) of a stage: its data prepared (or read from the cache) and counted."""
+    cfg = getattr(recipe, name)
+    tokenizer = processor.tokenizer
+    image_token_id = tokenizer.convert_tokens_to_ids(modeling.IMAGE_TOKEN)
+    geometry = modeling.image_geometry(model.config, processor.image_processor)
+    with PartialState().main_process_first():  # the main process tokenizes and caches; the others read the cache
+        dataset, images, report = build_stage_dataset(cfg, tokenizer, image_token_id, geometry,
+                                                      recipe.data.cache_dir, name, recipe.data.num_proc)
+    say(f"{name}: {report.used} samples, {report.tokens:,} tokens ({report.label_tokens:,} trained)"
+        + "".join(f"; skipped {n}: {reason} (e.g. {', '.join(report.examples[reason])})"
+                  for reason, n in report.skipped.most_common()))
+    rows = Rows(dataset, cfg.max_seq_len, cfg.packing, cfg.seed)
+    collator = Collator(images, processor.image_processor, cfg.image_aspect_ratio, tokenizer.pad_token_id,
+                        image_token_id, packing=cfg.packing,
+                        flatten=model.config._attn_implementation == "flash_attention_2")
+    return rows, collator, report
+
+
+def train_stage(recipe: Recipe, name: str, model, processor, rows: Rows, collator: Collator, progress=None,
+                resume_from: Path | None = None) -> tuple[QllavaTrainer, float]:
+    """(trainer, seconds) after training a stage's model on its rows (from a checkpoint when given)."""
+    callbacks = [ProgressCallback(progress(name))] if progress else []
+    trainer = _build_trainer(model, processor, rows, collator, getattr(recipe, name),
+                             RunFolder(recipe.run_dir).checkpoints(name), callbacks,
+                             dataloader_num_workers(recipe.data.dataloader_num_workers))
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    return trainer, time.perf_counter() - started
 
 
 class ProgressCallback(TrainerCallback):
@@ -199,7 +180,7 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _build_trainer(model, processor, rows: Rows, collator: Collator, cfg, out_dir: Path, callbacks,
+def _build_trainer(model, processor, rows: Rows, collator: Collator, cfg, checkpoints: Path, callbacks,
                    num_workers: int = 0):
     """The trainer of a stage. With num_workers > 0, DataLoader worker processes build the batches (images decoded
     and preprocessed there). They are started anew each epoch (not persistent): each starts from the rows that
@@ -207,7 +188,7 @@ def _build_trainer(model, processor, rows: Rows, collator: Collator, cfg, out_di
     cuda = torch.cuda.is_available()
     dtype = model.get_input_embeddings().weight.dtype
     args = SFTConfig(
-        output_dir=str(out_dir / "checkpoints"), per_device_train_batch_size=cfg.per_device_train_batch_size,
+        output_dir=str(checkpoints), per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_ratio,
         lr_scheduler_type=cfg.lr_scheduler_type, weight_decay=cfg.weight_decay, seed=cfg.seed,
@@ -275,7 +256,7 @@ def _start_projector(model, recipe: Recipe, name: str) -> None:
     source = recipe.stage2.projector
     if source in ("fresh", "model"):
         return
-    path = recipe.run_dir / "stage1" / modeling.PROJECTOR_FILE if source == "stage1" else Path(source)
+    path = RunFolder(recipe.run_dir).stage("stage1") / modeling.PROJECTOR_FILE if source == "stage1" else Path(source)
     if not path.exists():
         raise FileNotFoundError(
             f"stage 2 starts from the stage-1 projector {path}, which does not exist: run stage 1 first "
@@ -325,23 +306,6 @@ def _plot_loss(log_history: list, path: Path, title: str) -> None:
     ax.set(xlabel="optimizer step", ylabel="training loss", title=f"{title} loss")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-
-
-def _claim_run_dir(run_dir: Path, stages, overwrite: bool, resume: bool) -> None:
-    """Never overwrite a finished stage silently: --overwrite removes the stages about to run, --resume keeps them."""
-    if resume and overwrite:
-        raise RunExistsError("--resume continues a run and --overwrite replaces it: pass one of them")
-    existing = [run_dir / s for s in stages if (run_dir / s).exists()]
-    if resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return
-    if existing and not overwrite:
-        raise RunExistsError(f"{', '.join(map(str, existing))} already exist: pass --overwrite to replace "
-                             f"{'them' if len(existing) > 1 else 'it'}, --resume to continue, or set output.dir "
-                             "to a new folder")
-    for folder in existing:
-        shutil.rmtree(folder)
-    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _silent(*_args, **_kwargs) -> None:

@@ -1,0 +1,80 @@
+"""A run folder: its layout, which of its stages are complete, and which one is final.
+
+    RUN/stage1, RUN/stage2   each: projector.safetensors, recipe.toml, base.json, processor files (stage 2 also
+                             the PEFT adapter), log_history.json, loss.png, checkpoints/, and metrics.json, written
+                             last: a stage is complete when it is there
+    RUN/metrics.json         each stage's metrics and the held-out scores
+    RUN/eval                 answers files of `qllava eval` on the run
+
+finetune claims the folder and writes it; merge, chat, eval and resume ask it which stage to use.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+STAGES = ("stage1", "stage2")
+
+
+class RunExistsError(FileExistsError):
+    pass
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    path: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    @staticmethod
+    def holds_run(path) -> bool:
+        """Whether a folder is a run folder (it has a stage folder), as opposed to a model folder."""
+        return any((Path(path) / stage).is_dir() for stage in STAGES)
+
+    def stage(self, name: str) -> Path:
+        return self.path / name
+
+    def complete(self, name: str) -> bool:
+        """A stage's metrics.json is written last: with it, everything else of the stage is there."""
+        return (self.stage(name) / "metrics.json").exists()
+
+    def final_stage(self) -> Path:
+        """The last stage of the run, which merge, chat and eval use: complete, or an error saying what to do."""
+        for name in reversed(STAGES):
+            folder = self.stage(name)
+            if self.complete(name):
+                return folder
+            if folder.is_dir():
+                raise FileNotFoundError(f"{folder} is not complete (no metrics.json: training stopped before the "
+                                        "end): finish it with `qllava finetune RECIPE --resume`, or remove it")
+        raise FileNotFoundError(f"{self.path} is not a qllava run folder: no complete stage1/ or stage2/ "
+                                "(run qllava finetune first)")
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.path / "eval"
+
+    def checkpoints(self, name: str) -> Path:
+        return self.stage(name) / "checkpoints"
+
+    def claim(self, stages, overwrite: bool, resume: bool) -> None:
+        """Make the folder ready for `stages`. Never overwrite a finished stage silently: --overwrite removes the
+        stages about to run, --resume keeps them."""
+        if resume and overwrite:
+            raise RunExistsError("--resume continues a run and --overwrite replaces it: pass one of them")
+        existing = [self.stage(s) for s in stages if self.stage(s).exists()]
+        if existing and not (overwrite or resume):
+            raise RunExistsError(f"{', '.join(map(str, existing))} already exist: pass --overwrite to replace "
+                                 f"{'them' if len(existing) > 1 else 'it'}, --resume to continue, or set output.dir "
+                                 "to a new folder")
+        if overwrite:
+            for folder in existing:
+                shutil.rmtree(folder)
+        self.path.mkdir(parents=True, exist_ok=True)

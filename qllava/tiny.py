@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BitImageProcessor, CLIPImageProcessor, CLIPVisionConfig,
-                          Dinov2Config, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Dinov2Config, LlamaConfig, LlamaForCausalLM, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                          LlavaNextImageProcessor, LlavaNextProcessor, MistralConfig, MistralForCausalLM,
                           PreTrainedTokenizerFast, SiglipImageProcessor, SiglipVisionConfig)
 
 from . import templates, vision
@@ -30,6 +31,11 @@ VISION_FAMILIES = {
     "siglip": lambda sizes: SiglipVisionConfig(**{**VISION, **sizes}),
     "dinov2": lambda sizes: Dinov2Config(**{**VISION, **sizes, "image_size": 518, "patch_size": 14}),
 }
+
+# A tiny LLaVA-NeXT: 32 px tiles of 4 x 4 patches, grids of 1 x 2 or 2 x 1 tiles (pinpoints are (height, width)):
+# an image becomes 36 to 52 tokens by its aspect ratio.
+NEXT_TILE, NEXT_PATCH = 32, 8
+NEXT_PINPOINTS = [[32, 64], [64, 32]]
 
 DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
@@ -88,6 +94,33 @@ def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def write_llava_next(path: Path, vision_tower: Path, decoder: Path, seed: int) -> None:
+    """A LLaVA-NeXT checkpoint (llava-hf layout: LlavaNextForConditionalGeneration + LlavaNextProcessor) made of a
+    saved vision tower and decoder, with a new projector and image_newline and NEXT_PINPOINTS tiles, as
+    llava-hf/llava-v1.6-* checkpoints are laid out."""
+    tokenizer = AutoTokenizer.from_pretrained(decoder)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    tower = vision.load_tower(str(vision_tower))
+    lm = AutoModelForCausalLM.from_pretrained(decoder)
+    lm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
+    config = LlavaNextConfig(vision_config=tower.config, text_config=lm.config, image_grid_pinpoints=NEXT_PINPOINTS,
+                             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                             vision_feature_select_strategy="default", vision_feature_layer=-2,
+                             tie_word_embeddings=lm.config.tie_word_embeddings)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    model.model.language_model.load_state_dict(lm.model.state_dict())
+    model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    model.save_pretrained(path)
+    size = {"shortest_edge": NEXT_TILE}
+    image_processor = LlavaNextImageProcessor(size=size, crop_size={"height": NEXT_TILE, "width": NEXT_TILE},
+                                              image_grid_pinpoints=NEXT_PINPOINTS)
+    LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=NEXT_PATCH,
+                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                       image_token="<image>").save_pretrained(path)
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

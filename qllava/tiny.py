@@ -32,10 +32,10 @@ VISION_FAMILIES = {
     "dinov2": lambda sizes: Dinov2Config(**{**VISION, **sizes, "image_size": 518, "patch_size": 14}),
 }
 
-# A tiny LLaVA-NeXT: 32 px tiles of 4 x 4 patches, grids of 1 x 2 or 2 x 1 tiles (pinpoints are (height, width)):
+# A tiny LLaVA-NeXT: 64 px tiles of 4 x 4 patches, grids of 1 x 2 or 2 x 1 tiles (pinpoints are (height, width)):
 # an image becomes 36 to 52 tokens by its aspect ratio.
-NEXT_TILE, NEXT_PATCH = 32, 8
-NEXT_PINPOINTS = [[32, 64], [64, 32]]
+NEXT_TILE, NEXT_PATCH = 64, 16
+NEXT_PINPOINTS = [[64, 128], [128, 64]]
 
 DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,

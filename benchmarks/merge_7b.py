@@ -5,12 +5,17 @@ intermediate 14336, 32 heads / 8 KV heads, vocab 32000 with the real Mistral tok
 mistral-common; CLIP ViT-L/14-336 vision tower), a stage-2 run folder with a 1024->4096->4096 projector
 and a LoRA r128 adapter on every decoder linear layer (335,544,320 parameters), then runs
 `qllava merge RUN --out OUT --dtype bfloat16 --no-verify` in a child process and reports its peak
-resident memory. Verification is left out because it needs two forward passes of the 7B model on CPU
-(minutes each); with it, the 4-bit model is loaded and freed before the bf16 one, so the peak is the same.
+resident memory: the merge streams the base shard by shard, so that is the streamed merge alone.
+Verification is left out: it loads the whole model once (a 7B in bfloat16: about 15 GiB, on the GPU when
+there is one) and runs two forward passes of it.
 
-Needs ~20 GiB of RAM and ~32 GiB of disk; takes about 10 minutes on 2 cores.
+With --check-equal, another child merges the same run the way qllava did before it streamed (the whole
+model in memory, peft's merge_and_unload) and checks that every weight written by the stream equals it bit
+for bit (it needs about 17 GiB of RAM itself, and reports its own peak).
 
-  .venv/bin/python benchmarks/merge_7b.py [--work /tmp/qllava_merge7b]
+Needs ~20 GiB of RAM for --check-equal (8 GiB without) and ~32 GiB of disk; about 10 minutes on 2 cores.
+
+  .venv/bin/python benchmarks/merge_7b.py [--work /tmp/qllava_merge7b] [--check-equal] [--keep]
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", default="/tmp/qllava_merge7b")
     parser.add_argument("--keep", action="store_true", help="keep the written checkpoints")
+    parser.add_argument("--check-equal", action="store_true",
+                        help="check the output against merging the whole model in memory (needs ~17 GiB)")
     args = parser.parse_args()
     work = Path(args.work)
     if not (work / "run" / "stage2" / "adapter_model.safetensors").exists():
@@ -60,10 +67,30 @@ def main() -> None:
     peak = report["peak_ram_gib"]  # the merging process's own peak (not the checkpoint writers')
     print(f"{'merge (bf16, 7B-shaped, CPU)':32s} {'wall s':>8s} {'peak RAM GiB':>13s} {'output GiB':>11s}")
     print(f"{'':32s} {seconds:8.0f} {peak:13.1f} {report['output_bytes'] / 2**30:11.1f}")
-    print(json.dumps({"merge_seconds": round(seconds, 1), "peak_ram_gib": round(peak, 2),
-                      "output_gib": round(report["output_bytes"] / 2**30, 2)}))
+    figures = {"merge_seconds": round(seconds, 1), "peak_ram_gib": round(peak, 2),
+               "output_gib": round(report["output_bytes"] / 2**30, 2)}
+    if args.check_equal:
+        figures.update(_check_equal(work))
+        print(f"every weight equals merging in memory: {figures['equal_to_in_memory_merge']} (that merge: "
+              f"{figures['in_memory_seconds']:.0f} s, peak RAM {figures['in_memory_peak_ram_gib']:.1f} GiB)")
+    print(json.dumps(figures))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_equal(work: Path) -> dict:
+    """Merge as qllava did before it streamed (whole model in memory, peft), compare with the streamed output."""
+    code = ("import json, resource, time; from pathlib import Path; from qllava import model as modeling; "
+            "from qllava.merge import check_written; t = time.perf_counter(); "
+            f"m = modeling.load_run(Path({str(work / 'run')!r}), quantized=False, dtype='bfloat16')[0]; "
+            f"m = m.merge_and_unload(); s = time.perf_counter() - t; check_written(m, Path({str(work / 'merged')!r})); "
+            "print(json.dumps({'in_memory_seconds': round(s, 1), 'equal_to_in_memory_merge': True, "
+            "'in_memory_peak_ram_gib': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    if done.returncode:
+        raise SystemExit(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _child(step: str, work: Path) -> None:
@@ -145,6 +172,7 @@ def write_run(work: Path) -> None:
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": recipe.lora.lora_alpha,
         "lora_dropout": recipe.lora.lora_dropout, "bias": "none", "base_model_name_or_path": None,
         "target_modules": rf".*language_model\..*\.({targets})", "modules_to_save": None}))
+    (stage / "metrics.json").write_text(json.dumps({"stage": "stage2"}))  # written last: the stage is complete
 
 
 if __name__ == "__main__":

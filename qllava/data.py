@@ -135,13 +135,17 @@ def image_source(path: str, image_folder: str):
     return image_folder if _is_llava_json(path) else _load_hf_dataset(path)
 
 
-def read_conversations(path: str, where, source: int, report: DataReport) -> list[Conversation]:
-    """All usable conversations of one data file (for small files: evaluation, merge checks); unusable samples
-    are counted in `report`. Training reads through build_stage_dataset, which never holds them all."""
+def read_conversations(path: str, where, source: int, report: DataReport, limit: int | None = None
+                       ) -> list[Conversation]:
+    """The usable conversations of one data file, all or the first `limit` (for small files: evaluation; merge
+    checks); unusable samples are counted in `report`. Training reads through build_stage_dataset, which never
+    holds them all."""
     file = _DataFile(path, source, where if isinstance(where, str) else "", image_sizes=True)
     out = []
     for records in file.records(where):
         out += [conv for record in records if (conv := file.conversation(record, report, []))]
+        if limit is not None and len(out) >= limit:
+            return out[:limit]
     return out
 
 

@@ -1,21 +1,24 @@
 """`qllava merge`: a run folder -> a plain LlavaForConditionalGeneration checkpoint anyone can load.
 
-The base is reloaded in the export dtype, never in 4-bit (merging into NF4 re-quantizes: lossy), the run's
-projector and LoRA adapter are applied and merged in place (one full copy in memory, never two), and the
-result is saved as sharded safetensors with the processor, a chat template that renders the run's
-template, the generation config and a model card.
+The merge streams: the base checkpoint is read weight by weight in the export dtype (never 4-bit: merging LoRA
+into NF4 re-quantizes, lossy), the run's projector and LoRA deltas are applied as peft applies them, and the
+result is written one shard at a time under the names save_pretrained uses (checkpoint.py). The whole model is
+never in memory, so a 7B merge fits Colab's RAM. The processor, a chat template that renders the run's
+template, the generation config and a model card go beside it.
 
-Verification (before anything is written) checks the merge where each check means something at a real depth:
-- every merged weight must be base + adapter computed in float32 and rounded once to the export dtype (what a
-  correct merge stores, in any dtype, at any depth);
-- in float32, the merged model's logits on a few held-out samples must equal the unmerged base + adapter's.
-In bfloat16/float16 the logits are compared for information only: storing base + adapter rounds away every weight
-change under half a step of the dtype, and across a real model's depth that alone can move logits as far as a merge
-that dropped or doubled the adapter (SmolLM2, 30 layers: README, `qllava merge`).
+Verification (before anything is moved to --out) loads the model once, in the export dtype:
+- base + adapter as peft merges it in memory: every merged weight must be base + adapter computed in float32 and
+  rounded once to the export dtype, and every weight written by the stream must equal peft's bit for bit;
+- the written folder, loaded as users load it: in float32 its logits on a few held-out samples must equal the
+  unmerged base + adapter's. In bfloat16/float16 they are compared for information only: storing base + adapter
+  rounds away every weight change under half a step of the dtype, and across a real model's depth that alone can
+  move logits as far as a merge that dropped or doubled the adapter (SmolLM2, 30 layers: README, `qllava merge`).
+When no sample can be read, or the model does not fit the machine, the report says why verification did not run.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import resource
 import shutil
@@ -24,9 +27,12 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig
 
-from . import model as modeling, templates
+from . import checkpoint, model as modeling, templates
 from .data import DataReport, ImageStore, image_source, read_conversations, tokenize_dataset
+from .errors import DataError
 from .inference import QLLAVA_FILE
 from .packing import Collator
 from .recipe import load_recipe
@@ -39,6 +45,7 @@ FLOAT32_TOLERANCE = 1e-4
 # in the last place of that dtype: 0 when the merge rounds once, as peft's does; 1 leaves room for another rounding.
 MAX_ULPS = 1.0
 SHARD_SIZE = "2GB"
+PEFT_PREFIX = "base_model.model."
 
 
 class MergeError(RuntimeError):
@@ -51,36 +58,135 @@ def merge(run_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", ove
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     stage_dir = RunFolder(run_dir).final_stage()
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists: pass --overwrite to replace it, or choose another --out")
+        raise FileExistsError(f"{out_dir} exists: pass --overwrite to replace it, or choose another --out")
     started = time.perf_counter()
     recipe = load_recipe(stage_dir / "recipe.toml")
     modeling.check_base(stage_dir, recipe.model)
     report = {"run": str(run_dir), "stage": stage_dir.name, "dtype": dtype}
     processor = modeling.stage_processor(stage_dir, recipe.model)
-    batch = _verification_batch(recipe, stage_dir, processor) if verify else None
-    if batch is not None:
-        say(f"verification: {batch['input_ids'].shape[0]} held-out samples; scoring the 4-bit training model first")
-        trained = _logits(_load(lambda: modeling.load_run(run_dir, quantized=True)[0], recipe), batch)
+    batch, skipped = _verification_batch(recipe, stage_dir, processor) if verify else (None, "--no-verify was given")
 
-    say(f"loading the base in {dtype} (not 4-bit: merging into NF4 would re-quantize)")
-    model = _load(lambda: modeling.load_base_model(recipe, processor, quantized=False, dtype=dtype), recipe)
-    modeling.load_projector(model, stage_dir / modeling.PROJECTOR_FILE)
-    if (stage_dir / "adapter_config.json").exists():
-        import peft
-        model = _load(lambda: peft.PeftModel.from_pretrained(model, stage_dir), recipe)
-        unmerged = _logits(model, batch) if batch is not None else None
-        model = _merged(model, report, out_dir, say) if verify else model.merge_and_unload()
-    else:
-        unmerged = _logits(model, batch) if batch is not None else None  # stage 1: nothing to merge
-    if batch is not None:
-        _check_logits(_logits(model, batch), unmerged, trained, report, out_dir, say)
-
-    _save(model, processor, recipe, stage_dir, run_dir, out_dir, report)
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    report["output_bytes"] = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
-    report["peak_ram_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    (out_dir / "merge_report.json").write_text(json.dumps(report, indent=1))
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        say(f"merging {stage_dir.name} into the base in {dtype}, shard by shard (not 4-bit: merging into NF4 "
+            "would re-quantize)")
+        _write_merged(recipe, processor, stage_dir, partial, dtype, report)
+        _write_beside(processor, recipe, stage_dir, run_dir, partial, report)
+        if batch is not None:
+            skipped = _verify(run_dir, partial, batch, report, say)
+        if skipped:
+            report["verification"] = f"not run: {skipped}"
+            say(f"WARNING: the merge was not verified: {skipped}")
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        report["output_bytes"] = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file())
+        report["peak_ram_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        (partial / "README.md").write_text(model_card(recipe, stage_dir, run_dir, report))
+        (partial / "merge_report.json").write_text(json.dumps(report, indent=1))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written is left beside --out
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    partial.rename(out_dir)
     return report
+
+
+def _write_merged(recipe, processor, stage_dir: Path, folder: Path, dtype: str, report: dict) -> None:
+    """The merged weights, streamed from the base checkpoint(s), written shard by shard with the config."""
+    model = _load(lambda: modeling.empty_base_model(recipe, processor, dtype), recipe)
+    sources = _load(lambda: modeling.base_sources(recipe, model), recipe)
+    weights = _Weights(model, sources, stage_dir, getattr(torch, dtype))
+    checkpoint.write_sharded(folder, model, weights.merged, SHARD_SIZE)
+    report["merged_weights"] = weights.merged_count
+    report["adapter_change_rounding_error"] = weights.rounding_error()
+    model.config.use_cache = True
+    model.config.architectures = [type(model).__name__]
+    model.config.dtype = dtype  # as save_pretrained records it
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+
+
+class _Weights:
+    """Each weight of the merged model, read from the base and changed as the run's stage changed it: the
+    projector file, the decoder modules trained in full (modules_to_save), the LoRA deltas merged in."""
+
+    def __init__(self, model, sources: dict, stage_dir: Path, dtype: torch.dtype):
+        self.shapes = {k: v.shape for k, v in model.state_dict().items()}
+        self.sources, self.dtype = sources, dtype
+        self.replaced = {f"model.{k}" if k == "image_newline" else f"model.multi_modal_projector.{k}": v
+                         for k, v in load_file(str(stage_dir / modeling.PROJECTOR_FILE)).items()}
+        self.lora, self.scaling = {}, {}
+        if (stage_dir / "adapter_config.json").exists():
+            self._read_adapter(stage_dir)
+        self.merged_count, self.error, self.change = 0, 0.0, 0.0
+        for key in [*self.replaced, *self.lora]:
+            if key not in self.shapes:
+                raise MergeError(f"{stage_dir}: trained weight {key} is not a weight of the base model its recipe "
+                                 "names (a run of another model?)")
+
+    def _read_adapter(self, stage_dir: Path) -> None:
+        config = json.loads((stage_dir / "adapter_config.json").read_text())
+        unsupported = [k for k in ("use_dora", "lora_bias", "fan_in_fan_out", "use_rslora", "rank_pattern",
+                                   "alpha_pattern", "layer_replication", "trainable_token_indices") if config.get(k)]
+        if unsupported:
+            raise MergeError(f"{stage_dir}/adapter_config.json: {', '.join(unsupported)} set; qllava trains "
+                             "plain LoRA and merges only that")
+        for key, value in load_file(str(stage_dir / "adapter_model.safetensors")).items():
+            key = key.removeprefix(PEFT_PREFIX)
+            if ".lora_A." in key or ".lora_B." in key:
+                module, half = key.rsplit(".lora_", 1)
+                self.lora.setdefault(module + ".weight", {})[half[0]] = value
+            else:  # a module trained in full
+                self.replaced[key] = value
+        for pair in self.lora.values():  # peft: alpha / r, r being the rank the adapter was trained with
+            pair["scaling"] = config["lora_alpha"] / pair["A"].shape[0]
+
+    def merged(self, keys: list[str]):
+        for key in keys:
+            yield key, self.weight(key)
+
+    def weight(self, key: str) -> torch.Tensor:
+        if key in self.replaced:
+            return self.replaced[key].to(self.dtype)
+        if key not in self.sources:
+            raise MergeError(f"weight {key} is in none of the base checkpoints the run's recipe names")
+        tensor = self.sources[key].read().to(self.dtype)
+        if tensor.shape != self.shapes[key]:
+            tensor = self._grown(key, tensor)
+        if key in self.lora:
+            tensor = self._with_delta(key, tensor)
+        return tensor
+
+    def _grown(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Embedding rows added for the image (and pad) token: the mean of the others, as training built them."""
+        shape = self.shapes[key]
+        if tensor.shape[1:] != shape[1:] or tensor.shape[0] > shape[0]:
+            raise MergeError(f"weight {key}: the base stores shape {tuple(tensor.shape)}, the model needs "
+                             f"{tuple(shape)}")
+        grown = torch.empty(shape, dtype=tensor.dtype)
+        grown[:tensor.shape[0]] = tensor
+        return modeling.fill_new_rows(grown, tensor.shape[0])
+
+    def _with_delta(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        pair = self.lora[key]
+        delta = merged_delta(pair["A"], pair["B"], pair["scaling"])
+        exact = tensor.float() + delta
+        tensor += delta  # in place, as peft merges: the sum is computed in float32 and rounded once
+        self.merged_count += 1
+        self.error += torch.linalg.vector_norm(tensor.float() - exact).item() ** 2
+        self.change += torch.linalg.vector_norm(delta).item() ** 2
+        return tensor
+
+    def rounding_error(self) -> float:
+        """How much of the adapter's weight change the export dtype loses (changes under half its step round away)."""
+        return (self.error / self.change) ** 0.5 if self.change else 0.0
+
+
+def merged_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """LoRA's weight change, computed as peft computes it (B @ A in float32, then scaled)."""
+    return (lora_b.float() @ lora_a.float()) * scaling
 
 
 def _load(build, recipe):
@@ -97,14 +203,26 @@ def _load(build, recipe):
         raise
 
 
-def _verification_batch(recipe, stage_dir: Path, processor, n: int = 4) -> dict | None:
-    """A padded batch of a few held-out conversations (the recipe's eval data, else its stage-2 data)."""
+def _verification_batch(recipe, stage_dir: Path, processor, n: int = 4) -> tuple[dict | None, str]:
+    """A padded batch of a few conversations to check the merge on (the recipe's eval data when it reads as
+    conversations, else the stage's own training data), or None and why there is none."""
     stage = recipe.stage2 if stage_dir.name == "stage2" else recipe.stage1
-    path, folder = (recipe.eval.data, recipe.eval.image_folder) if recipe.eval.data else (stage.data[0], stage.image_folder)
-    where = image_source(path, folder)
-    conversations = read_conversations(path, where, 0, DataReport())[:n]
-    if not conversations:
-        return None
+    tried = []
+    for path, folder in [(recipe.eval.data, recipe.eval.image_folder)] * bool(recipe.eval.data) + \
+            [(path, stage.image_folder) for path in stage.data]:
+        try:
+            where = image_source(path, folder)
+            conversations = read_conversations(path, where, 0, DataReport(), limit=n)
+        except (DataError, OSError, ValueError, KeyError) as e:
+            tried.append(f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            continue
+        if conversations:
+            return _batch(conversations, where, recipe, stage, processor), ""
+        tried.append(f"{path}: no usable conversation")
+    return None, "no sample to check it on (" + "; ".join(tried) + ")"
+
+
+def _batch(conversations, where, recipe, stage, processor) -> dict:
     tokenizer = processor.tokenizer
     config = modeling.load_llava_config(recipe.model)
     image_token_id = tokenizer.convert_tokens_to_ids(modeling.IMAGE_TOKEN)
@@ -117,7 +235,71 @@ def _verification_batch(recipe, stage_dir: Path, processor, n: int = 4) -> dict 
     return batch
 
 
-def _merged(model, report: dict, out_dir: Path, say):
+def _verify(run_dir: Path, written: Path, batch: dict, report: dict, say) -> str:
+    """Check the written checkpoint (see the module docstring); return why it was not checked, or ""."""
+    dtype = report["dtype"]
+    too_big = _does_not_fit(written, dtype)
+    if too_big:
+        return too_big
+    say(f"verification: {batch['input_ids'].shape[0]} samples; scoring the 4-bit training model first")
+    trained = _logits(modeling.load_run(run_dir, quantized=True)[0], batch)
+    gc.collect()
+    say(f"verification: base + adapter in {dtype}, merged in memory by peft")
+    model = modeling.load_run(run_dir, quantized=False, dtype=dtype)[0]
+    unmerged = _logits(model, batch)
+    if hasattr(model, "merge_and_unload"):
+        model = _merged(model, report, say)
+    check_written(model, written)
+    del model
+    gc.collect()
+    say("verification: the written checkpoint, loaded as transformers loads it")
+    _check_logits(_logits(_written_model(written, dtype), batch), unmerged, trained, report, say)
+    return ""
+
+
+def _does_not_fit(written: Path, dtype: str) -> str:
+    """Why the model cannot be verified here (it is loaded whole, once), or ""."""
+    need = sum(f.stat().st_size for f in written.glob("*.safetensors"))
+    if torch.cuda.is_available():
+        free, where = torch.cuda.mem_get_info()[0], "free on the GPU"
+    else:
+        free, where = _available_ram(), "of RAM available (no GPU)"
+    if need * 1.2 < free:
+        return ""
+    return (f"checking loads the model whole in {dtype} ({need / 2**30:.1f} GiB) and this machine has "
+            f"{free / 2**30:.1f} GiB {where}; the streamed merge itself needs far less. Merge on a machine "
+            "with a GPU or more RAM to verify")
+
+
+def _available_ram() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 2**62  # not Linux: unknown, try
+
+
+def check_written(model, written: Path) -> None:
+    """Every weight the stream wrote equals peft's in-memory merge, bit for bit."""
+    keys = checkpoint.saved_keys(model)
+    names = checkpoint.saved_names(model, keys)
+    files, state = checkpoint.Files(written), model.state_dict()
+    if set(files.where) != set(names.values()):
+        raise MergeError(f"the written checkpoint's weights are not the model's: {sorted(set(files.where) ^ set(names.values()))[:3]}")
+    for key in keys:
+        stored = files.read(names[key])
+        if not torch.equal(stored, state[key].detach().cpu()):
+            diff = (stored.float() - state[key].detach().cpu().float()).abs().max().item()
+            raise MergeError(f"merged weight {key} as written differs from base + adapter merged by peft (by up "
+                             f"to {diff:.3g}); nothing was written to the output folder")
+
+
+def _written_model(written: Path, dtype: str):
+    config = AutoConfig.from_pretrained(written)
+    place = {"device_map": {"": modeling.device()}} if torch.cuda.is_available() else {}
+    return modeling.llava_class(config).from_pretrained(written, dtype=getattr(torch, dtype), **place).eval()
+
+
+def _merged(model, report: dict, say):
     """merge_and_unload, adapter layer by adapter layer, each merged weight checked against base + adapter computed
     in float32 and rounded to the export dtype. Records how far the worst weight is from that (in units in the last
     place) and how much of the adapter's weight change the dtype loses (changes under half its step round away)."""
@@ -141,8 +323,8 @@ def _merged(model, report: dict, out_dir: Path, say):
                   adapter_change_rounding_error=(error / change) ** 0.5 if change else 0.0)
     if worst > MAX_ULPS:
         raise MergeError(f"merged weight {worst_name} is {worst:.3g} units in the last place of {dtype} away from "
-                         f"base + adapter computed in float32 (a correct merge rounds once: at most 0.5); nothing "
-                         f"was written to {out_dir}")
+                         "base + adapter computed in float32 (a correct merge rounds once: at most 0.5); nothing "
+                         "was written to the output folder")
     say(f"{checked} merged weights are base + adapter computed in float32 and rounded to {dtype} (largest deviation "
         f"{worst:g} units in the last place); the adapter's weight change is stored with a relative error of "
         f"{report['adapter_change_rounding_error']:.2g}"
@@ -164,8 +346,7 @@ def _ulps(stored: torch.Tensor, exact: torch.Tensor) -> float:
     return ((stored.float() - rounded.float()).abs() / ulp).max().item()
 
 
-def _check_logits(merged: torch.Tensor, unmerged: torch.Tensor, trained: torch.Tensor, report: dict, out_dir: Path,
-                  say) -> None:
+def _check_logits(merged: torch.Tensor, unmerged: torch.Tensor, trained: torch.Tensor, report: dict, say) -> None:
     """Merged against unmerged logits: checked in float32, reported in bfloat16/float16 (see the module docstring)."""
     dtype = report["dtype"]
     report["max_abs_diff_vs_unmerged"] = (merged - unmerged).abs().max().item()
@@ -180,7 +361,7 @@ def _check_logits(merged: torch.Tensor, unmerged: torch.Tensor, trained: torch.T
         f"(tolerance {report['tolerance']:.3g}); {versus}")
     if report["max_abs_diff_vs_unmerged"] > report["tolerance"]:
         raise MergeError(f"merged model differs from base + adapter by {report['max_abs_diff_vs_unmerged']:.3g} "
-                         f"(> {report['tolerance']:.3g}); nothing was written to {out_dir}")
+                         f"(> {report['tolerance']:.3g}); nothing was written to the output folder")
 
 
 def _logits(model, batch: dict) -> torch.Tensor:
@@ -190,22 +371,15 @@ def _logits(model, batch: dict) -> torch.Tensor:
     return out.masked_fill(batch["attention_mask"][..., None] == 0, 0.0)
 
 
-def _save(model, processor, recipe, stage_dir: Path, run_dir: Path, out_dir: Path, report: dict) -> None:
-    """Write to a sibling folder first, then move it in place: a crash never leaves half a checkpoint at --out."""
+def _write_beside(processor, recipe, stage_dir: Path, run_dir: Path, folder: Path, report: dict) -> None:
+    """What goes beside the weights: the processor with a chat template rendering the run's template, and the
+    run's template and image preprocessing for qllava chat / eval."""
     stage = recipe.stage2 if stage_dir.name == "stage2" else recipe.stage1
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.config.use_cache = True
-    model.save_pretrained(partial, max_shard_size=SHARD_SIZE)
     processor.chat_template = templates.chat_template(stage.template, adds_bos(processor.tokenizer))
-    processor.save_pretrained(partial)
+    processor.save_pretrained(folder)
     info = {"template": stage.template, "image_aspect_ratio": stage.image_aspect_ratio, "source_run": str(run_dir),
             "stage": stage_dir.name, "dtype": report["dtype"]}
-    (partial / QLLAVA_FILE).write_text(json.dumps(info, indent=1))
-    (partial / "README.md").write_text(model_card(recipe, stage_dir, run_dir, report))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    partial.rename(out_dir)
+    (folder / QLLAVA_FILE).write_text(json.dumps(info, indent=1))
 
 
 def model_card(recipe, stage_dir: Path, run_dir: Path, report: dict) -> str:

@@ -151,6 +151,63 @@ def load_base_model(recipe: Recipe, processor: LlavaProcessor, quantized: bool =
     return frozen(model)
 
 
+def empty_base_model(recipe: Recipe, processor: LlavaProcessor, dtype: str) -> LlavaForConditionalGeneration:
+    """What load_base_model(quantized=False, dtype=dtype) builds, on the meta device: structure, config and
+    generation config, no weight read (a streamed merge fills the weights from base_sources)."""
+    cfg = recipe.model
+    torch_dtype = getattr(torch, dtype)
+    attn = attention_implementation(cfg.attn_implementation)
+    if cfg.llava:
+        config = load_llava_config(cfg)
+        config._attn_implementation = attn
+        with torch.device("meta"):
+            model = llava_class(config)(config).to(torch_dtype)
+        model.generation_config = _generation_config(cfg.llava, config)
+        return frozen(model)
+    tower_config = vision.tower_config(_config(cfg.vision_tower))
+    with torch.device("meta"):
+        decoder = AutoModelForCausalLM.from_config(_config(cfg.decoder), dtype=torch_dtype, attn_implementation=attn)
+        tower = vision.tower_class(tower_config)._from_config(tower_config, dtype=torch_dtype,
+                                                             attn_implementation=attn)
+    decoder.generation_config = _generation_config(cfg.decoder, decoder.config)
+    return frozen(assemble(tower, decoder, processor.tokenizer, cfg, attn))
+
+
+def _generation_config(name: str, config):
+    """The checkpoint's generation_config.json as from_pretrained reads it, else one from its config."""
+    from transformers import GenerationConfig
+    try:
+        return GenerationConfig.from_pretrained(name)
+    except OSError:
+        return GenerationConfig.from_model_config(config)
+
+
+def base_sources(recipe: Recipe, model) -> dict:
+    """Each weight of the base model (as empty_base_model builds it) -> where its checkpoint stores it."""
+    from .checkpoint import Files, module_sources
+    cfg = recipe.model
+    if cfg.llava:
+        return module_sources(model, Files(_checkpoint_folder(cfg.llava)), lambda key: key)
+    text, tower_config = _config(cfg.decoder), vision.tower_config(_config(cfg.vision_tower))
+    with torch.device("meta"):
+        decoder = AutoModelForCausalLM.from_config(text)
+        tower = vision.tower_class(tower_config)._from_config(tower_config)
+    # the decoder's body becomes model.language_model, its head stays lm_head; the tower is model.vision_tower
+    sources = module_sources(decoder, Files(_checkpoint_folder(cfg.decoder)),
+                             lambda key: "model.language_model." + key.removeprefix("model.")
+                             if key.startswith("model.") else key)
+    sources.update(module_sources(tower, Files(_checkpoint_folder(cfg.vision_tower)),
+                                  lambda key: "model.vision_tower." + key))
+    return sources
+
+
+def _checkpoint_folder(name: str) -> Path:
+    folder = _local_folder(name)
+    if folder is None:
+        raise FileNotFoundError(f"{name}: no local folder or cached download holds this checkpoint")
+    return folder
+
+
 LLAVA_CLASSES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
 
 
@@ -353,7 +410,13 @@ def _fit_embeddings(decoder, vocab_size: int) -> None:
     decoder.resize_token_embeddings(vocab_size, pad_to_multiple_of=64, mean_resizing=False)
     with torch.no_grad():
         for weight in (decoder.get_input_embeddings().weight, decoder.get_output_embeddings().weight):
-            weight[old:] = weight[:old].mean(dim=0, keepdim=True)
+            fill_new_rows(weight, old)
+
+
+def fill_new_rows(weight: torch.Tensor, old: int) -> torch.Tensor:
+    """Rows from `old` on set to the mean of the rows before (in place; a streamed merge grows the same way)."""
+    weight[old:] = weight[:old].mean(dim=0, keepdim=True)
+    return weight
 
 
 def _keep_4bit_trainable_on_cpu(model) -> None:

@@ -1,16 +1,20 @@
 """qllava merge (merged == base + adapter, loads without qllava) and qllava chat (run and merged folders)."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors import safe_open
 
 from qllava.chat import Chat
 from qllava.cli import main
 from qllava.vision import VisionError
-from qllava.merge import merge
+from qllava import merge as merging
+from qllava.merge import MergeError, merge
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +38,71 @@ def test_a_bfloat16_merge_stores_the_float32_merge_rounded(trained_run, tmp_path
     report = merge(trained_run, tmp_path / "bf16", dtype="bfloat16", say=lambda _: None)
     assert report["merged_weights_checked"] == 14 and report["max_ulps_vs_float32_merge"] == 0.0
     assert report["max_abs_diff_vs_unmerged"] > 0 and "tolerance" not in report  # logits: for information
+
+
+def merged_in_memory(run, dtype: str, folder):
+    """How qllava merged before it streamed: the whole model in memory, peft's merge_and_unload, save_pretrained."""
+    from qllava import model as modeling
+    model = modeling.load_run(run, quantized=False, dtype=dtype)[0].merge_and_unload()
+    model.config.use_cache = True
+    model.save_pretrained(folder, max_shard_size="1MB")
+
+
+def weights(folder):
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    tensors = {}
+    for shard in sorted(set(index.values())):
+        with safe_open(folder / shard, "pt") as f:
+            tensors.update({(shard, k): f.get_tensor(k) for k in f.keys()})
+    return index, tensors
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_streamed_merge_writes_what_merging_the_whole_model_in_memory_wrote(dtype, trained_run, tmp_path,
+                                                                                monkeypatch):
+    monkeypatch.setattr(merging, "SHARD_SIZE", "1MB")  # several shards, as a 7B merge writes
+    report = merge(trained_run, tmp_path / "streamed", dtype=dtype, verify=False, say=lambda _: None)
+    merged_in_memory(trained_run, dtype, tmp_path / "memory")
+    streamed, memory = weights(tmp_path / "streamed"), weights(tmp_path / "memory")
+    assert streamed[0] == memory[0] and len(set(streamed[0].values())) > 1  # the same shards
+    assert streamed[1].keys() == memory[1].keys()
+    assert all(torch.equal(t, memory[1][k]) and t.dtype == getattr(torch, dtype) for k, t in streamed[1].items())
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((tmp_path / "streamed" / name).read_text()) == \
+            json.loads((tmp_path / "memory" / name).read_text())
+    # 14 LoRA-adapted weights, the trained embeddings and head (modules_to_save), the projector
+    assert report["merged_weights"] == 14 and report["verification"] == "not run: --no-verify was given"
+
+
+@pytest.mark.parametrize("fault", ["left out", "added twice"])
+def test_verification_refuses_a_streamed_merge_that_loses_or_doubles_the_adapter(fault, trained_run, tmp_path,
+                                                                                 monkeypatch):
+    right = merging.merged_delta
+    monkeypatch.setattr(merging, "merged_delta", lambda a, b, scaling: right(a, b, scaling) * (
+        0 if fault == "left out" else 2))
+    refusal = r"merged weight model\.language_model\.layers\.\d\.\S+ as written differs from base \+ adapter merged by peft"
+    with pytest.raises(MergeError, match=refusal):
+        merge(trained_run, tmp_path / "out", dtype="bfloat16", say=lambda _: None)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_verification_uses_the_training_data_when_eval_data_are_not_conversations(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    questions = tmp_path / "questions.jsonl"  # a benchmark question file, not LLaVA JSON
+    questions.write_text(json.dumps({"question_id": 1, "image": "x.png", "text": "Is there a cat?"}) + "\n")
+    recipe = run / "stage2" / "recipe.toml"
+    recipe.write_text(re.sub(r'(?m)^data = ".*"$', f'data = "{questions}"', recipe.read_text()))
+    said = []
+    report = merge(run, tmp_path / "out", dtype="float32", say=said.append)
+    assert "verification" not in report and report["max_abs_diff_vs_unmerged"] < report["tolerance"]
+    # with no readable sample at all it says so, loudly, and in the report
+    recipe.write_text(recipe.read_text().replace('data = ["', f'data = ["{tmp_path}/gone/'))
+    report = merge(run, tmp_path / "out", dtype="float32", overwrite=True, say=said.append)
+    assert report["verification"].startswith("not run: no sample to check it on (")
+    assert "questions.jsonl" in report["verification"] and "gone" in report["verification"]
+    assert said[-1].startswith("WARNING: the merge was not verified: no sample")
+    assert json.loads((tmp_path / "out" / "merge_report.json").read_text())["verification"] == report["verification"]
 
 
 LOAD_WITHOUT_QLLAVA = """
@@ -87,7 +156,7 @@ def test_merge_refusals(trained_run, merged_fp32, tmp_path, capsys):
     assert "is not a qllava run folder: no complete stage1/ or stage2/" in capsys.readouterr().out
     before = (out / "model.safetensors").read_bytes()
     assert main(["merge", str(trained_run), "--out", str(out)]) == 2
-    assert "already exists: pass --overwrite to replace it" in capsys.readouterr().out
+    assert "exists: pass --overwrite to replace it" in capsys.readouterr().out
     assert (out / "model.safetensors").read_bytes() == before
     broken = tmp_path / "broken"
     shutil.copytree(trained_run, broken)

@@ -25,10 +25,11 @@ from trl import SFTConfig
 
 from . import model as modeling, synthetic
 from .data import available_cores, build_stage_dataset
+from .errors import DataError
 from .evaluate import HeldOut
 from .packing import Collator, Rows, TokenCounts
 from .recipe import Recipe, check_report_to
-from .run import STAGES, RunFolder
+from .run import RunFolder
 from .trainer import QllavaTrainer, latest_checkpoint
 
 # Run-level metrics each stage (re)measures: its own summary and the held-out points scored with it.
@@ -43,7 +44,7 @@ class StageResult:
     model: object
 
 
-def finetune(recipe: Recipe, stages=STAGES, overwrite: bool = False, resume: bool = False, progress=None,
+def finetune(recipe: Recipe, stages=None, overwrite: bool = False, resume: bool = False, progress=None,
              say=print) -> dict:
     """Run the stages the recipe describes; return the run's metrics (also written to RUN/metrics.json).
 
@@ -52,6 +53,7 @@ def finetune(recipe: Recipe, stages=STAGES, overwrite: bool = False, resume: boo
     checkpoint. Under torchrun / accelerate launch, every process trains and only the main one writes and
     prints.
     """
+    stages = stages or recipe.stages()
     check_report_to(recipe, stages)
     state = PartialState()
     say = say if state.is_main_process else _silent
@@ -60,7 +62,8 @@ def finetune(recipe: Recipe, stages=STAGES, overwrite: bool = False, resume: boo
         if state.is_main_process:
             run.claim(stages, overwrite, resume)
             if recipe.synthetic:
-                synthetic.prepare(recipe.synthetic, recipe.model.vision_tower, recipe.model.decoder, say=say)
+                synthetic.prepare(recipe.synthetic, recipe.model.vision_tower, recipe.model.decoder, say=say,
+                                  llava=recipe.model.llava)
     metrics = _read_json(run.metrics_file)
     if not resume:  # what the stages about to run will measure again must not survive from an older run
         metrics = {k: v for k, v in metrics.items() if not any(k.endswith(p) for s in stages for p in REDONE[s])}
@@ -112,7 +115,8 @@ def build_stage_model(recipe: Recipe, name: str, heldout: HeldOut | None = None)
         heldout.score("before", model, processor)
     if name == "stage2":
         model = modeling.attach_lora(model, recipe.lora)
-    modeling.projector(model).requires_grad_(True)
+    for parameter in modeling.projector_parameters(model).values():
+        parameter.requires_grad_(True)
     _trainable_to_float32(model)
     return model, processor
 
@@ -123,6 +127,10 @@ def build_stage_data(recipe: Recipe, name: str, model, processor, say=print) -> 
     tokenizer = processor.tokenizer
     image_token_id = tokenizer.convert_tokens_to_ids(modeling.IMAGE_TOKEN)
     geometry = modeling.image_geometry(model.config, processor.image_processor)
+    if geometry.varies != (cfg.image_aspect_ratio == "anyres"):
+        raise DataError(f"{name}.image_aspect_ratio: {cfg.image_aspect_ratio!r} with a "
+                        f"{'LLaVA-NeXT' if geometry.varies else 'LLaVA-1.5'} model: set "
+                        f"{'anyres (it tiles each image by its size)' if geometry.varies else 'pad or crop'}")
     with PartialState().main_process_first():  # the main process tokenizes and caches; the others read the cache
         dataset, images, report = build_stage_dataset(cfg, tokenizer, image_token_id, geometry,
                                                       recipe.data.cache_dir, name, recipe.data.num_proc)
@@ -222,7 +230,7 @@ def dataloader_num_workers(setting: int | None) -> int:
 
 def build_optimizer(model, cfg) -> torch.optim.Optimizer:
     """AdamW with the projector in its own parameter group (LLaVA's mm_projector_lr); biases without decay."""
-    proj = {id(p) for p in modeling.projector(model).parameters()}
+    proj = {id(p) for p in modeling.projector_parameters(model).values()}
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:

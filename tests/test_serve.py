@@ -2,19 +2,23 @@
 `qllava chat --prompt` does, the page works in a real headless Chromium (Debian's), and bad input gets a message
 while the server keeps serving."""
 
+import contextlib
+import ipaddress
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import TINY_RECIPE, tiny_overrides
+from conftest import TINY_RECIPE, next_recipe, tiny_overrides
 from qllava.cli import main
 
 QUESTIONS = [("eval-0.png", "What color is the shape?"), ("eval-1.png", "What shape is in the image?"),
@@ -38,12 +42,18 @@ def noisy_run(tiny_inputs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(noisy_run, tmp_path_factory):
-    """`python -m qllava serve RUN --port PORT`, ready: its URL. Uploads go to a folder of the test's own."""
-    folder = tmp_path_factory.mktemp("serve")
+    """`python -m qllava serve RUN --port PORT` (no --host: the default), ready: its URL."""
+    with serving(noisy_run, tmp_path_factory.mktemp("serve")) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving(run, folder):
+    """A `qllava serve` process on a free port, until the block ends; uploads go to a folder of the test's own."""
     port = free_port()
     log = open(folder / "serve.log", "w")
     env = {**os.environ, "GRADIO_TEMP_DIR": str(folder / "uploads")}
-    process = subprocess.Popen([sys.executable, "-m", "qllava", "serve", str(noisy_run), "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "qllava", "serve", str(run), "--port", str(port)],
                                stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -96,14 +106,43 @@ def test_answer_api_equals_qllava_chat_prompt(client, noisy_run, tiny_inputs, ca
     assert len(set(answers)) == len(QUESTIONS) and min(map(len, answers)) > 200
 
 
-def test_concurrent_requests_queue_on_the_one_model(client, tiny_inputs):
+def test_concurrent_requests_wait_in_one_queue_for_the_one_model(client, tiny_inputs):
     from gradio_client import handle_file
-    image = handle_file(str(tiny_inputs / "shapes" / "images" / "eval-0.png"))
-    jobs = [client.submit(image, QUESTIONS[0][1], api_name="/answer") for _ in range(4)]
+    image, question = tiny_inputs / "shapes" / "images" / "eval-0.png", QUESTIONS[0][1]
+    started = time.monotonic()
+    alone = api_answer(client, image, question)
+    one_s = time.monotonic() - started
+
+    def finished(job):
+        return job.result(timeout=120), time.monotonic()
+
+    jobs = [client.submit(handle_file(str(image)), question, api_name="/answer") for _ in range(4)]
     with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda job: job.result(timeout=120), jobs))
-    assert len(set(answers)) == 1 and answers[0] == api_answer(client, tiny_inputs / "shapes" / "images" / "eval-0.png",
-                                                               QUESTIONS[0][1])
+        results = list(pool.map(finished, jobs))
+    assert [answer for answer, _ in results] == [alone] * 4
+    # one at a time: the answers arrive about one generation's time apart (measured here: 1.3 to 1.5 s, with one
+    # request's 1.9 s including its upload); generated side by side, they would arrive together
+    ends = sorted(at for _, at in results)
+    assert min(later - earlier for earlier, later in zip(ends, ends[1:])) > one_s / 4, (ends, one_s)
+
+
+def listening_addresses(port: int) -> set:
+    """The local addresses of the sockets listening on `port`, from Linux's socket tables."""
+    found = set()
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
+        for line in table.read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if int(hex_port, 16) == port and state == "0A":  # 0A: LISTEN
+                # the address in 32-bit words of the host's (little-endian) byte order
+                raw = b"".join(bytes.fromhex(address[i:i + 8])[::-1] for i in range(0, len(address), 8))
+                found.add(str(ipaddress.ip_address(raw)))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc/net/tcp")
+def test_the_server_listens_on_127_0_0_1_only_by_default(server):
+    assert listening_addresses(urllib.parse.urlparse(server).port) == {"127.0.0.1"}
 
 
 def bad_files(folder):
@@ -132,12 +171,36 @@ def test_bad_input_gets_a_message_and_the_server_keeps_serving(client, tiny_inpu
 
 def test_streamed_reply_grows_to_the_chat_answer(noisy_run, tiny_inputs):
     from qllava.chat import Chat
-    from qllava.serve import streamed_reply
+    from qllava.serve import new_chat, streamed_reply
     image = tiny_inputs / "shapes" / "images" / "eval-0.png"
     chat = Chat(noisy_run, image)
     shown = list(streamed_reply(chat, QUESTIONS[0][1], 12, {}))
     assert len(shown) >= 4 and all(later.strip().startswith(earlier.strip()) for earlier, later in zip(shown, shown[1:]))
     assert shown[-1] == Chat(chat.loaded, image).reply(QUESTIONS[0][1], 12) == chat.turns[-1][1]
+    assert new_chat(chat.loaded, {"path": str(image)}).loaded is chat.loaded  # every visitor shares the one model
+
+
+@pytest.fixture(scope="module")
+def noisy_next_run(next_inputs, tmp_path_factory):
+    """recipes/tiny_next.toml trained 2 steps a stage: LLaVA-NeXT, whose image token counts follow image sizes."""
+    from qllava import train
+    run = tmp_path_factory.mktemp("noisy_next") / "run"
+    train.finetune(next_recipe(next_inputs, run, "stage1.max_steps=2", "stage2.max_steps=2", "eval.at=[]"),
+                   say=lambda _: None)
+    return run
+
+
+def test_a_llava_next_run_answers_as_qllava_chat_prompt(noisy_next_run, next_inputs, tmp_path, capsys):
+    from gradio_client import Client
+    images = next_inputs / "shapes" / "images"
+    assert len({Image.open(images / name).size for name, _ in QUESTIONS}) == len(QUESTIONS)  # three aspect ratios
+    with serving(noisy_next_run, tmp_path) as url:
+        client = Client(url, verbose=False)
+        answers = [api_answer(client, images / name, question) for name, question in QUESTIONS]
+    for answer, (name, question) in zip(answers, QUESTIONS):
+        assert main(["chat", str(noisy_next_run), "--image", str(images / name), "--prompt", question]) == 0
+        assert answer == capsys.readouterr().out.strip(), (name, question)
+    assert len(set(answers)) == len(QUESTIONS) and min(map(len, answers)) > 200
 
 
 def test_serve_refuses_a_port_in_use_before_loading(noisy_run, capsys):
@@ -207,8 +270,7 @@ def test_the_page_streams_the_chat_answer_in_a_real_browser(browser, server, cli
     page.screenshot(path=tmp_path / "serve.png")
     assert Image.open(tmp_path / "serve.png").size == (1200, 760)
     # a second turn about the same image, with max new tokens set on the page, continues the conversation
-    page.get_by_label("number input for Max new tokens").fill("6")
-    page.get_by_label("number input for Max new tokens").press("Tab")
+    set_number(page, "Max new tokens", "6")
     page.get_by_label("Question").fill(QUESTIONS[2][1])
     page.get_by_label("Question").press("Enter")
     expect(page.locator(".message.bot")).to_have_count(2, timeout=120_000)
@@ -216,7 +278,22 @@ def test_the_page_streams_the_chat_answer_in_a_real_browser(browser, server, cli
     expect(page.locator(".generating")).to_have_count(0, timeout=60_000)
     page.get_by_role("button", name="Reset", exact=True).click()
     expect(page.locator(".message")).to_have_count(0)
+    # a new conversation about the same image, sampled at temperature 2: not the greedy answer
+    set_number(page, "Temperature (0: greedy)", "2")
+    page.get_by_label("Question").fill(QUESTIONS[1][1])
+    page.get_by_label("Question").press("Enter")
+    expect(page.locator(".message.user")).to_have_text([QUESTIONS[1][1]], timeout=60_000)
+    expect(page.locator(".message.bot")).to_have_count(1, timeout=120_000)
+    expect(page.locator(".generating")).to_have_count(0, timeout=60_000)
+    sampled = " ".join(page.locator(".message.bot").last.inner_text().split())
+    assert sampled and sampled != " ".join(Chat(chat.loaded, image).reply(QUESTIONS[1][1], 6).split())
     page.close()
+
+
+def set_number(page, slider: str, value: str) -> None:
+    """Types a value into a slider's number box, as a person does."""
+    page.get_by_label(f"number input for {slider}").fill(value)
+    page.get_by_label(f"number input for {slider}").press("Tab")
 
 
 @pytest.mark.browser

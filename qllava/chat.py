@@ -1,27 +1,36 @@
 """`qllava chat`: a conversation about one image with a run folder or a merged folder.
 
 The image opens the first user turn (as in training); later turns are text. Prompts are rendered with the
-model's training template and tokenized exactly as in training.
+model's training template and tokenized exactly as in training. `qllava serve` holds one Chat per visitor
+over the one model it loaded.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .inference import generate, load_for_inference, prompt_ids
+from .inference import Loaded, generate, load_for_inference, prompt_ids
 from .vision import open_image
+
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 class Chat:
-    def __init__(self, model_path: str | Path, image_path: str | Path):
+    def __init__(self, model: str | Path | Loaded, image_path: str | Path):
+        """`model`: a run or merged folder, or a model already loaded (the server shares one)."""
         self.image = open_image(image_path)  # a bad image fails before minutes of model loading
-        self.loaded = load_for_inference(model_path)
+        self.loaded = model if isinstance(model, Loaded) else load_for_inference(model)
         self.turns: list[tuple[str, str]] = []
 
-    def reply(self, text: str, max_new_tokens: int = 256, streamer=None, **sampling) -> str:
+    def reply(self, text: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, streamer=None, **sampling) -> str:
         """The model's answer to the next user message; the exchange is kept for the following turns."""
         text = text if self.turns else "<image>\n" + text
         prompt = prompt_ids(self.loaded, self.turns + [("user", text)], [self.image])
         answer = generate(self.loaded, [prompt], [self.image], max_new_tokens, streamer=streamer, **sampling)[0]
         self.turns += [("user", text), ("assistant", answer)]
         return answer
+
+
+def sampling(temperature: float, top_p: float = 1.0) -> dict:
+    """generate()'s sampling arguments: greedy at temperature 0, else sampling at that temperature."""
+    return {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}

@@ -82,12 +82,12 @@ def cmd_merge(args) -> int:
 def cmd_chat(args) -> int:
     from transformers import TextStreamer
     from . import console
-    from .chat import Chat
+    from .chat import Chat, sampling
     chat = Chat(args.model, args.image)
-    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {}
+    options = sampling(args.temperature, args.top_p)
     streamer = TextStreamer(chat.loaded.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     if args.prompt is not None:
-        chat.reply(args.prompt, args.max_new_tokens, streamer, **sampling)
+        chat.reply(args.prompt, args.max_new_tokens, streamer, **options)
         return 0
     console.say(f"chatting with {args.model} about {args.image} (template {chat.loaded.template}); "
                 "an empty line or Ctrl-D ends")
@@ -99,7 +99,13 @@ def cmd_chat(args) -> int:
         if not text:
             return 0
         print("model> ", end="", flush=True)
-        chat.reply(text, args.max_new_tokens, streamer, **sampling)
+        chat.reply(text, args.max_new_tokens, streamer, **options)
+
+
+def cmd_serve(args) -> int:
+    from . import console, serve
+    serve.serve(args.model, args.host, args.port, quantized=args.quantized, say=console.say)
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -183,6 +189,16 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=1.0)
     chat.set_defaults(run=cmd_chat)
 
+    srv = commands.add_parser("serve", help="a web page to talk with a run or merged model about an image, and an "
+                              "/answer API")
+    srv.add_argument("model", metavar="MODEL_OR_RUN", help="a run folder or a merged folder")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
+                     "0.0.0.0: every network)")
+    srv.add_argument("--port", type=int, default=7860)
+    srv.add_argument("--quantized", action=argparse.BooleanOptionalAction, default=True,
+                     help="a run's base in 4-bit, as trained (default); --no-quantized loads it in its recipe's dtype")
+    srv.set_defaults(run=cmd_serve)
+
     ev = commands.add_parser("eval", help="answer a benchmark's questions (resumable) and score them",
                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=eval_formats())
     ev.add_argument("model", metavar="MODEL_OR_RUN", help="a run folder or a merged folder")
@@ -230,10 +246,11 @@ def _user_errors() -> tuple:
     from .recipe import RecipeError
     from .merge import MergeError
     from .model import BaseMismatchError
+    from .serve import ServeError
     from .templates import TemplateError
     from .vision import VisionError
-    return (RecipeError, DataError, TemplateError, VisionError, MergeError, BaseMismatchError, FileExistsError,
-            FileNotFoundError)
+    return (RecipeError, DataError, TemplateError, VisionError, MergeError, BaseMismatchError, ServeError,
+            FileExistsError, FileNotFoundError)
 
 
 def _quiet_libraries() -> None:

@@ -24,6 +24,8 @@ ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
 EVAL_POINTS = ("before", "stage1", "stage2", "blank_images")
+REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
+"""Where report_to may send a stage's logs, and the package each needs."""
 DECODER_FAMILIES = ("mistral", "llama", "smollm2")
 VISION_FAMILIES = ("clip", "siglip", "dinov2")
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -156,6 +158,9 @@ class StageConfig:
     logging_steps: int = 10
     save_steps: int = 500
     """Write a resumable checkpoint every N optimizer steps (0: never)."""
+    report_to: list[str] = field(default_factory=list)
+    """Also send the logs (loss, learning rate, tokens/s, pad fraction) to "tensorboard" (event files in
+    RUN/stageN/checkpoints/runs/) and/or "wandb" (TrainingArguments' report_to); empty: the terminal only."""
 
     def problems(self, path: str) -> list[str]:
         out = []
@@ -165,6 +170,8 @@ class StageConfig:
         out += _choice(path, "image_aspect_ratio", self.image_aspect_ratio, ("pad", "crop", "anyres"))
         out += _choice(path, "lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
         out += _choice(path, "optim", self.optim, OPTIMIZERS)
+        for reporter in self.report_to:
+            out += _choice(path, "report_to", reporter, tuple(REPORTERS))
         for key in ("max_seq_len", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
                     "logging_steps"):
             out += _positive(path, key, getattr(self, key))
@@ -337,6 +344,21 @@ def recipe_from_dict(raw: dict, overrides: list[str] = (), source: str = "<recip
     if problems:
         raise RecipeError(source, problems)
     return Recipe(**tables, source=source)
+
+
+def check_report_to(recipe: Recipe, stages) -> None:
+    """Refuse, before any work, a stage that reports to a tool whose package is not installed. (Not part of
+    validation: a saved run's recipe must load for chat and merge on machines without that tool.)"""
+    import importlib.util
+    problems = []
+    for name in stages:
+        for reporter in getattr(recipe, name).report_to:
+            package = REPORTERS[reporter]
+            if importlib.util.find_spec(package) is None:
+                problems.append(f'{name}.report_to: "{reporter}" needs the {package} package (pip install {package}), '
+                                "or remove it")
+    if problems:
+        raise RecipeError(recipe.source, problems)
 
 
 def _cross_checks(t: dict) -> list[str]:

@@ -28,7 +28,7 @@ from .data import available_cores, build_stage_dataset
 from .errors import DataError
 from .evaluate import HeldOut
 from .packing import Collator, Rows, TokenCounts
-from .recipe import Recipe
+from .recipe import Recipe, check_report_to
 from .run import RunFolder
 from .trainer import QllavaTrainer, latest_checkpoint
 
@@ -54,6 +54,7 @@ def finetune(recipe: Recipe, stages=None, overwrite: bool = False, resume: bool 
     prints.
     """
     stages = stages or recipe.stages()
+    check_report_to(recipe, stages)
     state = PartialState()
     say = say if state.is_main_process else _silent
     run = RunFolder(recipe.run_dir)
@@ -203,7 +204,7 @@ def _build_trainer(model, processor, rows: Rows, collator: Collator, cfg, checkp
         logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500, save_total_limit=2, activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False}, bf16=cuda and dtype == torch.bfloat16,
-        fp16=cuda and dtype == torch.float16, use_cpu=not cuda, report_to="none", disable_tqdm=True,
+        fp16=cuda and dtype == torch.float16, use_cpu=not cuda, disable_tqdm=True, report_to=cfg.report_to or "none",
         remove_unused_columns=False, dataloader_num_workers=num_workers, dataloader_pin_memory=cuda,
         dataloader_persistent_workers=False, max_length=None, packing=False,
         dataset_kwargs={"skip_prepare_dataset": True}, save_only_model=False)

@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RECIPE = ROOT / "recipes" / "tiny_demo.toml"
+NEXT_RECIPE = ROOT / "recipes" / "tiny_next.toml"
 # Real weights converted once and kept across test sessions (QLLAVA_TEST_MODELS moves them).
 TEST_MODELS = Path(os.environ.get("QLLAVA_TEST_MODELS", Path.home() / ".cache" / "qllava" / "test-models"))
 SMOLLM2_FORMAT = 1  # bump when tiny.write_smollm2 writes the folder differently
@@ -43,6 +44,31 @@ def tiny_overrides(root: Path, run_dir: Path, decoder: str = "mistral") -> list[
             f'eval.data="{shapes / "eval.json"}"', f'eval.image_folder="{shapes / "images"}"',
             f'output.dir="{run_dir}"', f'data.cache_dir="{root / "cache"}"',
             "stage1.max_steps=8", "stage2.max_steps=8", "stage1.logging_steps=2", "stage2.logging_steps=2"]
+
+
+@pytest.fixture(scope="session")
+def next_inputs(tmp_path_factory):
+    """The tiny LLaVA-NeXT checkpoint and its shapes data (five aspect ratios), as [synthetic] writes them."""
+    from qllava import synthetic
+    from qllava.recipe import SyntheticConfig
+    root = tmp_path_factory.mktemp("next")
+    cfg = SyntheticConfig(data_dir=str(root / "shapes"), train_samples=200, eval_samples=24, seed=0,
+                          llava_next=True)
+    synthetic.prepare(cfg, str(root / "clip"), str(root / "mistral"), say=lambda _: None, llava=str(root / "next"))
+    return root
+
+
+def next_recipe(root: Path, run: Path, *extra: str):
+    """recipes/tiny_next.toml pointed at the session's tiny LLaVA-NeXT inputs."""
+    from qllava.recipe import load_recipe
+    shapes = root / "shapes"
+    return load_recipe(NEXT_RECIPE, [
+        f'synthetic.data_dir="{shapes}"', "synthetic.train_samples=200", "synthetic.eval_samples=24",
+        f'model.llava="{root / "next"}"', f'model.vision_tower="{root / "clip"}"', f'model.decoder="{root / "mistral"}"',
+        f'stage1.data=["{shapes / "captions.json"}"]', f'stage1.image_folder="{shapes / "images"}"',
+        f'stage2.data=["{shapes / "questions.json"}"]', f'stage2.image_folder="{shapes / "images"}"',
+        f'eval.data="{shapes / "eval.json"}"', f'eval.image_folder="{shapes / "images"}"', "eval.batch_size=24",
+        f'output.dir="{run}"', f'data.cache_dir="{root / "cache"}"', *extra])
 
 
 @pytest.fixture

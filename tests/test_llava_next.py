@@ -12,37 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, next_recipe
 from qllava import model as modeling, tiny
 from qllava.data import DataReport, ImageStore, image_source, read_conversations, tokenize_dataset
 from qllava.packing import Collator, packed_vs_unpacked_error
-from qllava.recipe import SyntheticConfig, load_recipe
+from qllava.recipe import load_recipe
 from qllava.templates import render
 
-NEXT_RECIPE = ROOT / "recipes" / "tiny_next.toml"
 V16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-
-
-@pytest.fixture(scope="session")
-def next_inputs(tmp_path_factory):
-    """The tiny LLaVA-NeXT checkpoint and its shapes data (five aspect ratios), as [synthetic] writes them."""
-    from qllava import synthetic
-    root = tmp_path_factory.mktemp("next")
-    cfg = SyntheticConfig(data_dir=str(root / "shapes"), train_samples=200, eval_samples=24, seed=0,
-                          llava_next=True)
-    synthetic.prepare(cfg, str(root / "clip"), str(root / "mistral"), say=lambda _: None, llava=str(root / "next"))
-    return root
-
-
-def next_recipe(root, run, *extra):
-    shapes = root / "shapes"
-    return load_recipe(NEXT_RECIPE, [
-        f'synthetic.data_dir="{shapes}"', "synthetic.train_samples=200", "synthetic.eval_samples=24",
-        f'model.llava="{root / "next"}"', f'model.vision_tower="{root / "clip"}"', f'model.decoder="{root / "mistral"}"',
-        f'stage1.data=["{shapes / "captions.json"}"]', f'stage1.image_folder="{shapes / "images"}"',
-        f'stage2.data=["{shapes / "questions.json"}"]', f'stage2.image_folder="{shapes / "images"}"',
-        f'eval.data="{shapes / "eval.json"}"', f'eval.image_folder="{shapes / "images"}"', "eval.batch_size=24",
-        f'output.dir="{run}"', f'data.cache_dir="{root / "cache"}"', *extra])
 
 
 def test_tokens_per_image_equal_llava_next_processor_on_many_sizes():

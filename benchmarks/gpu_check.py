@@ -11,6 +11,8 @@ plan's prediction with its error. Loading from disk is the one path it does not 
 
   python3 benchmarks/gpu_check.py                 # on a CUDA machine: about 3-5 minutes on one H100
   python3 benchmarks/gpu_check.py --dry-run       # on CPU with tiny shapes: the same code, in `make test`
+  python3 benchmarks/gpu_check.py --llava-next    # llava-v1.6-mistral-7b's shapes, stage 2 at 4,096 tokens:
+                                                  # anyres images of 2,928 tokens (the largest), tiles included
 
 The device machines of this workplace lack some packages; carry them as wheels (see README, "GPU check").
 """
@@ -36,6 +38,8 @@ from qllava.packing import Collator, Rows  # noqa: E402
 from qllava.recipe import recipe_from_dict  # noqa: E402
 
 DECODERS = {"mistral": "mistralai/Mistral-7B-Instruct-v0.2", "vicuna": "lmsys/vicuna-7b-v1.5"}
+LLAVA_NEXT = "llava-hf/llava-v1.6-mistral-7b-hf"
+TINY_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
 VISION = "openai/clip-vit-large-patch14-336"
 # Dense bf16 tensor-core peaks (TFLOP/s) by device name; --peak-tflops for others.
 PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
@@ -50,25 +54,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU: checks the script, measures nothing")
     parser.add_argument("--decoders", nargs="+", default=list(DECODERS), choices=list(DECODERS))
-    parser.add_argument("--tokens", type=int, default=2048, help="tokens per micro-batch (one packed row)")
+    parser.add_argument("--llava-next", action="store_true", help=f"{LLAVA_NEXT}'s shapes (anyres), stage 2")
+    parser.add_argument("--tokens", type=int, help="tokens per micro-batch (one packed row; default 2048, "
+                        "4096 with --llava-next)")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per stage (the first is warm-up)")
     parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, when not in the table")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --dry-run to check the script on CPU")
+    args.tokens = args.tokens or (4096 if args.llava_next else 2048)
     if args.dry_run:
-        args.tokens, args.steps = min(args.tokens, 256), min(args.steps, 3)
+        args.tokens, args.steps = min(args.tokens, 512 if args.llava_next else 256), min(args.steps, 3)
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run)"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in card), None)
     print(f"device: {card}; peak assumed: {peak or 'unknown'} TFLOP/s (bf16 dense); {args.tokens} tokens per "
           f"micro-batch; attention: {modeling.attention_implementation('auto')}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="qllava_gpu_check_") as work:
-        for name in args.decoders:
+        for name in ["llava_next"] if args.llava_next else args.decoders:
             recipe = write_recipe(Path(work) / name, name, args)
             counts = plan.count_parameters(recipe)
-            for stage in ("stage1", "stage2"):
+            for stage in recipe.stages():
                 row = measure(recipe, stage, counts, args, Path(work) / name, peak)
                 row.update(decoder=name, card=card)
                 rows.append(row)
@@ -79,6 +86,8 @@ def main() -> None:
 def write_recipe(folder: Path, name: str, args):
     """Config-only checkpoint folders (and a tokenizer) for the plan and the processor; no weights."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig
+    if name == "llava_next":
+        return write_next_recipe(folder, args)
     text = modeling._config(DECODERS[name])
     vision = modeling._config(VISION)
     if args.dry_run:  # the same architectures, tiny
@@ -103,17 +112,51 @@ def write_recipe(folder: Path, name: str, args):
         "output": {"dir": str(folder / "run")}})
 
 
+def write_next_recipe(folder: Path, args):
+    """A config-only llava-v1.6-mistral-shaped LLaVA-NeXT folder (tiny, same architecture, for the dry run)."""
+    from transformers import CLIPVisionConfig, LlavaNextImageProcessor, LlavaNextProcessor
+    config = modeling._config(LLAVA_NEXT)
+    tile = config.vision_config.image_size
+    if args.dry_run:
+        text = type(config.text_config)(**{**config.text_config.to_dict(), **TINY_DECODER})
+        vision = CLIPVisionConfig(**{**config.vision_config.to_dict(), **TINY_VISION})
+        config = type(config)(**{**config.to_dict(), "text_config": {**text.to_dict(), "vocab_size": 1024},
+                                 "vision_config": vision.to_dict(), "image_grid_pinpoints": TINY_PINPOINTS,
+                                 "image_token_index": 1000})
+        tile = vision.image_size
+    config.save_pretrained(folder / "llava")
+    tokenizer = tiny.build_tokenizer(["a picture of a red square", "what is in the image"])
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    image_processor = LlavaNextImageProcessor(size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
+                                              image_grid_pinpoints=config.image_grid_pinpoints)
+    LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
+                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                       image_token="<image>").save_pretrained(folder / "llava")
+    dtype = "float32" if args.dry_run else "bfloat16"
+    stage = {"data": ["synthetic"], "max_seq_len": args.tokens, "per_device_train_batch_size": 1,
+             "max_steps": args.steps, "logging_steps": 1, "save_steps": 0, "gradient_checkpointing": True,
+             "warmup_ratio": 0.0, "image_aspect_ratio": "anyres"}
+    return recipe_from_dict({
+        "model": {"llava": str(folder / "llava"), "dtype": dtype}, "quantization": {"bnb_4bit_compute_dtype": dtype},
+        "lora": {"r": 8 if args.dry_run else 128, "lora_alpha": 16 if args.dry_run else 256},
+        "stage1": {**stage, "enabled": False, "template": "plain", "learning_rate": 1e-3},
+        "stage2": {**stage, "template": "mistral_instruct", "learning_rate": 2e-4, "projector_lr": 2e-5,
+                   "projector": "model"},
+        "output": {"dir": str(folder / "run")}})
+
+
 def measure(recipe, stage: str, counts, args, folder: Path, peak_tflops: float | None) -> dict:
     cfg = getattr(recipe, stage)
     processor = modeling.build_processor(recipe.model)
     model = random_model(recipe, processor)
     if stage == "stage2":
         model = modeling.attach_lora(model, recipe.lora)
-    modeling.projector(model).requires_grad_(True)
+    for parameter in modeling.projector_parameters(model).values():
+        parameter.requires_grad_(True)
     train._trainable_to_float32(model)
     dataset, images = synthetic_samples(model, processor, folder, cfg.max_seq_len, rows=args.steps + 2)
     rows = Rows(dataset, cfg.max_seq_len, packing=True, seed=0)
-    collator = Collator(images, processor.image_processor, "pad", processor.tokenizer.pad_token_id,
+    collator = Collator(images, processor.image_processor, cfg.image_aspect_ratio, processor.tokenizer.pad_token_id,
                         model.config.image_token_id, flatten=model.config._attn_implementation == "flash_attention_2")
     timer = StepTimer()
     trainer = train._build_trainer(model, processor, rows, collator, cfg, folder / stage, [timer],
@@ -150,12 +193,18 @@ def random_model(recipe, processor):
     attn = modeling.attention_implementation(cfg.attn_implementation)
     device = modeling.device()
     torch.manual_seed(0)
+    if cfg.llava:  # LLaVA-NeXT, whole from its config
+        config = modeling.load_llava_config(cfg)
+        with torch.device(device):
+            model = modeling.llava_class(config)._from_config(config, dtype=dtype, attn_implementation=attn)
+        quantize_(model.model.language_model, recipe.quantization, device)
+        return modeling.frozen(model)
     with torch.device(device):
         decoder = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.decoder), dtype=dtype,
                                                    attn_implementation=attn)
         vision = CLIPVisionModel._from_config(CLIPVisionConfig.from_pretrained(cfg.vision_tower), dtype=dtype,
                                               attn_implementation=attn)
-    quantize_(decoder, recipe.quantization, device)
+    quantize_(decoder.model, recipe.quantization, device)
     return modeling.frozen(modeling.assemble(vision, decoder, processor.tokenizer, cfg, attn))
 
 
@@ -163,7 +212,7 @@ def quantize_(decoder, q, device) -> None:
     """Every linear layer of the decoder's blocks to bitsandbytes NF4 (what from_pretrained does while loading)."""
     import bitsandbytes as bnb
     compute = getattr(torch, q.bnb_4bit_compute_dtype)
-    for parent in list(decoder.model.layers.modules()):
+    for parent in list(decoder.layers.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.Linear:
                 layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
@@ -175,22 +224,26 @@ def quantize_(decoder, q, device) -> None:
 
 
 def synthetic_samples(model, processor, folder: Path, row_tokens: int, rows: int):
-    """Conversations of one image + random text, sized so that about two fill a row, written as training samples."""
+    """Conversations of one image + random text, sized so that two (or one, for LLaVA-NeXT's largest images) fill a
+    row, written as training samples. LLaVA-NeXT's images are square at the largest grid: the most tokens an image
+    can take."""
     import datasets
     from PIL import Image
     from qllava.data import FEATURES, ImageStore
     images = folder / "images"
     images.mkdir(exist_ok=True)
-    size = vision_seam.output_size(processor.image_processor)[0]
+    geometry = modeling.image_geometry(model.config, processor.image_processor)
+    size = max(max(p) for p in geometry.grid_pinpoints) if geometry.varies else \
+        vision_seam.output_size(processor.image_processor)[0]
     rng = random.Random(0)
     for k in range(4):
         Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3))).save(images / f"{k}.png")
-    n_image = modeling.image_geometry(model.config, processor.image_processor).tokens_of()
+    n_image = geometry.tokens_of((size, size))
     vocab = min(model.config.text_config.vocab_size, len(processor.tokenizer) - 1)
     image_id = model.config.image_token_id
     columns = {name: [] for name in FEATURES}
     for i in range(2 * rows):
-        text = max(8, row_tokens // 2 - n_image - 1)
+        text = max(8, row_tokens // (2 if row_tokens >= 2 * (n_image + 16) else 1) - n_image - 1)
         ids = [1, image_id] + [rng.randrange(3, vocab) for _ in range(text)]  # one placeholder per image
         labels = [-100] * (2 + text // 2) + ids[2 + text // 2:]
         for key, value in (("id", str(i)), ("input_ids", ids), ("labels", labels), ("length", len(ids) - 1 + n_image),

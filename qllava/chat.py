@@ -21,7 +21,7 @@ class Chat:
     def reply(self, text: str, max_new_tokens: int = 256, streamer=None, **sampling) -> str:
         """The model's answer to the next user message; the exchange is kept for the following turns."""
         text = text if self.turns else "<image>\n" + text
-        prompt = prompt_ids(self.loaded, self.turns + [("user", text)])
+        prompt = prompt_ids(self.loaded, self.turns + [("user", text)], [self.image])
         answer = generate(self.loaded, [prompt], [self.image], max_new_tokens, streamer=streamer, **sampling)[0]
         self.turns += [("user", text), ("assistant", answer)]
         return answer

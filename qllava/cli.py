@@ -54,7 +54,7 @@ def cmd_finetune(args) -> int:
     from . import console, train
     from .recipe import load_recipe
     recipe = load_recipe(args.recipe, args.overrides)
-    stages = {"1": ("stage1",), "2": ("stage2",), "all": train.STAGES}[args.stage]
+    stages = recipe.stages(args.stage)
     metrics = train.finetune(recipe, stages, overwrite=args.overwrite, resume=args.resume,
                              progress=console.TrainingProgress, say=console.say)
     from accelerate import PartialState
@@ -78,7 +78,7 @@ def cmd_data_stats(args) -> int:
     from . import console, stats
     from .recipe import load_recipe
     recipe = load_recipe(args.recipe, args.overrides)
-    for name in {"1": ("stage1",), "2": ("stage2",), "all": ("stage1", "stage2")}[args.stage]:
+    for name in recipe.stages(args.stage):
         console.print_stats(stats.stage_stats(recipe, name))
     return 0
 
@@ -141,7 +141,7 @@ def cmd_plan(args) -> int:
     from . import console, plan
     from .recipe import load_recipe
     recipe = load_recipe(args.recipe, args.overrides)
-    stages = {"1": ("stage1",), "2": ("stage2",), "all": ("stage1", "stage2")}[args.stage]
+    stages = recipe.stages(args.stage)
     result = plan.plan(recipe, args.gpu_memory, stages)
     console.print_plan(result)
     if args.json:

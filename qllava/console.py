@@ -235,4 +235,10 @@ def print_plan(result: dict) -> None:
                                f" ({est['headroom_gib']:+.1f} GiB)" for est in stages.values()))
     table.add_row("largest micro-batch that fits", *(f"{est['max_tokens_per_micro_batch']:,} tokens"
                                                     for est in stages.values()))
+    table.add_row("largest image", *(f"{est['largest_image_tokens']:,} tokens" + ("" if est["largest_image_fits"]
+                                     else " [red](> max_seq_len)") for est in stages.values()))
     console.print(table)
+    for name, est in stages.items():
+        if not est["largest_image_fits"]:
+            say(f"{name}.max_seq_len cannot hold the largest image ({est['largest_image_tokens']:,} tokens): raise "
+                "it, or samples with such images are skipped")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import io
 import itertools
 import json
 import multiprocessing
@@ -40,7 +41,7 @@ from . import templates
 from .errors import DataError
 from .templates import IMAGE_TAG, TemplateError
 from .tokenizer import IMAGE_TOKEN, ids_and_offsets
-from .vision import NOT_FOUND, ImageGeometry, as_rgb, image_problem, open_image
+from .vision import NOT_FOUND, AnyresGeometry, ImageGeometry, as_rgb, image_header, image_size, open_image
 
 CACHE_VERSION = 5  # 5: a sample's system message is its system prompt; images counted for the missing share
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -67,6 +68,8 @@ class Conversation:
     """"" for text-only; a file path, or "row:N" for an image stored in a Hugging Face dataset."""
     source: int = 0
     """Index of the data file it came from (an ImageStore resolves images per file)."""
+    image_size: tuple[int, int] | None = None
+    """(width, height) from the image file's header, when its token count depends on it (LLaVA-NeXT)."""
     extra: dict = field(default_factory=dict)
     """Fields qllava does not interpret (category, options, ...), kept for evaluation."""
     system: str | None = None
@@ -157,7 +160,7 @@ def image_source(path: str, image_folder: str):
 def read_conversations(path: str, where, source: int, report: DataReport) -> list[Conversation]:
     """All usable conversations of one data file (for small files: evaluation, merge checks); unusable samples
     are counted in `report`. Training reads through build_stage_dataset, which never holds them all."""
-    file = _DataFile(path, source, where if isinstance(where, str) else "")
+    file = _DataFile(path, source, where if isinstance(where, str) else "", image_sizes=True)
     out = []
     for records in file.records(where):
         out += [conv for record in records if (conv := file.conversation(record, report, _ImageFiles()))]
@@ -233,13 +236,13 @@ class Tokenization:
     tokenizer: object
     template: str
     image_token_id: int
-    geometry: ImageGeometry
+    geometry: ImageGeometry | AnyresGeometry
     """How many tokens each image becomes: stored with each image (the collator widens by the stored count)."""
     max_seq_len: int
 
 
 def tokenize_dataset(conversations: list[Conversation], template: str, tokenizer, image_token_id: int,
-                     geometry: ImageGeometry, max_seq_len: int, report: DataReport) -> datasets.Dataset:
+                     geometry: ImageGeometry | AnyresGeometry, max_seq_len: int, report: DataReport) -> datasets.Dataset:
     """Samples of a few conversations, in memory (evaluation, merge checks, tests)."""
     how = Tokenization(tokenizer, template, image_token_id, geometry, max_seq_len)
     return datasets.Dataset.from_dict(_sample_columns(conversations, how, report), features=FEATURES)
@@ -256,7 +259,7 @@ def _sample_columns(conversations: list[Conversation], how: Tokenization, report
         except TemplateError as e:
             report.skip(conv.id, str(e))
             continue
-        image_tokens = [how.geometry.tokens_of() for _ in range(ids.count(how.image_token_id))]
+        image_tokens = [how.geometry.tokens_of(conv.image_size) for _ in range(ids.count(how.image_token_id))]
         length = len(ids) - len(image_tokens) + sum(image_tokens)
         if length > how.max_seq_len:
             report.skip(conv.id, f"longer than max_seq_len ({how.max_seq_len} tokens, image tokens included)")
@@ -277,17 +280,22 @@ def _sample_columns(conversations: list[Conversation], how: Tokenization, report
     return columns
 
 
-def stage_dataset(recipe, name: str, tokenizer, geometry: ImageGeometry) -> tuple[datasets.Dataset, ImageStore,
-                                                                                  DataReport]:
+def stage_dataset(recipe, name: str, tokenizer, geometry: ImageGeometry | AnyresGeometry
+                  ) -> tuple[datasets.Dataset, ImageStore, DataReport]:
     """Stage `name`'s samples at the recipe's settings (build_stage_dataset)."""
+    aspect_ratio = getattr(recipe, name).image_aspect_ratio
+    if geometry.varies != (aspect_ratio == "anyres"):
+        raise DataError(f"{name}.image_aspect_ratio: {aspect_ratio!r} with a "
+                        f"{'LLaVA-NeXT' if geometry.varies else 'LLaVA-1.5'} model: set "
+                        f"{'anyres (it tiles each image by its size)' if geometry.varies else 'pad or crop'}")
     return build_stage_dataset(getattr(recipe, name), tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                                geometry, recipe.data.cache_dir, name, recipe.data.num_proc,
                                recipe.data.max_missing_image_fraction)
 
 
-def build_stage_dataset(stage, tokenizer, image_token_id: int, geometry: ImageGeometry, cache_dir: str,
-                        stage_name: str, num_proc: int | None = None, max_missing_image_fraction: float = 1.0
-                        ) -> tuple[datasets.Dataset, ImageStore, DataReport]:
+def build_stage_dataset(stage, tokenizer, image_token_id: int, geometry: ImageGeometry | AnyresGeometry,
+                        cache_dir: str, stage_name: str, num_proc: int | None = None,
+                        max_missing_image_fraction: float = 1.0) -> tuple[datasets.Dataset, ImageStore, DataReport]:
     """A stage's samples, prepared with its template (once: cached), filtered and counted, memory-mapped. More
     missing or unreadable images than `max_missing_image_fraction` of the samples that name one is an error: a
     wrong image folder must not become a silently tiny run."""
@@ -300,7 +308,8 @@ def build_stage_dataset(stage, tokenizer, image_token_id: int, geometry: ImageGe
     how = Tokenization(tokenizer, stage.template, image_token_id, geometry, stage.max_seq_len)
     cached = _cache_still_true(folder, sources)
     if not cached:
-        files = [_DataFile(path, i, stage.image_folder if is_llava_json(path) else "") for i, path in enumerate(stage.data)]
+        files = [_DataFile(path, i, stage.image_folder if is_llava_json(path) else "", image_sizes=geometry.varies)
+                 for i, path in enumerate(stage.data)]
         _prepare(folder, files, sources, how, num_proc or default_num_proc())
     report = DataReport.from_dict(json.loads((folder / "report.json").read_text()))
     report.cached = cached
@@ -420,6 +429,8 @@ class _DataFile:
     source: int
     image_folder: str
     """LLaVA JSON: the folder its image paths are relative to."""
+    image_sizes: bool = False
+    """Read each image's size from its header (LLaVA-NeXT: an image's token count depends on it)."""
 
     def records(self, where) -> Iterator[list]:
         """The file's raw samples in batches of JOB_SAMPLES: (index, sample) for LLaVA JSON, (row, messages,
@@ -430,7 +441,9 @@ class _DataFile:
         messages = where.select_columns(["messages"])
         for start in range(0, len(where), JOB_SAMPLES):
             end = min(start + JOB_SAMPLES, len(where))
-            yield list(zip(range(start, end), messages[start:end]["messages"], _image_counts(where, start, end)))
+            sizes = _image_sizes(where, start, end) if self.image_sizes else [None] * (end - start)
+            yield list(zip(range(start, end), messages[start:end]["messages"], _image_counts(where, start, end),
+                           sizes))
 
     def conversation(self, record, report: DataReport, images: _ImageFiles) -> Conversation | None:
         """The record as a conversation, or None (counted in report; its image file noted in `images`)."""
@@ -442,9 +455,10 @@ class _DataFile:
         name = Path(self.path).name
         sample_id = str(sample.get("id", f"{name}[{i}]")) if isinstance(sample, dict) else f"{name}[{i}]"
         problem = _llava_sample_problem(sample)
+        size = None
         if not problem and isinstance(sample.get("image"), str):
             image = os.path.join(self.image_folder, sample["image"])
-            problem = _image_problem(image, self.image_folder)
+            problem, size = _image_problem(image, self.image_folder)
             report.named_images += 1
             images.folders.add(os.path.dirname(os.path.abspath(image)))
             if problem:
@@ -457,9 +471,10 @@ class _DataFile:
         conv = _conversation(sample_id, turns, sample.get("image", ""), self.source, report)
         if conv:
             conv.extra = {k: v for k, v in sample.items() if k not in ("id", "image", "conversations")}
+            conv.image_size = size
         return conv
 
-    def _hf_conversation(self, row: int, messages, n_images: int, report: DataReport) -> Conversation | None:
+    def _hf_conversation(self, row: int, messages, n_images: int, size, report: DataReport) -> Conversation | None:
         sample_id = f"{Path(self.path).name}[{row}]"
         try:
             turns = [(m["role"], _content_text(m["content"])) for m in messages]
@@ -473,7 +488,10 @@ class _DataFile:
             report.skip(sample_id, "more than one image (one image per sample)")
             return None
         turns = [(ROLES.get(role, role), text) for role, text in turns]
-        return _conversation(sample_id, turns, f"row:{row}" if n_images else "", self.source, report)
+        conv = _conversation(sample_id, turns, f"row:{row}" if n_images else "", self.source, report)
+        if conv:
+            conv.image_size = size
+        return conv
 
 
 def _batched(items, size: int) -> Iterator[list]:
@@ -580,9 +598,10 @@ def _llava_sample_problem(sample) -> str | None:
     return None
 
 
-def _image_problem(path: str, image_folder: str) -> str | None:
-    problem = image_problem(path)
-    return f"{problem} under the image folder ({image_folder or '.'})" if problem == NOT_FOUND else problem
+def _image_problem(path: str, image_folder: str) -> tuple[str | None, tuple[int, int] | None]:
+    """(why the image cannot be used, or None; its (width, height))."""
+    problem, size = image_header(path)
+    return (f"{problem} under the image folder ({image_folder or '.'})" if problem == NOT_FOUND else problem), size
 
 
 def _conversation(sample_id: str, turns: list, image: str, source: int, report: DataReport) -> Conversation | None:
@@ -643,6 +662,19 @@ def _load_hf_dataset(path: str) -> datasets.Dataset:
     return dataset
 
 
+def _image_sizes(dataset: datasets.Dataset, start: int, end: int) -> list[tuple[int, int] | None]:
+    """(width, height) of the first image of each row of dataset[start:end], read from the encoded bytes' header."""
+    if "images" not in dataset.column_names:
+        return [None] * (end - start)
+    undecoded = dataset.select_columns(["images"]).cast_column("images", datasets.List(datasets.Image(decode=False)))
+    sizes = []
+    for images in undecoded[start:end]["images"]:
+        first = (images or [None])[0]
+        sizes.append(None if first is None else
+                     image_size(io.BytesIO(first["bytes"]) if first.get("bytes") else first["path"]))
+    return sizes
+
+
 def _image_counts(dataset: datasets.Dataset, start: int, end: int) -> list[int]:
     """Images per row of dataset[start:end], read from the Arrow column's list lengths: no image is decoded."""
     if "images" not in dataset.column_names:
@@ -661,7 +693,7 @@ def is_llava_json(path: str) -> bool:
     return path.endswith((".json", ".jsonl"))
 
 
-def _cache_key(stage, sources: list, tokenizer, image_token_id: int, geometry: ImageGeometry) -> str:
+def _cache_key(stage, sources: list, tokenizer, image_token_id: int, geometry: ImageGeometry | AnyresGeometry) -> str:
     """What the prepared samples depend on: each data file's identity, the template, the tokenizer and the image
     geometry. Which images exist is checked apart (_cache_still_true): it changes without any file changing."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -695,7 +727,7 @@ def _cache_still_true(folder: Path, sources: list) -> bool:
     if not (folder / "report.json").exists():
         return False
     recorded = json.loads((folder / IMAGES_FILE).read_text())
-    if any(_image_problem(path, "") is None for path in recorded["unusable"]):
+    if any(_image_problem(path, "")[0] is None for path in recorded["unusable"]):
         return False
     changed = {d for d, mtime in recorded["folders"].items() if _mtime_ns(d) != mtime}
     if not changed:

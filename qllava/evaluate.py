@@ -71,10 +71,10 @@ def answer(loaded: Loaded, items: list[scorers.EvalItem], images: str, max_new_t
     prompts, pictures = [], []
     for item in items:
         question = ("<image>\n" + item.question) if item.image else item.question
-        prompts.append(prompt_ids(loaded, [("user", question)]))
-        if item.image:
-            pictures.append(blank_image(loaded) if blank_images else
-                            open_image(os.path.join(images, item.image)))
+        picture = [blank_image(loaded) if blank_images else open_image(os.path.join(images, item.image))] \
+            if item.image else []
+        prompts.append(prompt_ids(loaded, [("user", question)], picture))
+        pictures += picture
     return generate(loaded, prompts, pictures, max_new_tokens)
 
 

@@ -55,8 +55,9 @@ def load_for_inference(path: str | Path, quantized: bool = True) -> Loaded:
                   info.get("image_aspect_ratio", "pad"), "merged")
 
 
-def prompt_ids(loaded: Loaded, turns: list[tuple[str, str]]) -> list[int]:
-    """Token ids of a conversation ending with a user turn, up to where the assistant starts to answer."""
+def prompt_ids(loaded: Loaded, turns: list[tuple[str, str]], images: list[Image.Image] = ()) -> list[int]:
+    """Token ids of a conversation ending with a user turn, up to where the assistant starts to answer; `images`
+    are the conversation's, in the order of their tags (a LLaVA-NeXT image's token count depends on its size)."""
     tokenizer = loaded.processor.tokenizer
     if loaded.template is None:
         messages = [{"role": role, "content": text} for role, text in turns]
@@ -67,7 +68,9 @@ def prompt_ids(loaded: Loaded, turns: list[tuple[str, str]]) -> list[int]:
                                     generation_prompt=True)
     image_token_id = tokenizer.convert_tokens_to_ids(templates.IMAGE_TAG)
     ids = encode(rendered, tokenizer, image_token_id)[0]
-    widths = [loaded.geometry.tokens_of() for _ in range(ids.count(image_token_id))]
+    widths = [loaded.geometry.tokens_of(image.size) for image in images]
+    if len(widths) != ids.count(image_token_id):
+        raise ValueError(f"{ids.count(image_token_id)} image tags in the conversation, {len(widths)} images given")
     return expand_images(ids, image_token_id, widths).tolist()
 
 
@@ -90,8 +93,8 @@ def generate(loaded: Loaded, prompts: list[list[int]], images: list[Image.Image]
         mask[i, width - len(p):] = 1
     inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
     if images:
-        pixels = vision.pixel_values(images, loaded.processor.image_processor, loaded.image_aspect_ratio)
-        inputs["pixel_values"] = pixels.to(device)
+        pixels = vision.image_inputs(images, loaded.processor.image_processor, loaded.image_aspect_ratio)
+        inputs.update({key: value.to(device) for key, value in pixels.items()})
     dtype = model.get_input_embeddings().weight.dtype
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     sampling = {"do_sample": False, **sampling}

@@ -19,14 +19,15 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig, CLIPImageProcessor,
-                          LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig,
+                          LlavaConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+                          LlavaProcessor)
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from .recipe import LoraConfig, ModelConfig, QuantizationConfig, Recipe, load_recipe
 from .run import RunFolder
 from . import vision
-from .tokenizer import IMAGE_TOKEN, load_tokenizer, with_sentencepiece_merges
+from .tokenizer import IMAGE_TOKEN, load_tokenizer, with_pad_token, with_sentencepiece_merges
 PROJECTOR_FILE = "projector.safetensors"
 BASE_FILE = "base.json"
 # Full module-name prefixes: bitsandbytes silently quantizes a module named by its bare name.
@@ -57,7 +58,7 @@ def build_processor(cfg: ModelConfig) -> LlavaProcessor:
     """Image processor of the vision tower + the decoder's tokenizer with an image token and a pad token."""
     if cfg.llava:
         processor = AutoProcessor.from_pretrained(cfg.llava)
-        processor.tokenizer = with_sentencepiece_merges(processor.tokenizer)
+        processor.tokenizer = with_pad_token(with_sentencepiece_merges(processor.tokenizer))
         return processor
     image_processor = build_image_processor(cfg)
     config = load_llava_config(cfg)
@@ -73,40 +74,42 @@ def build_image_processor(cfg: ModelConfig):
     """The vision tower's image processor (or `image_processor`'s) with the recipe's image settings; for the
     shipped recipes' tower, the copy shipped with qllava when it is not cached (plans work offline)."""
     settings = dict(image_size=cfg.image_size, image_mean=cfg.image_mean, image_std=cfg.image_std)
-    if cfg.llava:
-        return vision.load_image_processor(cfg.llava, cfg.image_processor, **settings)
-    source = cfg.image_processor or cfg.vision_tower
-    if source in PACKAGED_CONFIGS and _local_folder(source) is None:
+    source = cfg.image_processor or cfg.llava or cfg.vision_tower
+    if source in PACKAGED_PREPROCESSORS and _local_folder(source) is None:
         from importlib.resources import files
+        import transformers
         packaged = json.loads((files("qllava") / "configs" / PACKAGED_PREPROCESSORS[source]).read_text())
-        return vision.load_image_processor(source, processor=CLIPImageProcessor(**packaged), **settings)
-    return vision.load_image_processor(cfg.vision_tower, cfg.image_processor, **settings)
+        processor = getattr(transformers, packaged.pop("image_processor_type"))(**packaged)
+        return vision.load_image_processor(source, processor=processor, **settings)
+    return vision.load_image_processor(cfg.llava or cfg.vision_tower, cfg.image_processor, **settings)
 
 
-def processor_and_geometry(cfg: ModelConfig) -> tuple[LlavaProcessor, vision.ImageGeometry]:
+def processor_and_geometry(cfg: ModelConfig):
     """The processor and the image geometry a recipe's model will have, from tokenizer and config files alone."""
     processor = build_processor(cfg)
     return processor, image_geometry(load_llava_config(cfg), processor.image_processor)
 
 
-def image_geometry(config, image_processor) -> vision.ImageGeometry:
-    """How many tokens an image becomes, for a LlavaConfig and its image processor (the vision seam's answer)."""
-    return vision.image_geometry(config.vision_config, image_processor, config.vision_feature_select_strategy,
-                                 config.vision_feature_layer)
+def image_geometry(config, image_processor):
+    """How many tokens an image becomes, for a LLaVA or LLaVA-NeXT config and its image processor (the vision
+    seam's answer)."""
+    return vision.image_geometry(config, image_processor)
 
 
 # Configs of the shipped recipes' checkpoints, so that they can be planned without the hub.
 PACKAGED_CONFIGS = {"mistralai/Mistral-7B-Instruct-v0.2": "mistral-7b-instruct-v0.2.json",
                     "mistralai/Mistral-7B-v0.1": "mistral-7b-v0.1.json",
                     "lmsys/vicuna-7b-v1.5": "vicuna-7b-v1.5.json",
-                    "openai/clip-vit-large-patch14-336": "clip-vit-large-patch14-336.json"}
-PACKAGED_PREPROCESSORS = {"openai/clip-vit-large-patch14-336": "clip-vit-large-patch14-336.preprocessor.json"}
+                    "openai/clip-vit-large-patch14-336": "clip-vit-large-patch14-336.json",
+                    "llava-hf/llava-v1.6-mistral-7b-hf": "llava-v1.6-mistral-7b-hf.json"}
+PACKAGED_PREPROCESSORS = {"openai/clip-vit-large-patch14-336": "clip-vit-large-patch14-336.preprocessor.json",
+                          "llava-hf/llava-v1.6-mistral-7b-hf": "llava-v1.6-mistral-7b-hf.preprocessor.json"}
 
 
 def load_llava_config(cfg: ModelConfig) -> LlavaConfig:
     """The LLaVA config a recipe describes, read from config files only (no weights)."""
     if cfg.llava:
-        return AutoConfig.from_pretrained(cfg.llava)
+        return _config(cfg.llava)
     text = _config(cfg.decoder)
     return LlavaConfig(vision_config=vision.tower_config(_config(cfg.vision_tower)), text_config=text,
                        vision_feature_layer=cfg.vision_feature_layer,
@@ -140,7 +143,7 @@ def load_base_model(recipe: Recipe, processor: LlavaProcessor, quantized: bool =
     place = {"device_map": {"": device()}} if torch.cuda.is_available() else {}
     if cfg.llava:
         with unmapped_checkpoints():
-            model = LlavaForConditionalGeneration.from_pretrained(
+            model = llava_class(load_llava_config(cfg)).from_pretrained(
                 cfg.llava, dtype=torch_dtype, quantization_config=quantization, attn_implementation=attn, **place)
         # transformers refuses to train a quantized model without adapters (it reads `is_quantized`); stage 1
         # trains the projector, which is never quantized. An assembled model carries no such flag either: both
@@ -152,6 +155,18 @@ def load_base_model(recipe: Recipe, processor: LlavaProcessor, quantized: bool =
             tower = vision.load_tower(cfg.vision_tower, dtype=torch_dtype, attn_implementation=attn, **place)
         model = assemble(tower, decoder, processor.tokenizer, cfg, attn)
     return frozen(model)
+
+
+LLAVA_CLASSES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
+
+
+def llava_class(config):
+    """The model class of a LLaVA (1.5) or LLaVA-NeXT config; other checkpoints are refused, naming their type."""
+    try:
+        return LLAVA_CLASSES[config.model_type]
+    except KeyError:
+        raise BaseMismatchError(f"model.llava: a {config.model_type!r} checkpoint; qllava trains LLaVA "
+                                "(llava-hf/llava-1.5-*) and LLaVA-NeXT (llava-hf/llava-v1.6-*) checkpoints") from None
 
 
 def load_decoder(name: str, dtype: torch.dtype, quantization: BitsAndBytesConfig | None, attn: str):
@@ -215,31 +230,46 @@ def attach_lora(model: LlavaForConditionalGeneration, cfg: LoraConfig):
 
 
 def projector(model) -> torch.nn.Module:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model.multi_modal_projector
+    """The MLP between the vision tower and the decoder."""
+    return _llava(model).model.multi_modal_projector
+
+
+def projector_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """What a stage trains besides LoRA, saves in projector.safetensors and gives the projector's learning rate: the
+    MLP projector, and LLaVA-NeXT's image_newline (the embedding that ends each row of an image's features)."""
+    params = dict(projector(model).named_parameters())
+    newline = getattr(_llava(model).model, "image_newline", None)
+    if newline is not None:
+        params["image_newline"] = newline
+    return params
 
 
 def save_projector(model, folder: Path) -> Path:
     path = Path(folder) / PROJECTOR_FILE
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in projector(model).state_dict().items()}
-    save_file(state, path)
+    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in projector_parameters(model).items()},
+              path)
     return path
 
 
 def load_projector(model, path: Path) -> None:
     """Load projector weights, keeping the projector's current dtype and device."""
-    target = projector(model)
-    ref = next(target.parameters())
+    target = projector_parameters(model)
     state = load_file(str(path))
-    expected = set(target.state_dict())
-    if set(state) != expected:
+    if set(state) != set(target):
         raise BaseMismatchError(f"{path}: not a projector for this model (keys {sorted(state)}, expected "
-                                f"{sorted(expected)})")
+                                f"{sorted(target)})")
     for key, value in state.items():
-        if value.shape != target.state_dict()[key].shape:
+        if value.shape != target[key].shape:
             raise BaseMismatchError(f"{path}: {key} has shape {tuple(value.shape)}, this model's projector needs "
-                             f"{tuple(target.state_dict()[key].shape)} (a run of another base model?)")
-    target.load_state_dict({k: v.to(ref.device, ref.dtype) for k, v in state.items()})
+                                    f"{tuple(target[key].shape)} (a run of another base model?)")
+    with torch.no_grad():
+        for key, value in state.items():
+            target[key].copy_(value.to(target[key].device, target[key].dtype))
+
+
+def _llava(model):
+    """The LLaVA model under a PEFT wrapper, if any."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def base_fingerprint(cfg: ModelConfig) -> dict:

@@ -203,15 +203,14 @@ class Collator:
             batch["position_ids"] = positions
         else:
             batch["attention_mask"] = (torch.arange(width)[None, :] < row_lengths[:, None]).long()
-        pixel_values = self.pixel_values([s for row in rows for s in row])
-        if pixel_values is not None:
-            batch["pixel_values"] = pixel_values
+        batch.update(self.image_inputs([s for row in rows for s in row]))
         return batch
 
-    def pixel_values(self, samples: list[dict]) -> torch.Tensor | None:
-        """Images of the samples that have one, in sample order (the order of their image tokens)."""
+    def image_inputs(self, samples: list[dict]) -> dict:
+        """pixel_values (and image_sizes) of the samples that have an image, in sample order (the order of their
+        image tokens); none for text only."""
         images = [self.images.open(s["source"], s["image"]) for s in samples if s["image"]]
-        return vision.pixel_values(images, self.image_processor, self.image_aspect_ratio) if images else None
+        return vision.image_inputs(images, self.image_processor, self.image_aspect_ratio) if images else {}
 
 
 def packed_vs_unpacked_error(model, packed: Collator, unpacked: Collator, micro_batches: list[list[list[dict]]]) -> float:

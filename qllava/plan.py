@@ -51,10 +51,9 @@ def count_parameters(recipe: Recipe) -> Counts:
     if not recipe.model.llava:  # qllava adds the image token (and grows to a multiple of 64), as training does
         text.vocab_size = math.ceil((text.vocab_size + 1) / 64) * 64
     with torch.device("meta"):
-        from transformers import LlavaForConditionalGeneration
-        model = LlavaForConditionalGeneration(config)
+        model = modeling.llava_class(config)(config)
     vision = sum(p.numel() for p in model.model.vision_tower.parameters())
-    projector = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
+    projector = sum(p.numel() for p in modeling.projector_parameters(model).values())
     embedding, head = model.get_input_embeddings().weight, model.lm_head.weight
     embeddings = embedding.numel() + (0 if head is embedding else head.numel())
     linear, largest, lora, other = 0, 0, 0, 0
@@ -96,8 +95,11 @@ def estimate(recipe: Recipe, stage: str, counts: Counts, tokens: int | None = No
         activations = text.num_hidden_layers * tokens * layer_per_token
         recompute = counts.largest_linear * dtype
     image_processor = modeling.build_image_processor(recipe.model)
-    images = math.ceil(tokens / (modeling.image_geometry(config, image_processor).tokens_of() + 64))
-    vision_tokens = tower_tokens(vision, *output_size(image_processor), config.vision_feature_layer)
+    geometry = modeling.image_geometry(config, image_processor)
+    # As many of the largest images as a micro-batch holds (with a little text each), every tile through the tower.
+    images = math.ceil(tokens / (geometry.tokens_of() + 64))
+    vision_tokens = geometry.tiles_of() * tower_tokens(vision, *output_size(image_processor),
+                                                       config.vision_feature_layer)
     parts = {
         "decoder_4bit" if q.load_in_4bit else "decoder_linear": counts.decoder_linear * per_weight,
         "frozen_base": (counts.vision_tower + frozen_embeddings + counts.decoder_other) * dtype,
@@ -109,7 +111,8 @@ def estimate(recipe: Recipe, stage: str, counts: Counts, tokens: int | None = No
         "vision_forward": images * vision_tokens * vision.hidden_size * dtype * 8,
     }
     return {"stage": stage, "tokens_per_micro_batch": tokens, "parts": parts, "trainable_params": trainable,
-            "peak_bytes": sum(parts.values())}
+            "peak_bytes": sum(parts.values()), "largest_image_tokens": geometry.tokens_of(),
+            "largest_image_fits": geometry.tokens_of() + 2 <= cfg.max_seq_len}
 
 
 def plan(recipe: Recipe, gpu_memory_gib: float = 24.0, stages=("stage1", "stage2")) -> dict:

@@ -120,6 +120,8 @@ class LoraConfig:
 class StageConfig:
     """[stage1] / [stage2] one LLaVA training stage: its data and its TrainingArguments."""
 
+    enabled: bool = True
+    """Whether `--stage all` runs this stage (a LLaVA-NeXT checkpoint can go straight to stage 2)."""
     data: list[str] = field(default_factory=list)
     """LLaVA JSON files (list of {id, image, conversations}) or Hugging Face datasets (messages + images)."""
     image_folder: str = ""
@@ -127,7 +129,8 @@ class StageConfig:
     template: str = "plain"
     """Conversation template, rendered exactly as official LLaVA does: plain, vicuna_v1, mistral_instruct, llava_llama_2."""
     image_aspect_ratio: str = "pad"
-    """"pad": pad to a square with the image-mean colour (LLaVA-1.5 stage 2); "crop": resize + centre crop (stage 1)."""
+    """"pad": pad to a square with the image-mean colour (LLaVA-1.5 stage 2); "crop": resize + centre crop (stage 1);
+    "anyres": as the image is (LLaVA-NeXT tiles it by its aspect ratio)."""
     max_seq_len: int = 2048
     """Longest sample in tokens, image tokens included; longer samples are dropped and counted, never cut.
     With packing, also the length of a packed row."""
@@ -156,10 +159,10 @@ class StageConfig:
 
     def problems(self, path: str) -> list[str]:
         out = []
-        if not self.data:
+        if not self.data and self.enabled:
             out.append(f"{path}.data: required, a list of LLaVA JSON files or dataset folders")
         out += _choice(path, "template", self.template, TEMPLATES)
-        out += _choice(path, "image_aspect_ratio", self.image_aspect_ratio, ("pad", "crop"))
+        out += _choice(path, "image_aspect_ratio", self.image_aspect_ratio, ("pad", "crop", "anyres"))
         out += _choice(path, "lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
         out += _choice(path, "optim", self.optim, OPTIMIZERS)
         for key in ("max_seq_len", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -249,6 +252,9 @@ class SyntheticConfig:
     package)."""
     vision_family: str = "clip"
     """A tiny random "clip", "siglip" (set model.vision_feature_select_strategy = "full") or "dinov2" tower."""
+    llava_next: bool = False
+    """Also assemble a tiny LLaVA-NeXT checkpoint (anyres tiles) at model.llava, and draw pictures of several
+    aspect ratios."""
     train_samples: int = 8000
     eval_samples: int = 400
     seed: int = 0
@@ -272,6 +278,12 @@ class Recipe:
     output: OutputConfig
     synthetic: SyntheticConfig | None = None
     source: str = field(default="<recipe>", compare=False)
+
+    def stages(self, which: str = "all") -> tuple[str, ...]:
+        """The stages `--stage` names: "1", "2", or "all" (the enabled ones)."""
+        if which == "all":
+            return tuple(name for name in ("stage1", "stage2") if getattr(self, name).enabled)
+        return (f"stage{which}",)
 
     @property
     def run_dir(self) -> Path:
@@ -340,6 +352,9 @@ def _cross_checks(t: dict) -> list[str]:
         out.append("stage2.template: stage 2 needs a conversation template: vicuna_v1, mistral_instruct or llava_llama_2")
     if t["stage2"].projector == "model" and not t["model"].llava:
         out.append("stage2.projector: \"model\" takes the projector of model.llava, which is not set")
+    if t["stage2"].projector == "stage1" and not t["stage1"].enabled:
+        out.append("stage2.projector: \"stage1\" but stage1.enabled = false: set \"model\" (model.llava's), "
+                   "\"fresh\" or a projector file")
     return out
 
 

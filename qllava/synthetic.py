@@ -31,21 +31,25 @@ TEXT_ONLY = [
     ("Where can the shape be?", "on the left or on the right"),
 ]
 IMAGE_SIZE = (72, 64)  # not square on purpose: LLaVA's "pad" preprocessing is exercised
+# LLaVA-NeXT's anyres tiles an image by its aspect ratio: its data come in several (width, height).
+NEXT_IMAGE_SIZES = ((72, 64), (96, 48), (48, 96), (64, 64), (112, 56))
 SPLIT_SEED_OFFSET = {"train": 0, "eval": 1_000_003}
 
 
-def write_shapes_dataset(data_dir: Path, train_samples: int, eval_samples: int, seed: int) -> dict[str, Path]:
-    """Write images/, captions.json (stage 1), questions.json (stage 2), eval.json (held out); return the paths."""
+def write_shapes_dataset(data_dir: Path, train_samples: int, eval_samples: int, seed: int,
+                         image_sizes=(IMAGE_SIZE,)) -> dict[str, Path]:
+    """Write images/, captions.json (stage 1), questions.json (stage 2), eval.json (held out); return the paths.
+    Each picture has one of `image_sizes` (width, height)."""
     data_dir = Path(data_dir)
     (data_dir / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed + SPLIT_SEED_OFFSET["train"])
-    train = [_random_scene(rng) for _ in range(train_samples)]
+    train = [_random_scene(rng, image_sizes) for _ in range(train_samples)]
     captions = [_caption_sample(f"train-{i}", scene) for i, scene in enumerate(train)]
     questions = [_question_sample(f"train-{i}", scene, rng) for i, scene in enumerate(train)]
     questions += [_text_only_sample(f"text-{i}", rng) for i in range(max(1, train_samples // 20))]
     rng.shuffle(questions)
     eval_rng = random.Random(seed + SPLIT_SEED_OFFSET["eval"])
-    held_out = [_eval_sample(i, eval_rng) for i in range(eval_samples)]
+    held_out = [_eval_sample(i, eval_rng, image_sizes) for i in range(eval_samples)]
     for sample, scene in [(c, s) for c, s in zip(captions, train)] + [(e, e.pop("_scene")) for e in held_out]:
         _draw(scene).save(data_dir / "images" / sample["image"])
     paths = {"captions": data_dir / "captions.json", "questions": data_dir / "questions.json",
@@ -64,10 +68,13 @@ def corpus(data_dir: Path) -> list[str]:
     return texts
 
 
-def _random_scene(rng: random.Random) -> dict:
-    return {"color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES), "side": rng.choice(SIDES),
-            "size": rng.randint(18, 26), "jitter": (rng.randint(-5, 5), rng.randint(-12, 12)),
-            "noise_seed": rng.randrange(1 << 30)}
+def _random_scene(rng: random.Random, image_sizes=(IMAGE_SIZE,)) -> dict:
+    scene = {"color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES), "side": rng.choice(SIDES),
+             "size": rng.randint(18, 26), "jitter": (rng.randint(-5, 5), rng.randint(-12, 12)),
+             "noise_seed": rng.randrange(1 << 30)}
+    # One size draws nothing more: the demo's data stay what they were.
+    scene["image_size"] = rng.choice(image_sizes) if len(image_sizes) > 1 else image_sizes[0]
+    return scene
 
 
 def _caption_sample(sample_id: str, scene: dict) -> dict:
@@ -92,10 +99,10 @@ def _text_only_sample(sample_id: str, rng: random.Random) -> dict:
     return {"id": sample_id, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
 
 
-def _eval_sample(i: int, rng: random.Random) -> dict:
+def _eval_sample(i: int, rng: random.Random, image_sizes=(IMAGE_SIZE,)) -> dict:
     # Walk every combination in turn so each attribute and question kind is balanced in the split.
     kind = list(QUESTIONS)[i % 3]
-    scene = _random_scene(rng)
+    scene = _random_scene(rng, image_sizes)
     scene.update(color=list(COLORS)[(i // 3) % 4], shape=SHAPES[(i // 12) % 3], side=SIDES[(i // 36) % 2])
     question, options = QUESTIONS[kind]
     sample_id = f"eval-{i}"
@@ -109,13 +116,14 @@ def _answer(scene: dict, kind: str) -> str:
 
 
 def _draw(scene: dict) -> Image.Image:
-    width, height = IMAGE_SIZE
+    width, height = scene["image_size"]
     noise = random.Random(scene["noise_seed"])
-    image = Image.new("RGB", IMAGE_SIZE, tuple(235 + noise.randint(-10, 10) for _ in range(3)))
+    image = Image.new("RGB", (width, height), tuple(235 + noise.randint(-10, 10) for _ in range(3)))
     draw = ImageDraw.Draw(image)
-    cx = (width // 4 if scene["side"] == "left" else 3 * width // 4) + scene["jitter"][0]
-    cy = height // 2 + scene["jitter"][1]
-    r = scene["size"] // 2
+    # Positions scale with the picture (the demo's 72 x 64 keeps them as they were); a shape stays inside.
+    r = scene["size"] // 2 * min(width, height) // 64
+    cx = (width // 4 if scene["side"] == "left" else 3 * width // 4) + scene["jitter"][0] * width // 72
+    cy = height // 2 + scene["jitter"][1] * height // 64
     fill = COLORS[scene["color"]]
     box = (cx - r, cy - r, cx + r, cy + r)
     if scene["shape"] == "circle":
@@ -127,24 +135,28 @@ def _draw(scene: dict) -> Image.Image:
     return image
 
 
-def prepare(synthetic, vision_tower: str, decoder: str, say=print) -> None:
-    """Write the dataset and tiny checkpoints the recipe names, unless identical ones are already there.
+def prepare(synthetic, vision_tower: str, decoder: str, say=print, llava: str = "") -> None:
+    """Write the dataset and tiny checkpoints the recipe names, unless identical ones are already there: the tower
+    and the decoder, and with `synthetic.llava_next` a LLaVA-NeXT checkpoint made of them at `llava`.
 
     A marker file records what was written; a folder without one is never overwritten.
     """
     data_dir = Path(synthetic.data_dir)
+    sizes = NEXT_IMAGE_SIZES if synthetic.llava_next else (IMAGE_SIZE,)
     data_key = {"version": FORMAT_VERSION, "train_samples": synthetic.train_samples,
-                "eval_samples": synthetic.eval_samples, "seed": synthetic.seed}
-    if _marker(data_dir) != data_key:
+                "eval_samples": synthetic.eval_samples, "seed": synthetic.seed, "image_sizes": sizes}
+    if _marker(data_dir) != json.loads(json.dumps(data_key)):
         _refuse_foreign(data_dir)
         say(f"writing the synthetic shapes dataset to {data_dir} ({synthetic.train_samples} training samples)")
-        write_shapes_dataset(data_dir, synthetic.train_samples, synthetic.eval_samples, synthetic.seed)
+        write_shapes_dataset(data_dir, synthetic.train_samples, synthetic.eval_samples, synthetic.seed, sizes)
         _write_marker(data_dir, data_key)
-    vision_key = {"version": FORMAT_VERSION, "kind": synthetic.vision_family, "seed": synthetic.seed}
+    # A LLaVA-NeXT tower sees small tiles (tiny.NEXT_TILE px), several per picture.
+    tower_sizes = {"image_size": tiny.NEXT_TILE, "patch_size": tiny.NEXT_PATCH} if synthetic.llava_next else {}
+    vision_key = {"version": FORMAT_VERSION, "kind": synthetic.vision_family, "seed": synthetic.seed, **tower_sizes}
     if _marker(Path(vision_tower)) != vision_key:
         _refuse_foreign(Path(vision_tower))
         say(f"writing a tiny {synthetic.vision_family} vision tower to {vision_tower}")
-        tiny.write_vision_tower(Path(vision_tower), synthetic.seed, synthetic.vision_family)
+        tiny.write_vision_tower(Path(vision_tower), synthetic.seed, synthetic.vision_family, **tower_sizes)
         _write_marker(Path(vision_tower), vision_key)
     if synthetic.decoder_family == "smollm2":  # real weights: the same whatever the data
         decoder_key = {"version": FORMAT_VERSION, "kind": "smollm2"}
@@ -158,6 +170,12 @@ def prepare(synthetic, vision_tower: str, decoder: str, say=print) -> None:
         else:
             tiny.write_decoder(Path(decoder), synthetic.decoder_family, corpus(data_dir), synthetic.seed)
         _write_marker(Path(decoder), decoder_key)
+    next_key = {"version": FORMAT_VERSION, "kind": "llava_next", "vision": vision_key, "decoder": decoder_key}
+    if synthetic.llava_next and _marker(Path(llava)) != json.loads(json.dumps(next_key)):
+        _refuse_foreign(Path(llava))
+        say(f"writing a tiny LLaVA-NeXT checkpoint (anyres, {tiny.NEXT_TILE} px tiles) to {llava}")
+        tiny.write_llava_next(Path(llava), Path(vision_tower), Path(decoder), synthetic.seed)
+        _write_marker(Path(llava), next_key)
 
 
 FORMAT_VERSION = 4

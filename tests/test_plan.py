@@ -69,6 +69,16 @@ def test_gpu_check_dry_run():
     assert all(r["steps"] == 3 and r["tokens_per_s"] > 0 and r["nf4_linears"] == 14 for r in result["rows"])
 
 
+def test_gpu_check_llava_next_dry_run():
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--llava-next"], cwd=ROOT,
+                          capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])["rows"]
+    assert [(r["decoder"], r["stage"], r["tokens_per_micro_batch"], r["steps"]) for r in rows] == [
+        ("llava_next", "stage2", 512, 3)]
+    assert rows[0]["nf4_linears"] == 14 and rows[0]["tokens_per_s"] > 0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_check_meets_the_memory_targets():

@@ -109,4 +109,4 @@ def test_blank_image_and_padding_follow_the_processor():
     padded = vision.prepared(Image.new("RGB", (40, 10), (255, 0, 0)), processor, "pad")
     assert padded.size == (40, 40) and padded.getpixel((0, 0)) == (127, 127, 127)
     assert padded.getpixel((20, 20)) == (255, 0, 0)
-    assert vision.pixel_values([Image.new("RGB", (40, 10))], processor, "pad").shape == (1, 3, 48, 48)
+    assert vision.image_inputs([Image.new("RGB", (40, 10))], processor, "pad")["pixel_values"].shape == (1, 3, 48, 48)

@@ -8,6 +8,7 @@ import argparse
 import logging
 import os
 import re
+import shlex
 import sys
 import textwrap
 import warnings
@@ -16,6 +17,7 @@ from .scorers import BENCHMARKS
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
     # Overrides may come after options (`--overwrite stage2.max_steps=10`), which argparse leaves over.
     args, extra = parser.parse_known_args(argv)
@@ -33,8 +35,19 @@ def main(argv: list[str] | None = None) -> int:
         console.console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         return 2
     except KeyboardInterrupt:
-        console.console.print("[yellow]interrupted[/]")
+        console.stop_progress()
+        console.say(interrupted_message(args, argv))
         return 130
+
+
+def interrupted_message(args, argv: list[str]) -> str:
+    """What Ctrl-C leaves on screen: for the commands that resume, the exact command that continues."""
+    if args.command == "finetune":
+        again = [a for a in argv if a not in ("--overwrite", "--resume")] + ["--resume"]
+        return f"interrupted; continue with:\n  qllava {shlex.join(again)}"
+    if args.command == "eval":
+        return f"interrupted; the answers so far are kept, and the same command continues:\n  qllava {shlex.join(argv)}"
+    return "interrupted"
 
 
 def cmd_finetune(args) -> int:
@@ -113,7 +126,7 @@ def cmd_eval(args) -> int:
     with console.counting(f"{args.benchmark}") as progress:
         result = evaluate.evaluate(args.model, args.benchmark, args.data, args.images, args.out, args.annotations,
                                    args.batch_size, args.limit, args.max_new_tokens, progress=progress)
-    console.console.print(console.eval_table(result))
+    console.print_eval(result)
     console.say(f"answers: {result['answers']} ({result['asked_now']} asked now, "
                 f"{result['questions'] - result['asked_now']} already there); metrics: "
                 f"{result['answers'].removesuffix('.jsonl')}.metrics.json")
@@ -152,14 +165,40 @@ def _memory_gib(text: str) -> float:
     return float(match.group(1))
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default (flags, and options without a default, excepted)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        shown = not (default is None or default is False or default == "" or default is argparse.SUPPRESS)
+        if shown and action.option_strings and not action.required and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """qllava's parser; its subcommands' parsers are of this class too, so every --help shows the defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+RECIPE_HELP = "recipe TOML file, e.g. recipes/mistral_qlora.toml"
+OVERRIDES_HELP = "override recipe values, e.g. stage2.max_steps=10 output.dir=runs/try"
+STAGE_HELP = "which stages: 1, 2 or all"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qllava", description="QLoRA fine-tuning of LLaVA-style models on one GPU.")
+    from . import __version__
+    parser = _Parser(prog="qllava", description="QLoRA fine-tuning of LLaVA-style models on one GPU.")
+    parser.add_argument("--version", action="version", version=f"qllava {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     finetune = commands.add_parser("finetune", help="run LLaVA stage 1 and/or stage 2 as a recipe says")
-    finetune.add_argument("recipe", help="recipe TOML file, e.g. recipes/mistral_qlora.toml")
-    finetune.add_argument("overrides", nargs="*", metavar="table.key=value",
-                          help="override recipe values, e.g. stage2.max_steps=10 output.dir=runs/try")
-    finetune.add_argument("--stage", choices=("1", "2", "all"), default="all", help="which stages to run (default all)")
+    finetune.add_argument("recipe", help=RECIPE_HELP)
+    finetune.add_argument("overrides", nargs="*", metavar="table.key=value", help=OVERRIDES_HELP)
+    finetune.add_argument("--stage", choices=("1", "2", "all"), default="all", help=STAGE_HELP)
     finetune.add_argument("--overwrite", action="store_true", help="replace the stage folders of an existing run")
     finetune.add_argument("--resume", action="store_true",
                           help="keep finished stages and continue an unfinished one from its latest checkpoint")
@@ -167,26 +206,27 @@ def _parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="inspect a recipe's data").add_subparsers(dest="data_command", required=True)
     data_stats = data.add_parser("stats", help="samples, lengths, skips and padded vs packed padding, per stage")
-    data_stats.add_argument("recipe")
-    data_stats.add_argument("overrides", nargs="*", metavar="table.key=value")
-    data_stats.add_argument("--stage", choices=("1", "2", "all"), default="all")
+    data_stats.add_argument("recipe", help=RECIPE_HELP)
+    data_stats.add_argument("overrides", nargs="*", metavar="table.key=value", help=OVERRIDES_HELP)
+    data_stats.add_argument("--stage", choices=("1", "2", "all"), default="all", help=STAGE_HELP)
     data_stats.set_defaults(run=cmd_data_stats)
 
     merge = commands.add_parser("merge", help="export a run as a plain transformers LLaVA checkpoint")
     merge.add_argument("run_dir", help="a run folder (runs/NAME)")
     merge.add_argument("--out", required=True, help="folder to write the merged checkpoint to")
-    merge.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    merge.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                       help="dtype of the merged weights")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     merge.add_argument("--no-verify", action="store_true", help="skip the merged == base + adapter logit check")
     merge.set_defaults(run=cmd_merge)
 
     chat = commands.add_parser("chat", help="talk to a run or merged model about an image")
     chat.add_argument("model", help="a run folder or a merged folder")
-    chat.add_argument("--image", required=True)
+    chat.add_argument("--image", required=True, help="the image file to talk about")
     chat.add_argument("--prompt", help="one question; without it, an interactive conversation")
-    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     chat.add_argument("--temperature", type=float, default=0.0, help="> 0 samples instead of greedy decoding")
-    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature > 0)")
     chat.set_defaults(run=cmd_chat)
 
     srv = commands.add_parser("serve", help="a web page to talk with a run or merged model about an image, and an "
@@ -200,18 +240,18 @@ def _parser() -> argparse.ArgumentParser:
     srv.set_defaults(run=cmd_serve)
 
     ev = commands.add_parser("eval", help="answer a benchmark's questions (resumable) and score them",
-                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=eval_formats())
+                             epilog=eval_formats())
     ev.add_argument("model", metavar="MODEL_OR_RUN", help="a run folder or a merged folder")
-    ev.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+    ev.add_argument("--benchmark", required=True, choices=BENCHMARKS, help="how the questions are read and scored")
     ev.add_argument("--data", required=True, help="the question file, in LLaVA's format")
-    ev.add_argument("--images", default="", help="folder the questions' image paths are relative to")
+    ev.add_argument("--images", default="", help="folder the questions' image paths are relative to (default: the current folder)")
     ev.add_argument("--annotations", help="ground truth: problems.json (scienceqa), the coco_pope_*.json folder (pope), "
                     "TextVQA/GQA annotation JSON (vqa), the MME_Benchmark folder (mme)")
     ev.add_argument("--out", help="answers file (LLaVA's JSON lines; default MODEL/eval/BENCHMARK-DATA.jsonl); "
                     "resumed if present")
-    ev.add_argument("--batch-size", type=int, default=16)
-    ev.add_argument("--limit", type=int, default=0, help="only the first N questions")
-    ev.add_argument("--max-new-tokens", type=int, default=128)
+    ev.add_argument("--batch-size", type=int, default=16, help="questions generated together")
+    ev.add_argument("--limit", type=int, default=0, help="only the first N questions (0: all)")
+    ev.add_argument("--max-new-tokens", type=int, default=128, help="longest answer, in tokens")
     ev.set_defaults(run=cmd_eval)
 
     cmp = commands.add_parser("compare", help="evaluation results side by side, with paired bootstrap intervals")
@@ -220,11 +260,11 @@ def _parser() -> argparse.ArgumentParser:
     cmp.set_defaults(run=cmd_compare)
 
     pl = commands.add_parser("plan", help="will the recipe fit the card? parameter counts and peak memory per stage")
-    pl.add_argument("recipe")
-    pl.add_argument("overrides", nargs="*", metavar="table.key=value")
+    pl.add_argument("recipe", help=RECIPE_HELP)
+    pl.add_argument("overrides", nargs="*", metavar="table.key=value", help=OVERRIDES_HELP)
     pl.add_argument("--gpu-memory", type=_memory_gib, default=24.0, metavar="SIZE",
-                    help="the card's memory, e.g. 16GiB (default 24GiB)")
-    pl.add_argument("--stage", choices=("1", "2", "all"), default="all")
+                    help="the card's memory in GiB, e.g. 16GiB")
+    pl.add_argument("--stage", choices=("1", "2", "all"), default="all", help=STAGE_HELP)
     pl.add_argument("--json", action="store_true", help="also print one JSON object, last")
     pl.set_defaults(run=cmd_plan)
     return parser

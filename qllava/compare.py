@@ -116,12 +116,19 @@ def metric_rows(report: dict) -> list[tuple[str, list[str]]]:
 
 
 def bar_chart(report: dict, path: Path) -> None:
+    chart(report).savefig(path, dpi=100)
+
+
+def chart(report: dict):
+    """Each run's scores as bars and, beside them, each paired run's difference to the first with its paired
+    bootstrap 95% interval (the figure that says whether the difference is more than noise)."""
     from matplotlib.figure import Figure
     names = [n for n, v in report["metrics"].items() if all(isinstance(x, (int, float)) for x in v)
              and all(0 <= x <= 1 for x in v)][:12]
     runs = report["runs"]
-    fig = Figure(figsize=(max(5, 1.1 * len(names) * len(runs)), 3.8))
-    ax = fig.subplots()
+    paired = {label: d for label, d in report["difference_vs_first"].items() if d["paired"] and d.get("questions")}
+    fig = Figure(figsize=(max(5, 1.1 * len(names) * len(runs)) + (3 if paired else 0), 3.8))
+    ax, diff_ax = fig.subplots(1, 2, width_ratios=[3, 1]) if paired else (fig.subplots(), None)
     width = 0.8 / len(runs)
     for i, run in enumerate(runs):
         values = [report["metrics"][n][i] for n in names]
@@ -129,8 +136,23 @@ def bar_chart(report: dict, path: Path) -> None:
     ax.set_xticks([x + width * (len(runs) - 1) / 2 for x in range(len(names))], names, rotation=30, ha="right")
     ax.set(ylim=(0, 1), ylabel="score", title=f"{runs[0]['benchmark']}: " + " vs ".join(r["label"] for r in runs))
     ax.legend(fontsize=8)
+    if diff_ax is not None:
+        _difference_axes(diff_ax, paired, runs[0]["label"])
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    return fig
+
+
+def _difference_axes(ax, paired: dict, first: str) -> None:
+    """Per paired run: the mean per-question difference to the first run, with its 95% interval as error bars."""
+    ys = list(range(len(paired)))
+    means = [d["mean"] for d in paired.values()]
+    below = [d["mean"] - d["ci95"][0] for d in paired.values()]
+    above = [d["ci95"][1] - d["mean"] for d in paired.values()]
+    ax.errorbar(means, ys, xerr=[below, above], fmt="o", capsize=4, color="black")
+    ax.axvline(0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_yticks(ys, [f"{label}\n- {first}" for label in paired], fontsize=8)
+    ax.set_ylim(-0.5, len(paired) - 0.5)
+    ax.set(xlabel="difference (paired, 95% CI)", title="paired difference")
 
 
 def _labels(results: list[dict]) -> list[str]:

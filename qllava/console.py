@@ -24,26 +24,49 @@ class TrainingProgress:
         self.stage = stage
         self.progress = None
         self.task = None
+        self.first_step = 0
+        """The step training began at: 0, or a resumed checkpoint's (the steps before it took no time now)."""
 
     def __call__(self, event: dict) -> None:
         kind = event["event"]
+        if kind == "begin":
+            self.first_step = event["step"]
         if kind == "begin" and console.is_terminal:
             self.progress = Progress(TextColumn(f"[bold]{self.stage}"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
                                      TimeRemainingColumn(), console=console)
             self.progress.start()
-            self.task = self.progress.add_task(self.stage, total=event["max_steps"], stats="")
+            self.task = self.progress.add_task(self.stage, total=event["max_steps"], completed=event["step"], stats="")
+            _LIVE.append(self)
         elif kind == "log":
             stats = (f"loss {event['loss']:.4f}  lr {event['lr']:.2e}  {event['tokens_per_s']:,.0f} tok/s "
                      f"({event['label_tokens_per_s']:,.0f} trained)  pad {event['pad_fraction']:.1%}  "
                      f"mem {event['memory_gib']:.1f} GiB")
-            eta = event["elapsed_s"] / event["step"] * (event["max_steps"] - event["step"])
+            done_now = max(1, event["step"] - self.first_step)
+            eta = event["elapsed_s"] / done_now * (event["max_steps"] - event["step"])
             console.print(f"{self.stage} step {event['step']}/{event['max_steps']}  {stats}  ETA {eta:.0f}s")
             if self.progress:
                 self.progress.update(self.task, completed=event["step"], stats=stats)
         elif kind == "end" and self.progress:
             self.progress.update(self.task, completed=event["step"])
+            self.stop()
+
+    def stop(self) -> None:
+        if self.progress:
             self.progress.stop()
+            self.progress = None
+        if self in _LIVE:
+            _LIVE.remove(self)
+
+
+_LIVE: list[TrainingProgress] = []
+"""Progress bars on screen, stopped by stop_progress when a run is interrupted."""
+
+
+def stop_progress() -> None:
+    """Take any live progress bar off the screen, so the next line starts clean (Ctrl-C)."""
+    for bar in list(_LIVE):
+        bar.stop()
 
 
 def stage_table(metrics: dict) -> Table:
@@ -105,6 +128,9 @@ def print_stats(stats: dict) -> None:
     for reason, n in sorted(stats["skipped"].items(), key=lambda kv: -kv[1]):
         console.print(f"  skipped {n:,}: {reason} (e.g. {', '.join(stats['examples'][reason])})", soft_wrap=True,
                       markup=False)
+    for reason, n in sorted(stats["left_out"].items(), key=lambda kv: -kv[1]):
+        console.print(f"  used {n:,} with a {reason} (e.g. {', '.join(stats['examples'][reason])})", soft_wrap=True,
+                      markup=False)
     peak = max(c for _, _, c in stats["histogram"]) or 1
     histogram = Table(title="sample lengths (tokens, image tokens included)")
     histogram.add_column("tokens", justify="right")
@@ -139,10 +165,17 @@ def counting(label: str):
         yield lambda done, total: progress.update(task, completed=done, total=total)
 
 
-def eval_table(result: dict) -> Table:
+def print_eval(result: dict) -> None:
+    """What was evaluated, on a line of its own (a table title would wrap at the narrow table's width, in the middle
+    of a path), then the metrics."""
     model = result["model"]
-    table = Table(title=f"{result['benchmark']} on {result['data']}: {model.get('name')} "
-                        f"({model.get('backbone', '?')}, {model.get('template', '?')})")
+    say(f"{result['benchmark']} on {result['data']}: {model.get('name')} ({model.get('backbone', '?')}, "
+        f"{model.get('template', '?')})")
+    console.print(eval_table(result))
+
+
+def eval_table(result: dict) -> Table:
+    table = Table(title=result["benchmark"])
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in result["metrics"].items():

@@ -40,12 +40,13 @@ from PIL import Image
 from . import templates
 from .errors import DataError
 from .templates import IMAGE_TAG, TemplateError
-from .tokenizer import ids_and_offsets
-from .vision import AnyresGeometry, ImageGeometry, image_size, open_image
+from .tokenizer import IMAGE_TOKEN, ids_and_offsets
+from .vision import NOT_FOUND, AnyresGeometry, ImageGeometry, as_rgb, image_header, image_size, open_image
 
-CACHE_VERSION = 4  # 4: the separator space before an answer is a label, as in LLaVA
+CACHE_VERSION = 5  # 5: a sample's system message is its system prompt; images counted for the missing share
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 SAMPLES_FILE = "samples.arrow"
+IMAGES_FILE = "images.json"
 FEATURES = datasets.Features({
     "id": datasets.Value("string"), "input_ids": datasets.List(datasets.Value("int32")),
     "labels": datasets.List(datasets.Value("int32")), "length": datasets.Value("int32"),
@@ -71,6 +72,8 @@ class Conversation:
     """(width, height) from the image file's header, when its token count depends on it (LLaVA-NeXT)."""
     extra: dict = field(default_factory=dict)
     """Fields qllava does not interpret (category, options, ...), kept for evaluation."""
+    system: str | None = None
+    """The sample's own system message (Hugging Face datasets), which replaces the template's system prompt."""
 
 
 @dataclass
@@ -84,6 +87,13 @@ class DataReport:
     tokens: int = 0
     label_tokens: int = 0
     with_image: int = 0
+    left_out: Counter = field(default_factory=Counter)
+    """Samples used without a part of them, by what was left out and why (a system message the template has no
+    place for)."""
+    named_images: int = 0
+    """Samples that name an image file (LLaVA JSON), usable or not: what the share of missing images is of."""
+    unusable_images: int = 0
+    """Of those, samples skipped because their image file is missing or unreadable."""
     preparation: dict = field(default_factory=dict)
     """seconds, processes, peak_rss_gb (the preparing process), peak_worker_rss_gb (its largest helper)."""
     cached: bool = False
@@ -91,9 +101,16 @@ class DataReport:
 
     def skip(self, sample_id: str, reason: str) -> None:
         self.skipped[reason] += 1
-        self.examples.setdefault(reason, [])
-        if len(self.examples[reason]) < 3:
-            self.examples[reason].append(sample_id)
+        self._example(sample_id, reason)
+
+    def leave_out(self, sample_id: str, reason: str) -> None:
+        self.left_out[reason] += 1
+        self._example(sample_id, reason)
+
+    def _example(self, sample_id: str, reason: str) -> None:
+        kept = self.examples.setdefault(reason, [])
+        if len(kept) < 3:
+            kept.append(sample_id)
 
     def add(self, other: "DataReport") -> None:
         """Counts of a later part of the data (a tokenizing job) added to these; examples stay the first ones."""
@@ -101,7 +118,10 @@ class DataReport:
         self.tokens += other.tokens
         self.label_tokens += other.label_tokens
         self.with_image += other.with_image
+        self.named_images += other.named_images
+        self.unusable_images += other.unusable_images
         self.skipped.update(other.skipped)
+        self.left_out.update(other.left_out)
         for reason, ids in other.examples.items():
             kept = self.examples.setdefault(reason, [])
             kept += ids[:3 - len(kept)]
@@ -109,12 +129,14 @@ class DataReport:
     def to_dict(self) -> dict:
         return {"used": self.used, "skipped": dict(self.skipped), "examples": self.examples,
                 "tokens": self.tokens, "label_tokens": self.label_tokens, "with_image": self.with_image,
-                "preparation": self.preparation, "cached": self.cached}
+                "left_out": dict(self.left_out), "named_images": self.named_images,
+                "unusable_images": self.unusable_images, "preparation": self.preparation, "cached": self.cached}
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataReport":
         return cls(d["used"], Counter(d["skipped"]), d["examples"], d["tokens"], d["label_tokens"], d["with_image"],
-                   d["preparation"], d.get("cached", False))
+                   Counter(d["left_out"]), d["named_images"], d["unusable_images"], d["preparation"],
+                   d.get("cached", False))
 
 
 class ImageStore:
@@ -127,12 +149,12 @@ class ImageStore:
         where = self.sources[source]
         if isinstance(where, str):
             return open_image(os.path.join(where, image))
-        return where[int(image.removeprefix("row:"))]["images"][0].convert("RGB")
+        return as_rgb(where[int(image.removeprefix("row:"))]["images"][0])
 
 
 def image_source(path: str, image_folder: str):
     """Where a data file's images live: the image folder (LLaVA JSON) or the dataset itself (memory-mapped)."""
-    return image_folder if _is_llava_json(path) else _load_hf_dataset(path)
+    return image_folder if is_llava_json(path) else _load_hf_dataset(path)
 
 
 def read_conversations(path: str, where, source: int, report: DataReport, limit: int | None = None
@@ -143,7 +165,7 @@ def read_conversations(path: str, where, source: int, report: DataReport, limit:
     file = _DataFile(path, source, where if isinstance(where, str) else "", image_sizes=True)
     out = []
     for records in file.records(where):
-        out += [conv for record in records if (conv := file.conversation(record, report, []))]
+        out += [conv for record in records if (conv := file.conversation(record, report, _ImageFiles()))]
         if limit is not None and len(out) >= limit:
             return out[:limit]
     return out
@@ -174,12 +196,13 @@ def encode(rendered: templates.Rendered, tokenizer, image_token_id: int) -> tupl
     return ids, labels
 
 
-def tokenize_conversation(turns: list[tuple[str, str]], template: str, tokenizer,
-                          image_token_id: int) -> tuple[list[int], list[int]]:
+def tokenize_conversation(turns: list[tuple[str, str]], template: str, tokenizer, image_token_id: int,
+                          system: str | None = None) -> tuple[list[int], list[int]]:
     """input_ids (one placeholder per image) and labels of one conversation to train on, as official LLaVA's
-    preprocessing makes them (TemplateError for one LLaVA would not train on: see templates.render)."""
+    preprocessing makes them (TemplateError for one LLaVA would not train on: see templates.render). `system`
+    replaces the template's system prompt."""
     rendered = templates.render(template, turns, tokenizer.bos_token or "", tokenizer.eos_token,
-                                special_tokens=tuple(tokenizer.all_special_tokens))
+                                special_tokens=tuple(tokenizer.all_special_tokens), system=system)
     return encode(rendered, tokenizer, image_token_id)
 
 
@@ -232,9 +255,11 @@ def tokenize_dataset(conversations: list[Conversation], template: str, tokenizer
 def _sample_columns(conversations: list[Conversation], how: Tokenization, report: DataReport) -> dict:
     columns = {name: [] for name in FEATURES}
     tokenizer = how.tokenizer
+    has_system = bool(templates.template_spec(how.template).system)
     for conv in conversations:
+        system = conv.system if has_system else None
         try:
-            ids, labels = tokenize_conversation(conv.turns, how.template, tokenizer, how.image_token_id)
+            ids, labels = tokenize_conversation(conv.turns, how.template, tokenizer, how.image_token_id, system)
         except TemplateError as e:
             report.skip(conv.id, str(e))
             continue
@@ -247,6 +272,8 @@ def _sample_columns(conversations: list[Conversation], how: Tokenization, report
         if n_labels == 0:
             report.skip(conv.id, "no token left to train on (empty assistant text)")
             continue
+        if conv.system is not None and not has_system:
+            report.leave_out(conv.id, f"system message left out: the {how.template} template has no system prompt")
         report.used += 1
         report.with_image += bool(image_tokens)
         report.tokens += length
@@ -257,9 +284,25 @@ def _sample_columns(conversations: list[Conversation], how: Tokenization, report
     return columns
 
 
-def build_stage_dataset(stage, tokenizer, image_token_id: int, geometry: ImageGeometry | AnyresGeometry, cache_dir: str,
-                        stage_name: str, num_proc: int | None = None) -> tuple[datasets.Dataset, ImageStore, DataReport]:
-    """A stage's samples, prepared with its template (once: cached), filtered and counted, memory-mapped."""
+def stage_dataset(recipe, name: str, tokenizer, geometry: ImageGeometry | AnyresGeometry
+                  ) -> tuple[datasets.Dataset, ImageStore, DataReport]:
+    """Stage `name`'s samples at the recipe's settings (build_stage_dataset)."""
+    aspect_ratio = getattr(recipe, name).image_aspect_ratio
+    if geometry.varies != (aspect_ratio == "anyres"):
+        raise DataError(f"{name}.image_aspect_ratio: {aspect_ratio!r} with a "
+                        f"{'LLaVA-NeXT' if geometry.varies else 'LLaVA-1.5'} model: set "
+                        f"{'anyres (it tiles each image by its size)' if geometry.varies else 'pad or crop'}")
+    return build_stage_dataset(getattr(recipe, name), tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                               geometry, recipe.data.cache_dir, name, recipe.data.num_proc,
+                               recipe.data.max_missing_image_fraction)
+
+
+def build_stage_dataset(stage, tokenizer, image_token_id: int, geometry: ImageGeometry | AnyresGeometry,
+                        cache_dir: str, stage_name: str, num_proc: int | None = None,
+                        max_missing_image_fraction: float = 1.0) -> tuple[datasets.Dataset, ImageStore, DataReport]:
+    """A stage's samples, prepared with its template (once: cached), filtered and counted, memory-mapped. More
+    missing or unreadable images than `max_missing_image_fraction` of the samples that name one is an error: a
+    wrong image folder must not become a silently tiny run."""
     if stage.max_seq_len < geometry.tokens_of() + 2:
         raise DataError(f"{stage_name}.max_seq_len: {stage.max_seq_len} is shorter than one image's "
                         f"{geometry.tokens_of()} tokens plus text; raise it (LLaVA-1.5 uses 2048)")
@@ -267,17 +310,28 @@ def build_stage_dataset(stage, tokenizer, image_token_id: int, geometry: ImageGe
     key = _cache_key(stage, sources, tokenizer, image_token_id, geometry)
     folder = Path(cache_dir or Path.home() / ".cache" / "qllava") / "tokenized" / key
     how = Tokenization(tokenizer, stage.template, image_token_id, geometry, stage.max_seq_len)
-    cached = _cache_still_true(folder)
+    cached = _cache_still_true(folder, sources)
     if not cached:
-        files = [_DataFile(path, i, stage.image_folder if _is_llava_json(path) else "", image_sizes=geometry.varies)
+        files = [_DataFile(path, i, stage.image_folder if is_llava_json(path) else "", image_sizes=geometry.varies)
                  for i, path in enumerate(stage.data)]
         _prepare(folder, files, sources, how, num_proc or default_num_proc())
     report = DataReport.from_dict(json.loads((folder / "report.json").read_text()))
     report.cached = cached
+    if report.unusable_images > max_missing_image_fraction * report.named_images:
+        raise DataError(_missing_images_message(report, stage_name, max_missing_image_fraction))
     if report.used == 0:
         reasons = "; ".join(f"{n} {r}" for r, n in report.skipped.most_common()) or "the files hold no samples"
         raise DataError(f"{stage_name}: no trainable samples left in {', '.join(stage.data)} ({reasons})")
     return datasets.Dataset.from_file(str(folder / SAMPLES_FILE)), ImageStore(sources), report
+
+
+def _missing_images_message(report: DataReport, stage_name: str, limit: float) -> str:
+    reasons = "; ".join(f"{n:,} {reason} (e.g. {', '.join(report.examples[reason])})"
+                        for reason, n in report.skipped.most_common() if reason.startswith("image "))
+    return (f"{stage_name}: the images of {report.unusable_images:,} of the {report.named_images:,} samples that name "
+            f"one are missing or unreadable ({report.unusable_images / report.named_images:.1%}, more than "
+            f"data.max_missing_image_fraction = {limit:g}): {reasons}. Check {stage_name}.image_folder and the "
+            "images, or raise data.max_missing_image_fraction to train without them")
 
 
 def default_num_proc() -> int:
@@ -297,27 +351,27 @@ def _prepare(folder: Path, files: list["_DataFile"], sources: list, how: Tokeniz
     partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    report, recheck = DataReport(), []
+    report, images = DataReport(), _ImageFiles()
     jobs = ((file, records) for file, where in zip(files, sources) for records in file.records(where))
     writer = datasets.arrow_writer.ArrowWriter(features=FEATURES, path=str(partial / SAMPLES_FILE))
     processes = 1
-    for batch, part, unusable, processes in _tokenized_jobs(jobs, how, num_proc):
+    for batch, part, part_images, processes in _tokenized_jobs(jobs, how, num_proc):
         if batch.num_rows:
             writer.write_table(pa.Table.from_batches([batch]))
         report.add(part)
-        recheck += unusable
+        images.add(part_images)
     writer.finalize()
     report.preparation = {"seconds": round(time.perf_counter() - started, 2), "processes": processes,
                           "peak_rss_gb": _peak_rss_gb(resource.RUSAGE_SELF),
                           "peak_worker_rss_gb": _peak_rss_gb(resource.RUSAGE_CHILDREN) if processes > 1 else 0.0}
-    (partial / "recheck.json").write_text(json.dumps(recheck))
+    (partial / IMAGES_FILE).write_text(json.dumps(images.record()))
     (partial / "report.json").write_text(json.dumps(report.to_dict()))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)
 
 
 def _tokenized_jobs(jobs: Iterator, how: Tokenization, num_proc: int) -> Iterator[tuple]:
-    """(record batch, report, unusable image paths, processes) per job, in the order of the jobs. One job is
+    """(record batch, report, image files looked at, processes) per job, in the order of the jobs. One job is
     tokenized here; more go to a pool of num_proc processes, at most two jobs per process in flight, so memory
     holds a few jobs, never the data."""
     first_two = list(itertools.islice(jobs, 2))
@@ -359,12 +413,12 @@ def _worker_job(job) -> tuple:
     return _tokenize_job(job, _WORKER_TOKENIZATION)
 
 
-def _tokenize_job(job, how: Tokenization) -> tuple[pa.RecordBatch, DataReport, list[str]]:
+def _tokenize_job(job, how: Tokenization) -> tuple[pa.RecordBatch, DataReport, _ImageFiles]:
     file, records = job
-    report, unusable = DataReport(), []
-    conversations = [conv for record in records if (conv := file.conversation(record, report, unusable))]
+    report, images = DataReport(), _ImageFiles()
+    conversations = [conv for record in records if (conv := file.conversation(record, report, images))]
     columns = _sample_columns(conversations, how, report)
-    return pa.RecordBatch.from_pydict(columns, schema=FEATURES.arrow_schema), report, unusable
+    return pa.RecordBatch.from_pydict(columns, schema=FEATURES.arrow_schema), report, images
 
 
 def _peak_rss_gb(who: int) -> float:
@@ -385,7 +439,7 @@ class _DataFile:
     def records(self, where) -> Iterator[list]:
         """The file's raw samples in batches of JOB_SAMPLES: (index, sample) for LLaVA JSON, (row, messages,
         number of images) for a Hugging Face dataset (images are counted, never decoded)."""
-        if _is_llava_json(self.path):
+        if is_llava_json(self.path):
             yield from _batched(enumerate(_json_samples(Path(self.path))), JOB_SAMPLES)
             return
         messages = where.select_columns(["messages"])
@@ -395,13 +449,13 @@ class _DataFile:
             yield list(zip(range(start, end), messages[start:end]["messages"], _image_counts(where, start, end),
                            sizes))
 
-    def conversation(self, record, report: DataReport, unusable: list[str]) -> Conversation | None:
-        """The record as a conversation, or None (counted in report; unusable images listed for the cache)."""
-        if _is_llava_json(self.path):
-            return self._llava_conversation(*record, report, unusable)
+    def conversation(self, record, report: DataReport, images: _ImageFiles) -> Conversation | None:
+        """The record as a conversation, or None (counted in report; its image file noted in `images`)."""
+        if is_llava_json(self.path):
+            return self._llava_conversation(*record, report, images)
         return self._hf_conversation(*record, report)
 
-    def _llava_conversation(self, i: int, sample, report: DataReport, unusable: list[str]) -> Conversation | None:
+    def _llava_conversation(self, i: int, sample, report: DataReport, images: _ImageFiles) -> Conversation | None:
         name = Path(self.path).name
         sample_id = str(sample.get("id", f"{name}[{i}]")) if isinstance(sample, dict) else f"{name}[{i}]"
         problem = _llava_sample_problem(sample)
@@ -409,8 +463,11 @@ class _DataFile:
         if not problem and isinstance(sample.get("image"), str):
             image = os.path.join(self.image_folder, sample["image"])
             problem, size = _image_problem(image, self.image_folder)
+            report.named_images += 1
+            images.folders.add(os.path.dirname(os.path.abspath(image)))
             if problem:
-                unusable.append(os.path.abspath(image))
+                report.unusable_images += 1
+                images.unusable.append(os.path.abspath(image))
         if problem:
             report.skip(sample_id, problem)
             return None
@@ -547,17 +604,22 @@ def _llava_sample_problem(sample) -> str | None:
 
 def _image_problem(path: str, image_folder: str) -> tuple[str | None, tuple[int, int] | None]:
     """(why the image cannot be used, or None; its (width, height))."""
-    if not os.path.isfile(path):
-        return f"image file not found under the image folder ({image_folder or '.'})", None
-    try:  # the header only (fast); a file cut short later in its data stops training naming the file
-        return None, image_size(path)
-    except (OSError, ValueError):
-        return "image file cannot be read as an image", None
+    problem, size = image_header(path)
+    return (f"{problem} under the image folder ({image_folder or '.'})" if problem == NOT_FOUND else problem), size
 
 
 def _conversation(sample_id: str, turns: list, image: str, source: int, report: DataReport) -> Conversation | None:
-    """Checks shared by both formats; LLaVA's own rules for the image tag and a leading assistant turn."""
-    turns = [(role, text) for role, text in turns if role != "system"]  # the template owns the system prompt
+    """Checks shared by both formats; LLaVA's own rules for the image tag and a leading assistant turn. System
+    messages before the first turn are the sample's system prompt (an empty one keeps the template's)."""
+    leading = next((i for i, (role, _) in enumerate(turns) if role != "system"), len(turns))
+    system = "\n".join(text for _, text in turns[:leading] if text) or None
+    turns = turns[leading:]
+    if any(role == "system" for role, _ in turns):
+        report.skip(sample_id, "a system message after the conversation started")
+        return None
+    if system and IMAGE_TAG in system:
+        report.skip(sample_id, "<image> in a system message")
+        return None
     if turns and turns[0][0] == "assistant":
         turns = turns[1:]  # LLaVA drops one leading gpt turn
     # Exactly empty only: official LLaVA trains whitespace-only turns as they are.
@@ -580,7 +642,7 @@ def _conversation(sample_id: str, turns: list, image: str, source: int, report: 
     elif tags:
         report.skip(sample_id, "<image> tag but no image")
         return None
-    return Conversation(sample_id, turns, image, source)
+    return Conversation(sample_id, turns, image, source, system=system)
 
 
 def _image_first(text: str) -> str:
@@ -631,7 +693,7 @@ def _content_text(content) -> str:
     return "".join(IMAGE_TAG if part["type"] == "image" else part["text"] for part in content)
 
 
-def _is_llava_json(path: str) -> bool:
+def is_llava_json(path: str) -> bool:
     return path.endswith((".json", ".jsonl"))
 
 
@@ -661,10 +723,51 @@ def _file_identity(path: str, where) -> list:
     return [str(p.resolve()) if p.exists() else path, where._fingerprint, files]
 
 
-def _cache_still_true(folder: Path) -> bool:
-    """A prepared folder exists and no image it skipped as missing or unreadable has become usable since (an image
-    added after a skip is picked up by the next run)."""
+def _cache_still_true(folder: Path, sources: list) -> bool:
+    """A prepared folder exists and the image files it relied on are as they were: no image it skipped as missing or
+    unreadable has become usable (an image added after a skip is picked up), and where files were added to or
+    removed from an image folder (its modification time changed), every image of a prepared sample is still there
+    (one removed since is counted as missing, not a crash in training)."""
     if not (folder / "report.json").exists():
         return False
-    unusable = json.loads((folder / "recheck.json").read_text())
-    return all(_image_problem(path, "")[0] for path in unusable)
+    recorded = json.loads((folder / IMAGES_FILE).read_text())
+    if any(_image_problem(path, "")[0] is None for path in recorded["unusable"]):
+        return False
+    changed = {d for d, mtime in recorded["folders"].items() if _mtime_ns(d) != mtime}
+    if not changed:
+        return True
+    samples = datasets.Dataset.from_file(str(folder / SAMPLES_FILE)).select_columns(["source", "image"])
+    for start in range(0, len(samples), 100_000):
+        batch = samples[start:start + 100_000]
+        for source, image in zip(batch["source"], batch["image"]):
+            if image and isinstance(sources[source], str):
+                path = os.path.abspath(os.path.join(sources[source], image))
+                if os.path.dirname(path) in changed and not os.path.isfile(path):
+                    return False
+    recorded["folders"] = {d: _mtime_ns(d) for d in recorded["folders"]}  # checked: the next run need not again
+    (folder / IMAGES_FILE).write_text(json.dumps(recorded))
+    return True
+
+
+@dataclass
+class _ImageFiles:
+    """The image files a preparation looked at: those it could not use (rechecked by the next run: one may have been
+    added or mended), and the folders that hold them all (a folder's modification time changes when a file is added
+    to it or removed from it)."""
+
+    unusable: list[str] = field(default_factory=list)
+    folders: set[str] = field(default_factory=set)
+
+    def add(self, other: _ImageFiles) -> None:
+        self.unusable += other.unusable
+        self.folders |= other.folders
+
+    def record(self) -> dict:
+        return {"unusable": self.unusable, "folders": {d: _mtime_ns(d) for d in sorted(self.folders)}}
+
+
+def _mtime_ns(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None

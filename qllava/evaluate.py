@@ -33,8 +33,11 @@ def evaluate(model_path: str | Path, benchmark: str, data: str, images: str = ""
     fingerprint = model_fingerprint(Path(model_path))
     done = read_answers(out, fingerprint)
     todo = [item for item in items if item.question_id not in done]
+    if todo and loaded is None:
+        if not blank_images:
+            check_images(todo, images, "--images")  # before minutes of model loading
+        loaded = load_for_inference(model_path)
     if todo:
-        loaded = loaded or load_for_inference(model_path)
         out.parent.mkdir(parents=True, exist_ok=True)
         drop_cut_lines(out)
         with out.open("a") as answers_file:
@@ -89,12 +92,17 @@ class HeldOut:
         self.recipe, self.say = recipe, say
         self.items = scorers.load_items(recipe.eval.benchmark, recipe.eval.data)
         self.items = self.items[:recipe.eval.limit] if recipe.eval.limit else self.items
+        check_images(self.items, recipe.eval.image_folder, "eval.image_folder")
         self.scores: dict = {k: v for k, v in (done or {}).items() if k.startswith(("accuracy_", "by_category_"))}
+
+    def unscored(self, point: str) -> bool:
+        """A point the recipe asks for that has no score yet."""
+        return point in self.recipe.eval.at and f"accuracy_{point}" not in self.scores
 
     def score(self, point: str, model, processor, blank_images: bool = False) -> None:
         """Score on the main process only (the others wait at the stage's end); points already scored are kept."""
         from accelerate import PartialState
-        if point not in self.recipe.eval.at or f"accuracy_{point}" in self.scores or not PartialState().is_main_process:
+        if not self.unscored(point) or not PartialState().is_main_process:
             return
         cfg, stage2 = self.recipe.eval, self.recipe.stage2
         loaded = Loaded(model, processor, stage2.template, stage2.image_aspect_ratio, "run")
@@ -109,6 +117,14 @@ class HeldOut:
         if "chance" in metrics:
             self.scores["chance"] = metrics["chance"]
         self.say(f"held-out accuracy {point}: {metrics['accuracy']:.3f} ({len(self.items)} questions)")
+
+
+def check_images(items: list[scorers.EvalItem], folder: str, setting: str) -> None:
+    """Every question's image is there (before any model is loaded), or an error naming the setting."""
+    missing = [item.image for item in items if item.image and not os.path.isfile(os.path.join(folder, item.image))]
+    if missing:
+        raise DataError(f"{setting}: the images of {len(missing)} of {len(items)} questions are not in "
+                        f"{folder or 'the current folder'} (e.g. {', '.join(missing[:3])})")
 
 
 def read_answers(path: Path, fingerprint: str | None = None) -> dict[str, str]:

@@ -394,7 +394,7 @@ def model_card(recipe, stage_dir: Path, run_dir: Path, report: dict) -> str:
     lines = [
         "---", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags: [llava, qllava, qlora]", "---",
         "", f"# {run_dir.name} (merged)", "",
-        f"A LLaVA model ({base}) trained with [qllava](https://github.com/) QLoRA: projector{lora}, merged into "
+        f"A LLaVA model ({base}) trained with qllava (QLoRA): projector{lora}, merged into "
         f"the base and saved in {report['dtype']}.", "",
         "## Training", "",
         f"- stage 1 data: {', '.join(recipe.stage1.data)} (template `plain`)",

@@ -84,6 +84,12 @@ def build_image_processor(cfg: ModelConfig):
     return vision.load_image_processor(cfg.llava or cfg.vision_tower, cfg.image_processor, **settings)
 
 
+def processor_and_geometry(cfg: ModelConfig):
+    """The processor and the image geometry a recipe's model will have, from tokenizer and config files alone."""
+    processor = build_processor(cfg)
+    return processor, image_geometry(load_llava_config(cfg), processor.image_processor)
+
+
 def image_geometry(config, image_processor):
     """How many tokens an image becomes, for a LLaVA or LLaVA-NeXT config and its image processor (the vision
     seam's answer)."""
@@ -354,7 +360,11 @@ def stage_processor(stage_dir: Path, cfg: ModelConfig) -> LlavaProcessor:
 
 def load_run(run_dir: Path, quantized: bool = True, dtype: str | None = None):
     """A run folder -> (model, processor, recipe) of its final stage: the base, its projector and adapter."""
-    stage_dir = RunFolder(run_dir).final_stage()
+    return load_stage(RunFolder(run_dir).final_stage(), quantized, dtype)
+
+
+def load_stage(stage_dir: Path, quantized: bool = True, dtype: str | None = None):
+    """A complete stage folder -> (model, processor, recipe): the base, the stage's projector and its adapter."""
     recipe = load_recipe(stage_dir / "recipe.toml")
     check_base(stage_dir, recipe.model)
     processor = stage_processor(stage_dir, recipe.model)

@@ -222,9 +222,14 @@ class DataConfig:
     dataloader_num_workers: int | None = None
     """DataLoader worker processes that build batches and decode images while the GPU trains (unset: up to 4 on
     CUDA, 0 on CPU, where workers would take cores from training itself)."""
+    max_missing_image_fraction: float = 0.05
+    """A stage stops before training when more than this share of the samples that name an image file cannot use
+    it (missing or unreadable): a wrong image folder, not a few lost files."""
 
     def problems(self, path: str) -> list[str]:
         out = _positive(path, "num_proc", self.num_proc) if self.num_proc is not None else []
+        if not 0 <= self.max_missing_image_fraction <= 1:
+            out.append(f"{path}.max_missing_image_fraction: must be in [0, 1], got {self.max_missing_image_fraction}")
         if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
             out.append(f"{path}.dataloader_num_workers: must be >= 0, got {self.dataloader_num_workers}")
         return out

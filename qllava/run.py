@@ -64,17 +64,27 @@ class RunFolder:
     def checkpoints(self, name: str) -> Path:
         return self.stage(name) / "checkpoints"
 
-    def claim(self, stages, overwrite: bool, resume: bool) -> None:
-        """Make the folder ready for `stages`. Never overwrite a finished stage silently: --overwrite removes the
-        stages about to run, --resume keeps them."""
+    def check_claim(self, stages, overwrite: bool, resume: bool) -> None:
+        """Refuse, before any work, to run `stages` over finished ones unless --overwrite or --resume says how."""
         if resume and overwrite:
             raise RunExistsError("--resume continues a run and --overwrite replaces it: pass one of them")
-        existing = [self.stage(s) for s in stages if self.stage(s).exists()]
+        existing = self._existing(stages)
         if existing and not (overwrite or resume):
-            raise RunExistsError(f"{', '.join(map(str, existing))} already exist: pass --overwrite to replace "
-                                 f"{'them' if len(existing) > 1 else 'it'}, --resume to continue, or set output.dir "
-                                 "to a new folder")
-        if overwrite:
-            for folder in existing:
-                shutil.rmtree(folder)
+            many = len(existing) > 1
+            raise RunExistsError(f"{', '.join(map(str, existing))} {'exist' if many else 'exists'}: pass --overwrite "
+                                 f"to replace {'them' if many else 'it'}, --resume to continue, or set output.dir to "
+                                 "a new folder")
+
+    def claim(self, stages, overwrite: bool, resume: bool) -> None:
+        """Make the folder ready for `stages`. Never overwrite a finished stage silently: --overwrite removes the
+        stages about to run, and the answers of `qllava eval` on the run they replace (RUN/eval); --resume keeps
+        them."""
+        self.check_claim(stages, overwrite, resume)
+        existing = self._existing(stages)
+        if overwrite and existing:
+            for folder in existing + [self.eval_dir]:
+                shutil.rmtree(folder, ignore_errors=True)
         self.path.mkdir(parents=True, exist_ok=True)
+
+    def _existing(self, stages) -> list[Path]:
+        return [self.stage(s) for s in stages if self.stage(s).exists()]

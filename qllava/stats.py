@@ -8,24 +8,23 @@ files, no model weights.
 from __future__ import annotations
 
 from . import model as modeling
-from .data import build_stage_dataset
+from .data import stage_dataset
+from .preflight import check_inputs
 from .packing import Rows, SimilarLengthSampler, pad_fraction, padded_batches
 from .recipe import Recipe
 
 
 def stage_stats(recipe: Recipe, name: str, bins: int = 12) -> dict:
     cfg = getattr(recipe, name)
-    processor = modeling.build_processor(recipe.model)
-    tokenizer = processor.tokenizer
-    geometry = modeling.image_geometry(modeling.load_llava_config(recipe.model), processor.image_processor)
-    dataset, _, report = build_stage_dataset(cfg, tokenizer, tokenizer.convert_tokens_to_ids(modeling.IMAGE_TOKEN),
-                                             geometry, recipe.data.cache_dir, name, recipe.data.num_proc)
+    check_inputs(recipe, (name,), weights=False)
+    processor, geometry = modeling.processor_and_geometry(recipe.model)
+    dataset, _, report = stage_dataset(recipe, name, processor.tokenizer, geometry)
     lengths = list(dataset["length"])
     rows = Rows(dataset, cfg.max_seq_len, packing=True, seed=cfg.seed)
     batch = cfg.per_device_train_batch_size
     return {
         "stage": name, "samples": report.used, "skipped": dict(report.skipped), "examples": report.examples,
-        "tokens": report.tokens, "label_tokens": report.label_tokens, "image_tokens_per_image": geometry.tokens_of(),
+        "left_out": dict(report.left_out), "tokens": report.tokens, "label_tokens": report.label_tokens, "image_tokens_per_image": geometry.tokens_of(),
         "with_image": report.with_image, "max_seq_len": cfg.max_seq_len,
         "length_min": min(lengths), "length_mean": sum(lengths) / len(lengths), "length_max": max(lengths),
         "histogram": histogram(lengths, cfg.max_seq_len, bins),

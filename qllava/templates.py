@@ -69,8 +69,11 @@ TEMPLATES = {
 
 
 def render(template: str, turns: list[tuple[str, str]], bos: str, eos: str,
-           generation_prompt: bool = False, special_tokens: tuple[str, ...] = ()) -> Rendered:
+           generation_prompt: bool = False, special_tokens: tuple[str, ...] = (), system: str | None = None) -> Rendered:
     """Render (role, text) turns, roles "user"/"assistant", alternating and starting with the user.
+
+    `system` replaces the template's system prompt (a sample's own system message); only templates that have one
+    (vicuna_v1, llava_llama_2) take it.
 
     With generation_prompt, the turns end with a user turn and the text ends where the model starts to answer.
     LLaVA writes the end token literally ("</s>"); `eos`/`bos` are the tokenizer's own strings for it. The
@@ -79,15 +82,18 @@ def render(template: str, turns: list[tuple[str, str]], bos: str, eos: str,
     assistant turns: a turn holding one of the tokenizer's `special_tokens`, or a template separator.
     """
     spec = template_spec(template)
+    if system is not None and not spec.system:
+        raise TemplateError(f"the {template} template has no system prompt to replace")
+    system = spec.system if system is None else system
     _check_turns(turns, generation_prompt)
     if not generation_prompt:
-        _check_no_special_tokens(turns, special_tokens)
+        _check_no_special_tokens(turns + [("system", system)], special_tokens)
     if spec.style == "plain":
         return _render_plain(turns, generation_prompt)
     if spec.style == "two":
-        rendered = _render_two(spec.system, turns, eos, generation_prompt)
+        rendered = _render_two(system, turns, eos, generation_prompt)
     else:
-        rendered = _render_llama_2(spec.system, bos if spec.bos_between_rounds else "", turns, eos)
+        rendered = _render_llama_2(system, bos if spec.bos_between_rounds else "", turns, eos)
     if not generation_prompt:
         _check_rounds(rendered.text, spec.assistant_separator, eos)
     return rendered
@@ -199,25 +205,31 @@ def chat_template(template: str, bos_first: bool) -> str:
     Renders what `render` renders, with the BOS token first when the tokenizer adds one in training
     (`bos_first`; processors tokenize chat templates without adding special tokens). Message content may be
     a string or a list of {"type": "image"} / {"type": "text"} parts; the image tag goes first in its turn,
-    as LLaVA puts it. The source has no line breaks, so no whitespace control is needed: every space in it
-    is output.
+    as LLaVA puts it. A leading system message replaces the template's system prompt, as in training; templates
+    without one leave it out, as training does. The source has no line breaks, so no whitespace control is
+    needed: every space in it is output.
     """
     spec = template_spec(template)
     content = ("{% macro content(m) %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
                "{% for p in m['content'] if p['type'] == 'image' %}<image>\n{% endfor %}"
                "{% for p in m['content'] if p['type'] == 'text' %}{{ p['text'] }}{% endfor %}"
                "{% endif %}{% endmacro %}")
+    # How many leading messages are the system prompt (0 or 1), and the system prompt itself.
+    system = ("{% set first = 1 if messages and messages[0]['role'] == 'system' else 0 %}"
+              "{% set system %}{% if first %}{{ content(messages[0]) }}{% else %}" + spec.system +
+              "{% endif %}{% endset %}")
     if spec.style == "plain":
-        body = ("{% for m in messages %}{% if m['role'] == 'user' %}<image>{% else %}{{ content(m) }}\n"
-                "{% endif %}{% endfor %}")
+        body = ("{% for m in messages %}{% if m['role'] == 'user' %}<image>{% elif m['role'] == 'assistant' %}"
+                "{{ content(m) }}\n{% endif %}{% endfor %}")
     elif spec.style == "two":
-        body = (spec.system + " {% for m in messages %}{% if m['role'] == 'user' %}USER: {{ content(m) }} "
-                "{% else %}ASSISTANT: {{ content(m) }}{{ eos_token }}{% endif %}{% endfor %}"
+        body = ("{{ system }} {% for m in messages %}{% if m['role'] == 'user' %}USER: {{ content(m) }} "
+                "{% elif m['role'] == 'assistant' %}ASSISTANT: {{ content(m) }}{{ eos_token }}{% endif %}{% endfor %}"
                 "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
     else:
-        system = f"<<SYS>>\n{spec.system}\n<</SYS>>\n\n" if spec.system else ""
+        wrapped = "{% if system %}<<SYS>>\n{{ system }}\n<</SYS>>\n\n{% endif %}" if spec.system else ""
         sep = "{{ bos_token }}" if spec.bos_between_rounds else ""
         body = ("{% for m in messages %}{% if m['role'] == 'user' %}"
-                f"{{% if not loop.first %}}{sep}{{% endif %}}[INST] {{% if loop.first %}}{system}{{% endif %}}"
-                "{{ content(m) }} [/INST]{% else %} {{ content(m) }} {{ eos_token }}{% endif %}{% endfor %}")
-    return content + ("{{ bos_token }}" if bos_first else "") + body
+                f"{{% if loop.index0 > first %}}{sep}{{% endif %}}[INST] {{% if loop.index0 == first %}}{wrapped}"
+                "{% endif %}{{ content(m) }} [/INST]{% elif m['role'] == 'assistant' %} {{ content(m) }} "
+                "{{ eos_token }}{% endif %}{% endfor %}")
+    return content + system + ("{{ bos_token }}" if bos_first else "") + body

@@ -24,10 +24,11 @@ from transformers import PrinterCallback, TrainerCallback, set_seed
 from trl import SFTConfig
 
 from . import model as modeling, synthetic
-from .data import available_cores, build_stage_dataset
-from .errors import DataError
+from .card import stage_card
+from .data import available_cores, stage_dataset
 from .evaluate import HeldOut
 from .packing import Collator, Rows, TokenCounts
+from .preflight import check_inputs
 from .recipe import Recipe, check_report_to
 from .run import RunFolder
 from .trainer import QllavaTrainer, latest_checkpoint
@@ -58,30 +59,67 @@ def finetune(recipe: Recipe, stages=None, overwrite: bool = False, resume: bool 
     state = PartialState()
     say = say if state.is_main_process else _silent
     run = RunFolder(recipe.run_dir)
+    run.check_claim(stages, overwrite, resume)
+    to_run = [name for name in stages if not (resume and run.complete(name))]
     with state.main_process_first():
-        if state.is_main_process:
-            run.claim(stages, overwrite, resume)
-            if recipe.synthetic:
-                synthetic.prepare(recipe.synthetic, recipe.model.vision_tower, recipe.model.decoder, say=say,
-                                  llava=recipe.model.llava)
+        if state.is_main_process and recipe.synthetic:
+            synthetic.prepare(recipe.synthetic, recipe.model.vision_tower, recipe.model.decoder, say=say,
+                              llava=recipe.model.llava)
+    # Before any model is loaded: every input named, then the data of every stage about to run (a typo or a wrong
+    # image folder in stage 2 stops the run now, not after stage 1 has trained; the prepared data are cached).
+    check_inputs(recipe, to_run)
+    _check_projector_source(recipe, to_run)
     metrics = _read_json(run.metrics_file)
     if not resume:  # what the stages about to run will measure again must not survive from an older run
         metrics = {k: v for k, v in metrics.items() if not any(k.endswith(p) for s in stages for p in REDONE[s])}
     heldout = HeldOut(recipe, say, done=metrics if resume else {}) if recipe.eval.at else None
+    prepare_data(recipe, to_run)
+    with state.main_process_first():
+        if state.is_main_process:
+            run.claim(stages, overwrite, resume)
     for name in stages:
-        if resume and run.complete(name):
+        if name in to_run:
+            checkpoint = latest_checkpoint(run.checkpoints(name)) if resume else None
+            if checkpoint:
+                say(f"{name}: resuming from {checkpoint}")
+            metrics[name] = run_stage(recipe, name, progress, say, heldout, checkpoint).metrics
+        else:
             say(f"{name}: already complete in {run.stage(name)}, kept")
-            continue
-        checkpoint = latest_checkpoint(run.checkpoints(name)) if resume else None
-        if checkpoint:
-            say(f"{name}: resuming from {checkpoint}")
-        result = run_stage(recipe, name, progress, say, heldout, checkpoint)
-        metrics[name] = result.metrics
+            metrics[name] = _read_json(run.stage(name) / "metrics.json")
+            if heldout:
+                score_saved_stage(recipe, name, heldout)
         if heldout:
             metrics.update(heldout.scores)
         if state.is_main_process:
             _write_json(run.metrics_file, metrics)
     return metrics
+
+
+def prepare_data(recipe: Recipe, names) -> None:
+    """The data of the stages `names` prepared (or found in the cache) and checked, from the tokenizer and the
+    configs alone: their skips and errors come before any model is loaded."""
+    if not names:
+        return
+    processor, geometry = modeling.processor_and_geometry(recipe.model)
+    for name in names:
+        with PartialState().main_process_first():
+            stage_dataset(recipe, name, processor.tokenizer, geometry)
+
+
+def score_saved_stage(recipe: Recipe, name: str, heldout: HeldOut) -> None:
+    """Held-out points of a complete stage that were never scored (a run that failed while scoring, then resumed):
+    scored now on the stage as saved ("before" on stage 1's starting model, rebuilt from its seed)."""
+    points = {"stage1": ("before", "stage1"), "stage2": ("stage2", "blank_images")}[name]
+    missing = [point for point in points if heldout.unscored(point)]
+    if not missing or not PartialState().is_main_process:
+        return
+    if "before" in missing:
+        build_stage_model(recipe, "stage1", heldout)
+    if set(missing) - {"before"}:
+        model, processor, _ = modeling.load_stage(RunFolder(recipe.run_dir).stage(name))
+        heldout.score(name, model, processor)
+        if name == "stage2":
+            heldout.score("blank_images", model, processor, blank_images=True)
 
 
 def run_stage(recipe: Recipe, name: str, progress=None, say=print, heldout: HeldOut | None = None,
@@ -127,16 +165,13 @@ def build_stage_data(recipe: Recipe, name: str, model, processor, say=print) -> 
     tokenizer = processor.tokenizer
     image_token_id = tokenizer.convert_tokens_to_ids(modeling.IMAGE_TOKEN)
     geometry = modeling.image_geometry(model.config, processor.image_processor)
-    if geometry.varies != (cfg.image_aspect_ratio == "anyres"):
-        raise DataError(f"{name}.image_aspect_ratio: {cfg.image_aspect_ratio!r} with a "
-                        f"{'LLaVA-NeXT' if geometry.varies else 'LLaVA-1.5'} model: set "
-                        f"{'anyres (it tiles each image by its size)' if geometry.varies else 'pad or crop'}")
     with PartialState().main_process_first():  # the main process tokenizes and caches; the others read the cache
-        dataset, images, report = build_stage_dataset(cfg, tokenizer, image_token_id, geometry,
-                                                      recipe.data.cache_dir, name, recipe.data.num_proc)
+        dataset, images, report = stage_dataset(recipe, name, tokenizer, geometry)
     say(f"{name}: {report.used} samples, {report.tokens:,} tokens ({report.label_tokens:,} trained)"
         + "".join(f"; skipped {n}: {reason} (e.g. {', '.join(report.examples[reason])})"
-                  for reason, n in report.skipped.most_common()))
+                  for reason, n in report.skipped.most_common())
+        + "".join(f"; used {n} with a {reason} (e.g. {', '.join(report.examples[reason])})"
+                  for reason, n in report.left_out.most_common()))
     rows = Rows(dataset, cfg.max_seq_len, cfg.packing, cfg.seed)
     collator = Collator(images, processor.image_processor, cfg.image_aspect_ratio, tokenizer.pad_token_id,
                         image_token_id, packing=cfg.packing,
@@ -156,6 +191,15 @@ def train_stage(recipe: Recipe, name: str, model, processor, rows: Rows, collato
     return trainer, time.perf_counter() - started
 
 
+class LogLastStep(TrainerCallback):
+    """The last step is always logged: with max_steps < logging_steps (a short try) the trainer would log no loss at
+    all, and the stage would have no loss plot."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+
+
 class ProgressCallback(TrainerCallback):
     """Hands the CLI's progress display what it shows: step, loss, lr, tokens/s, pad fraction, ETA (the token
     rates come in the logs, from the trainer's TokenCounter)."""
@@ -166,8 +210,8 @@ class ProgressCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.perf_counter()
-        if state.is_world_process_zero:
-            self.show({"event": "begin", "max_steps": state.max_steps})
+        if state.is_world_process_zero:  # a resumed run begins at its checkpoint's step: the ETA counts from there
+            self.show({"event": "begin", "step": state.global_step, "max_steps": state.max_steps})
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs and state.is_world_process_zero:
@@ -213,6 +257,7 @@ def _build_trainer(model, processor, rows: Rows, collator: Collator, cfg, checkp
                             processing_class=processor, optimizers=(optimizer, None), callbacks=callbacks)
     _trainable_to_float32(model)  # TRL casts trainable weights of a 4-bit model to bf16; keep float32 masters
     trainer.add_callback(_EpochRows(rows))
+    trainer.add_callback(LogLastStep())
     trainer.remove_callback(PrinterCallback)  # progress is the caller's (the CLI's rich display)
     return trainer
 
@@ -260,17 +305,29 @@ class _EpochRows(TrainerCallback):
 
 def _start_projector(model, recipe: Recipe, name: str) -> None:
     """Stage 1 starts from a fresh projector; stage 2 from where its recipe says (stage 1's by default)."""
-    if name == "stage1":
-        return
+    path = _projector_source(recipe) if name == "stage2" else None
+    if path is not None:
+        _check_projector_source(recipe, ("stage2",))
+        modeling.load_projector(model, path)
+
+
+def _projector_source(recipe: Recipe) -> Path | None:
+    """The projector file stage 2 starts from; None for a fresh one or the llava checkpoint's."""
     source = recipe.stage2.projector
     if source in ("fresh", "model"):
+        return None
+    return RunFolder(recipe.run_dir).stage("stage1") / modeling.PROJECTOR_FILE if source == "stage1" else Path(source)
+
+
+def _check_projector_source(recipe: Recipe, names) -> None:
+    """Stage 2 about to run without the projector it starts from (unless stage 1, about to run too, writes it)."""
+    path = _projector_source(recipe)
+    written_first = recipe.stage2.projector == "stage1" and "stage1" in names
+    if "stage2" not in names or path is None or path.exists() or written_first:
         return
-    path = RunFolder(recipe.run_dir).stage("stage1") / modeling.PROJECTOR_FILE if source == "stage1" else Path(source)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"stage 2 starts from the stage-1 projector {path}, which does not exist: run stage 1 first "
-            f"(qllava finetune RECIPE --stage 1), or set stage2.projector = \"fresh\" or a projector file")
-    modeling.load_projector(model, path)
+    raise FileNotFoundError(
+        f"stage 2 starts from the stage-1 projector {path}, which does not exist: run stage 1 first "
+        f"(qllava finetune RECIPE --stage 1), or set stage2.projector = \"fresh\" or a projector file")
 
 
 def _trainable_to_float32(model) -> None:
@@ -297,6 +354,7 @@ def _save_stage(model, processor, recipe: Recipe, out_dir: Path, metrics: dict, 
     if name == "stage2":
         model.save_pretrained(out_dir)  # the PEFT adapter (and modules_to_save) only
     processor.save_pretrained(out_dir)
+    (out_dir / "README.md").write_text(stage_card(recipe, name, metrics))  # over PEFT's blank template
     (out_dir / "recipe.toml").write_text(recipe.to_toml())
     _write_json(out_dir / "log_history.json", log_history)
     _plot_loss(log_history, out_dir / "loss.png", name)
@@ -304,17 +362,28 @@ def _save_stage(model, processor, recipe: Recipe, out_dir: Path, metrics: dict, 
 
 
 def _plot_loss(log_history: list, path: Path, title: str) -> None:
+    figure = loss_figure(log_history, title)
+    if figure is not None:
+        figure.savefig(path, dpi=100)
+
+
+def loss_figure(log_history: list, title: str):
+    """The logged training loss against the step, or None when none was logged. The y-axis starts at 0 and shows
+    plain values: autoscaled, a loss flat to the third decimal filled the whole height (with an offset label) and
+    looked steep."""
     # A bare Figure, not pyplot: no global backend switch in the caller's process (notebooks keep theirs).
     from matplotlib.figure import Figure
     points = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
     if not points:
-        return
+        return None
     fig = Figure(figsize=(6, 3.5))
     ax = fig.subplots()
-    ax.plot(*zip(*points))
+    ax.plot(*zip(*points), marker="o" if len(points) < 20 else None)
+    ax.set_ylim(0, max(loss for _, loss in points) * 1.05 or 1)
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
     ax.set(xlabel="optimizer step", ylabel="training loss", title=f"{title} loss")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    return fig
 
 
 def _silent(*_args, **_kwargs) -> None:

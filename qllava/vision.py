@@ -9,8 +9,10 @@ registers and SigLIP's lack of any prefix are all counted as the tower really pr
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import MODEL_MAPPING, AutoConfig, AutoImageProcessor, CLIPImageProcessor
@@ -212,11 +214,45 @@ def open_image(path) -> Image.Image:
     """An image file as RGB, or an error naming the file."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return as_rgb(image)
     except FileNotFoundError:
         raise VisionError(f"image {path}: file not found") from None
+    except Image.DecompressionBombError as e:
+        raise VisionError(f"image {path}: too large to decode safely: {e} (PIL.Image.MAX_IMAGE_PIXELS); resize it: "
+                          "training shrinks every image to the processor's size anyway") from None
     except (OSError, ValueError) as e:
         raise VisionError(f"image {path}: cannot be read as an image ({e})") from None
+
+
+NOT_FOUND = "image file not found"
+
+
+def image_header(path) -> tuple[str | None, tuple[int, int] | None]:
+    """(why an image file cannot be used, or None; its (width, height)), read from its header only (fast: a file
+    cut short later in its data is found when it is decoded)."""
+    if not os.path.isfile(path):
+        return NOT_FOUND, None
+    try:
+        return None, image_size(path)
+    except Image.DecompressionBombError:
+        return "image larger than PIL's decompression-bomb limit (2 x PIL.Image.MAX_IMAGE_PIXELS pixels)", None
+    except (OSError, ValueError):
+        return "image file cannot be read as an image", None
+
+
+# Modes of more than 8 bits per channel that PIL's convert("RGB") clips instead of scaling (a 16-bit grayscale PNG
+# opens as "I;16" and came out pure white): they are scaled to 8 bits here. PIL scales 16-bit RGB(A) itself.
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """An image in RGB, high bit depths scaled to 8 bits: 16-bit integers (0..65535; "I", 32-bit, as 16-bit, which
+    is what PNG and TIFF files hold) and floats (0..1, or 0..255 when larger values occur)."""
+    if image.mode in SIXTEEN_BIT or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        scale = 255 / 65535 if image.mode != "F" else (255.0 if values.max(initial=0) <= 1 else 1.0)
+        image = Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
 
 
 def pad_to_square(image: Image.Image, image_mean) -> Image.Image:

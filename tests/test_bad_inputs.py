@@ -54,6 +54,18 @@ def recipe_with(*extra):
     return setup
 
 
+def without_synthetic(*command):
+    """The tiny recipe with a hub id for its decoder and no [synthetic] table (which would write a decoder there)."""
+    def setup(tmp, tiny, _run):
+        from qllava.recipe import load_recipe
+        recipe = load_recipe(TINY_RECIPE, tiny_overrides(tiny, tmp / "run"))
+        recipe.synthetic = None
+        recipe.model.decoder = "mistralai/Mistral-7B-v0.1"
+        (tmp / "hub.toml").write_text(recipe.to_toml())
+        return [*command, str(tmp / "hub.toml")]
+    return setup
+
+
 def bad_toml(tmp, tiny, _run):
     path = tmp / "bad.toml"
     path.write_text(TINY_RECIPE.read_text().replace("[lora]\nr = 8", "[lora]\nr = = 8"))
@@ -74,11 +86,12 @@ def merge_against_another_base(tmp, tiny, run):
     return ["merge", str(moved), "--out", str(tmp / "merged"), "--no-verify"]
 
 
-def chat_with(image_bytes):
+def chat_with(image):
+    """chat about an image file with these bytes (None: no file), or the named file of the images folder."""
     def setup(tmp, tiny, run):
-        path = tmp / "picture.png"
-        if image_bytes is not None:
-            path.write_bytes(image_bytes)
+        path = tmp / "images" / image if isinstance(image, str) else tmp / "picture.png"
+        if isinstance(image, bytes):
+            path.write_bytes(image)
         return ["chat", str(run), "--image", str(path), "--prompt", "What color?"]
     return setup
 
@@ -101,14 +114,35 @@ CASES = [
     Case("max_seq_len shorter than an image", stats_on([], "stage2.max_seq_len=10"),
          "stage2.max_seq_len: 10 is shorter than one image's 16 tokens plus text"),
     Case("missing dataset file", lambda tmp, tiny, run: stats_on([])(tmp, tiny, run) + ['stage2.data=["/nope/data.json"]'],
-         "/nope/data.json: data file not found"),
+         "stage2.data: /nope/data.json: file not found"),
     Case("JSON that is not a list", stats_on('{"id": 1}'), "expected a JSON list of LLaVA samples"),
     Case("sample without conversations", stats_on([{"id": "no-conv", "image": "eval-0.png"}]),
          'skipped 1: no "conversations" list (e.g. no-conv)', 0),
-    Case("missing image file", stats_on([chat("no-file", image="missing.png")]),
+    Case("missing image file", stats_on([chat("no-file", image="missing.png")], "data.max_missing_image_fraction=0.5"),
          "skipped 1: image file not found under the image folder", 0),
-    Case("corrupt image file", stats_on([chat("corrupt", image="corrupt.png")]),
+    Case("corrupt image file", stats_on([chat("corrupt", image="corrupt.png")], "data.max_missing_image_fraction=0.5"),
          "skipped 1: image file cannot be read as an image (e.g. corrupt)", 0),
+    Case("more images missing than data.max_missing_image_fraction", stats_on([chat("no-file", image="missing.png")]),
+         "stage2: the images of 1 of the 2 samples that name one are missing or unreadable (50.0%, more than "
+         "data.max_missing_image_fraction = 0.05): 1 image file not found under the image folder"),
+    Case("an image over PIL's decompression-bomb limit", stats_on([chat("huge", image="huge.png")],
+                                                                  "data.max_missing_image_fraction=0.5"),
+         "skipped 1: image larger than PIL's decompression-bomb limit (2 x PIL.Image.MAX_IMAGE_PIXELS pixels) "
+         "(e.g. huge)", 0),
+    Case("a missing stage image folder", recipe_with('stage1.image_folder="/nope/images"'),
+         "stage1.image_folder: /nope/images: folder not found"),
+    Case("a typo in stage 2's data, found before stage 1 trains", recipe_with('stage2.data=["/nope/questions.json"]'),
+         "stage2.data: /nope/questions.json: file not found"),
+    Case("a missing held-out image folder, found before training", recipe_with('eval.image_folder="/nope"'),
+         "eval.image_folder: /nope: folder not found"),
+    Case("held-out images not in their folder, found before training",
+         lambda tmp, tiny, run: recipe_with(f'eval.image_folder="{tmp / "images"}"')(tmp, tiny, run),
+         "eval.image_folder: the images of 71 of 72 questions are not in"),
+    Case("a hub id not cached while offline (finetune)", without_synthetic("finetune"),
+         'model.decoder: "mistralai/Mistral-7B-v0.1" is not a local folder, and it is not in the Hugging Face cache'),
+    Case("a hub id not cached while offline (data stats)", without_synthetic("data", "stats"),
+         "while HF_HUB_OFFLINE=1 forbids downloading it: download it while online (`hf download "
+         "mistralai/Mistral-7B-v0.1`), or set model.decoder to a local folder that holds it"),
     Case("no assistant turn", stats_on([{"id": "q-only", "conversations": [{"from": "human", "value": "Hi"}]}]),
          "skipped 1: the conversation has no assistant turn to train on (e.g. q-only)", 0),
     Case("two <image> tags", stats_on([chat("two-tags", "<image> and <image>")]),
@@ -134,23 +168,33 @@ CASES = [
          "not a pope question file in LLaVA's format"),
     Case("eval image missing", eval_file(json.dumps({"question_id": 1, "image": "nope.png", "text": "Is it red?",
                                                      "label": "yes", "category": "random"}) + "\n"),
-         "nope.png: file not found"),
+         "--images: the images of 1 of 1 questions are not in"),
+    Case("chat with an image over PIL's decompression-bomb limit", chat_with("huge.png"),
+         "huge.png: too large to decode safely: Image size (10000 pixels) exceeds limit of 9600 pixels"),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input(case, tmp_path, tiny_inputs, trained_run, capsys):
+def test_bad_input(case, tmp_path, tiny_inputs, trained_run, capsys, monkeypatch):
     images = tmp_path / "images"
     images.mkdir()
     shutil.copy(tiny_inputs / "shapes" / "images" / "eval-0.png", images)
     (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    Image.new("L", (100, 100)).save(images / "huge.png")
+    # huge.png's 10,000 pixels: over twice the limit, as a bomb is; the 72 x 64 shapes stay under it (no warning)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4800)
+    monkeypatch.setattr("qllava.model.load_base_model", no_model)
     status = main(case.setup(tmp_path, tiny_inputs, trained_run))
     out = capsys.readouterr()
     assert "Traceback" not in out.out + out.err
     assert status == case.status, out.out[-1500:]
-    assert case.message in out.out, out.out[-1500:]
+    assert case.message in " ".join(out.out.split()), out.out[-1500:]
     if status == 2:
         assert out.out.startswith("error: ") or "\nerror: " in out.out
+
+
+def no_model(*args, **kwargs):
+    raise AssertionError("a model was loaded before the bad input was found")
 
 
 def test_grayscale_rgba_and_palette_images_train(tmp_path, tiny_inputs):

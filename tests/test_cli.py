@@ -46,7 +46,7 @@ def test_existing_run_is_not_overwritten(demo_run, tiny_inputs, capsys):
     _, run = demo_run
     before = (run / "stage2" / "adapter_model.safetensors").read_bytes()
     assert main(["finetune", str(TINY_RECIPE), *tiny_overrides(tiny_inputs, run)]) == 2
-    assert "already exist: pass --overwrite to replace them" in capsys.readouterr().out
+    assert "stage2 exist: pass --overwrite to replace them" in capsys.readouterr().out
     assert (run / "stage2" / "adapter_model.safetensors").read_bytes() == before
 
 
@@ -83,3 +83,78 @@ def test_data_stats(tiny_inputs, tmp_path, capsys):
     s = stats.stage_stats(load_recipe(TINY_RECIPE, tiny_overrides(tiny_inputs, tmp_path / "r")), "stage2")
     assert s["samples"] == 420 and s["image_tokens_per_image"] == 16 and sum(c for *_, c in s["histogram"]) == 420
     assert s["packed_pad_fraction"] < 0.02 < s["padded_pad_fraction"]
+
+
+def test_version_and_every_help_shows_defaults_and_explains_every_argument(capsys):
+    import argparse
+    from qllava import __version__
+    from qllava.cli import _parser
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"qllava {__version__}\n"
+    parsers = [_parser()]
+    for parser in parsers:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += action.choices.values()
+            elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                assert action.help, f"{parser.prog} {action.dest}: no help text"
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            if action.option_strings and action.default not in (None, False, "", argparse.SUPPRESS):
+                assert f"(default: {action.default})" in text, f"{parser.prog} {action.option_strings[0]}"
+    assert len(parsers) >= 9  # qllava, finetune, data, data stats, merge, chat, eval, compare, plan
+
+
+def test_ctrl_c_ends_with_a_clean_line_and_the_exact_resume_command(monkeypatch, capsys):
+    from qllava import train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "finetune", interrupted)
+    argv = ["finetune", str(TINY_RECIPE), "--overwrite", "output.dir=runs/my try", "--stage", "2"]
+    assert main(argv) == 130
+    assert capsys.readouterr().out == (f"interrupted; continue with:\n  qllava finetune {TINY_RECIPE} "
+                                       "'output.dir=runs/my try' --stage 2 --resume\n")
+
+
+def test_the_eta_after_a_resume_counts_only_the_steps_trained_now(capsys):
+    from qllava.console import TrainingProgress
+    show = TrainingProgress("stage2")
+    show({"event": "begin", "step": 40, "max_steps": 60})
+    show({"event": "log", "step": 50, "max_steps": 60, "elapsed_s": 20.0, "loss": 1.0, "lr": 1e-4,
+          "tokens_per_s": 1.0, "label_tokens_per_s": 1.0, "pad_fraction": 0.0, "memory_gib": 1.0})
+    show({"event": "end", "step": 60})
+    assert capsys.readouterr().out.rstrip().endswith("ETA 20s")  # 10 steps took 20 s, 10 to go (not 20 / 50 x 10)
+
+
+def test_the_eval_title_keeps_a_long_path_whole(monkeypatch, capsys):
+    from qllava import console
+    monkeypatch.setattr(console.console, "width", 60)
+    data = "/a/rather/long/folder/of/benchmarks/playground/data/eval/scienceqa/llava_test_CQM-A.json"
+    console.print_eval({"benchmark": "scienceqa", "data": data, "questions": 4, "metrics": {"accuracy": 0.5},
+                        "model": {"name": "run", "backbone": "mistralai/Mistral-7B-v0.1", "template": "mistral_instruct"}})
+    out = capsys.readouterr().out
+    assert f"scienceqa on {data}: run (mistralai/Mistral-7B-v0.1, mistral_instruct)\n" in out
+
+
+def test_requires_python_is_what_the_code_needs():
+    import tomllib
+    from packaging.specifiers import SpecifierSet
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    supported = SpecifierSet(project["requires-python"])
+    assert "3.11" in supported and "3.10" not in supported  # recipes are read with tomllib, new in 3.11
+
+
+def test_the_readme_names_every_recipe_key():
+    import dataclasses
+    from qllava.recipe import TABLES
+    readme = (ROOT / "README.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in readme.splitlines() if line.startswith("| `[")}
+    for table, cls in TABLES.items():
+        if table == "synthetic":  # demo and tests only
+            continue
+        row = next(line for header, line in rows.items() if f"`[{table}]`" in header)
+        cls = [c for c in getattr(cls, "__args__", (cls,)) if c is not type(None)][0]
+        missing = [f.name for f in dataclasses.fields(cls) if f"`{f.name}`" not in row]
+        assert not missing, f"README's [{table}] row lacks {missing}"

@@ -109,6 +109,7 @@ def test_hugging_face_dataset_with_messages_and_images(tmp_path):
     assert [(c.image, c.turns) for c in convs] == [
         ("row:0", [("user", "<image>\nWhat is it?"), ("assistant", "A cat.")]),
         ("", [("user", "Hi"), ("assistant", "Hello")])]
+    assert [c.system for c in convs] == [None, "be brief"]
     assert ImageStore([where]).open(0, "row:0").getpixel((0, 0)) == (255, 0, 0)
 
 
@@ -302,3 +303,112 @@ def test_a_hugging_face_dataset_saved_again_in_place_is_prepared_again(tmp_path,
     shutil.move(folder + ".new", folder)
     second, _, report = prepare(stage, tokenizer, tmp_path / "cache")
     assert not report.cached and (len(first), len(second)) == (3, 2)
+
+
+def pictures(tmp_path, n):
+    """n samples, each with its own image file in tmp_path/img."""
+    names = [image_file(tmp_path / "img", f"p{i}.png") for i in range(n)]
+    return write(tmp_path, [chat("<image>\nWhat is it?", f"thing {i}", name, f"p{i}") for i, name in enumerate(names)])
+
+
+def test_an_image_removed_after_preparation_is_counted_missing_not_a_crash_in_training(tmp_path, tokenizer):
+    stage = StageConfig(data=[pictures(tmp_path, 4)], image_folder=str(tmp_path / "img"), template="vicuna_v1",
+                        max_seq_len=256)
+    first, _, _ = prepare(stage, tokenizer, tmp_path / "cache")
+    (tmp_path / "img" / "unrelated.txt").write_text("a file added beside the images")
+    again, _, report = prepare(stage, tokenizer, tmp_path / "cache")
+    assert report.cached and len(again) == 4  # the folder changed, but every image used is still there
+    (tmp_path / "img" / "p1.png").unlink()
+    after, images, report = prepare(stage, tokenizer, tmp_path / "cache")
+    assert not report.cached and after["id"] == ["p0", "p2", "p3"]
+    assert report.skipped == {"image file not found under the image folder (" + str(tmp_path / "img") + ")": 1}
+    assert all(images.open(s["source"], s["image"]).mode == "RGB" for s in after)  # what training would open
+
+
+def test_a_hugging_face_dataset_saved_over_itself_with_fewer_rows_is_prepared_again(tmp_path, tokenizer):
+    rows = {"messages": [[{"role": "user", "content": parts(None, "Hi")}, {"role": "assistant", "content": parts("A")}]]
+            * 3, "images": [[Image.new("RGB", (4, 4), (255, 0, 0))]] * 3}
+    folder = hf_dataset(tmp_path, rows)
+    stage = StageConfig(data=[folder], template="vicuna_v1", max_seq_len=256)
+    assert len(prepare(stage, tokenizer, tmp_path / "cache")[0]) == 3
+    datasets.Dataset.from_dict({k: v[:2] for k, v in rows.items()}).save_to_disk(folder)  # in place
+    second, images, report = prepare(stage, tokenizer, tmp_path / "cache")
+    assert not report.cached and second["image"] == ["row:0", "row:1"]
+    assert [images.open(s["source"], s["image"]).getpixel((0, 0)) for s in second] == [(255, 0, 0)] * 2
+
+
+def test_a_stage_whose_images_are_mostly_missing_stops_with_the_counts(tmp_path, tokenizer):
+    path = pictures(tmp_path, 20)
+    for i in range(1, 20):  # an image folder that holds 1 of the 20 images: the wrong folder
+        (tmp_path / "img" / f"p{i}.png").unlink()
+    stage = StageConfig(data=[path], image_folder=str(tmp_path / "img"), template="vicuna_v1", max_seq_len=256)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    with pytest.raises(DataError) as error:
+        build_stage_dataset(stage, tokenizer, image_id, ImageGeometry(16), str(tmp_path / "cache"), "stage1",
+                            max_missing_image_fraction=0.05)
+    assert str(error.value) == (
+        "stage1: the images of 19 of the 20 samples that name one are missing or unreadable (95.0%, more than "
+        "data.max_missing_image_fraction = 0.05): 19 image file not found under the image folder ("
+        f"{tmp_path / 'img'}) (e.g. p1, p2, p3). Check stage1.image_folder and the images, or raise "
+        "data.max_missing_image_fraction to train without them")
+    for i in range(1, 19):
+        image_file(tmp_path / "img", f"p{i}.png")
+    dataset, _, report = build_stage_dataset(stage, tokenizer, image_id, ImageGeometry(16), str(tmp_path / "cache"),
+                                             "stage1", max_missing_image_fraction=0.05)
+    assert (len(dataset), report.unusable_images, report.named_images) == (19, 1, 20)  # 5% missing: allowed
+
+
+def test_a_system_message_is_the_templates_system_prompt_or_counted_as_left_out(tmp_path, tokenizer):
+    from qllava import templates
+    from qllava.data import tokenize_conversation
+    folder = hf_dataset(tmp_path, {"messages": [
+        [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Colour?"},
+         {"role": "assistant", "content": "Red"}],
+        [{"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "Red"}],
+        [{"role": "user", "content": "Hi"}, {"role": "system", "content": "late"}, {"role": "assistant", "content": "Yo"}]]})
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    turns = [("user", "Colour?"), ("assistant", "Red")]
+    for template, system in (("vicuna_v1", "Answer in one word."), ("llava_llama_2", "Answer in one word."),
+                             ("mistral_instruct", None)):
+        stage = StageConfig(data=[folder], template=template, max_seq_len=256)
+        dataset, _, report = prepare(stage, tokenizer, tmp_path / "cache")
+        assert dataset["input_ids"][0] == tokenize_conversation(turns, template, tokenizer, image_id, system)[0]
+        assert dataset["input_ids"][1] == tokenize_conversation(turns, template, tokenizer, image_id)[0]
+        assert report.skipped == {"a system message after the conversation started": 1}
+        left_out = {f"system message left out: the {template} template has no system prompt": 1} if system is None else {}
+        assert report.left_out == left_out
+    rendered = templates.render("vicuna_v1", turns, "<s>", "</s>", system="Answer in one word.")
+    assert rendered.text == "Answer in one word. USER: Colour? ASSISTANT: Red</s>"
+    rendered = templates.render("llava_llama_2", turns, "<s>", "</s>", system="Be brief.")
+    assert rendered.text == "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nColour? [/INST] Red </s>"
+    with pytest.raises(templates.TemplateError, match="the plain template has no system prompt to replace"):
+        templates.render("plain", [("user", "<image>"), ("assistant", "a cat")], "<s>", "</s>", system="x")
+
+
+def test_a_16_bit_png_is_scaled_not_white(tmp_path):
+    import numpy as np
+    from qllava.vision import open_image
+    values = np.array([[0, 257 * 64], [257 * 128, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    image = open_image(tmp_path / "deep.png")
+    assert [image.getpixel(xy) for xy in ((0, 0), (1, 0), (0, 1), (1, 1))] == \
+        [(0, 0, 0), (64, 64, 64), (128, 128, 128), (255, 255, 255)]
+    Image.fromarray(np.array([[0.0, 0.5]], dtype=np.float32)).save(tmp_path / "float.tif")
+    assert [open_image(tmp_path / "float.tif").getpixel((x, 0)) for x in (0, 1)] == [(0, 0, 0), (128, 128, 128)]
+
+
+def test_an_image_over_the_decompression_bomb_limit_is_a_counted_skip_and_a_clear_error(tmp_path, tokenizer,
+                                                                                        monkeypatch):
+    from qllava.vision import open_image
+    path = pictures(tmp_path, 2)
+    Image.new("L", (100, 100)).save(tmp_path / "img" / "p1.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)  # 10,000 pixels: over twice the limit, as a bomb is
+    report = DataReport()
+    convs = read_conversations(path, str(tmp_path / "img"), 0, report)
+    assert [c.id for c in convs] == ["p0"]
+    assert report.skipped == {"image larger than PIL's decompression-bomb limit (2 x PIL.Image.MAX_IMAGE_PIXELS "
+                                               "pixels)": 1}
+    with pytest.raises(VisionError, match=r"p1.png: too large to decode safely: Image size \(10000 pixels\) exceeds "
+                                          r"limit of 8000 pixels"):
+        open_image(tmp_path / "img" / "p1.png")

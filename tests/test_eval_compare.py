@@ -7,7 +7,7 @@ import pytest
 from conformance_corpus import WRITERS
 from qllava import evaluate as ev
 from qllava.cli import main
-from qllava.compare import compare, paired_bootstrap
+from qllava.compare import chart, compare, paired_bootstrap
 from qllava.data import DataError
 from qllava.scorers import load_items, score
 
@@ -136,6 +136,12 @@ def test_compare_pairs_only_results_on_the_same_questions(tmp_path, capsys):
     md = (tmp_path / "cmp" / "report.md").read_text()
     assert "| accuracy | 0.6667 | 0.3333 (-0.3333) | 1.0000 | 0.6667 | 0.6667 |" in md  # no differences unpaired
     assert "- c vs a: not paired, different question sets (2 questions in both" in md and md.count("95% CI") == 1
+    chart_axes = chart(report).axes
+    assert len(chart_axes) == 2  # the scores, and beside them the paired difference with its 95% interval
+    bars = chart_axes[1].containers[0]
+    (low, _), (high, _) = bars.lines[2][0].get_segments()[0]
+    assert (list(bars.lines[0].get_xdata()), low, high) == ([d["b"]["mean"]], *d["b"]["ci95"])
+    assert len(chart(compare([first, fewer])).axes) == 1  # nothing paired: no interval to show
     assert main(["compare", str(first), str(fewer)]) == 0
     printed = " ".join(capsys.readouterr().out.split())
     assert "not paired: different question sets (2 questions in both, 1 only in the first" in printed

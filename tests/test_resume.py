@@ -3,6 +3,7 @@ its latest complete checkpoint and ends exactly where an uninterrupted run ends.
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -86,3 +87,42 @@ def test_resume_keeps_finished_stages_and_refuses_overwrite_with_resume(trained_
     assert (run / "stage2" / "adapter_model.safetensors").read_bytes() == before
     assert main(["finetune", str(TINY_RECIPE), "--resume", "--overwrite", *tiny_overrides(tiny_inputs, run)]) == 2
     assert "--resume continues a run and --overwrite replaces it" in capsys.readouterr().out
+
+
+def test_resume_scores_the_held_out_points_a_failure_left_unscored(trained_run, tiny_inputs, tmp_path, capsys):
+    from qllava.cli import main
+    run = tmp_path / "scoring_failed"
+    shutil.copytree(trained_run, run)
+    full = json.loads((run / "metrics.json").read_text())
+    # What a failure while scoring stage 2 leaves: stage2/ complete (its metrics.json is written before the held-out
+    # scoring), the run's metrics.json as it was written after stage 1.
+    after_stage1 = {k: v for k, v in full.items() if k in ("stage1", "chance") or k.endswith(("_before", "_stage1"))}
+    (run / "metrics.json").write_text(json.dumps(after_stage1))
+    assert main(["finetune", str(TINY_RECIPE), "--resume", *tiny_overrides(tiny_inputs, run), "stage1.max_steps=30",
+                 "stage2.max_steps=60", "eval.limit=36", "eval.batch_size=36"]) == 0
+    out = capsys.readouterr().out
+    assert "stage2: already complete" in out and "held-out accuracy stage2: " in out
+    assert "held-out accuracy blank_images: " in out and "held-out accuracy stage1" not in out  # only what was missing
+    assert json.loads((run / "metrics.json").read_text()) == full  # the same scores, and stage 2's row, back
+    assert "│ stage2 " in out  # the summary table has the stage's row
+
+
+def test_ctrl_c_prints_the_exact_command_that_resumes(trained_run, tiny_inputs, tmp_path):
+    run = fresh_run(trained_run, tmp_path, "ctrl_c")
+    command = stage2_command(tiny_inputs, run, "--overwrite")
+    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marker = run / "stage2" / "checkpoints" / f"checkpoint-{SAVE_EVERY}" / COMPLETE
+    deadline = time.time() + 300
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate()
+    assert process.returncode == 130 and "Traceback" not in out + err, out[-2000:] + err[-2000:]
+    again = [a for a in command[3:] if a != "--overwrite"] + ["--resume"]  # after "python -m qllava"
+    assert out.endswith(f"interrupted; continue with:\n  qllava {shlex.join(again)}\n")
+    printed = shlex.split(out.splitlines()[-1])
+    assert printed[0] == "qllava"
+    resumed = subprocess.run([sys.executable, "-m", "qllava", *printed[1:]], cwd=ROOT, env=ENV, capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0 and "stage2: resuming from" in resumed.stdout, resumed.stdout[-2000:]
+    assert json.loads((run / "stage2" / "metrics.json").read_text())["steps"] == STEPS

@@ -38,11 +38,25 @@ def test_a_folder_without_stages_is_not_a_run(tmp_path):
 def test_claim_replaces_only_with_overwrite(tmp_path):
     stage(tmp_path, "stage1")
     run = RunFolder(tmp_path)
-    with pytest.raises(RunExistsError, match="stage1 already exist: pass --overwrite"):
+    with pytest.raises(RunExistsError, match="stage1 exists: pass --overwrite to replace it"):
         run.claim(("stage1", "stage2"), overwrite=False, resume=False)
+    stage(tmp_path, "stage2")
+    with pytest.raises(RunExistsError, match="stage2 exist: pass --overwrite to replace them"):
+        run.check_claim(("stage1", "stage2"), overwrite=False, resume=False)
     run.claim(("stage1",), overwrite=False, resume=True)
     assert run.complete("stage1")
     run.claim(("stage2",), overwrite=True, resume=False)
     assert run.complete("stage1")  # --stage 2 --overwrite keeps stage 1
     run.claim(("stage1",), overwrite=True, resume=False)
     assert not run.stage("stage1").exists()
+
+
+def test_overwrite_takes_the_replaced_runs_eval_answers_with_it(tmp_path):
+    stage(tmp_path, "stage1")
+    run = RunFolder(tmp_path)
+    run.eval_dir.mkdir()
+    (run.eval_dir / "vqa-eval.jsonl").write_text('{"question_id": 1, "text": "red"}\n')
+    run.claim(("stage1",), overwrite=False, resume=True)
+    assert run.eval_dir.exists()  # --resume keeps the run, and its answers
+    run.claim(("stage1",), overwrite=True, resume=False)
+    assert not run.eval_dir.exists()  # the answers were the replaced model's: the next eval would refuse them

@@ -207,3 +207,17 @@ def test_the_chat_template_renders_the_training_text_byte_for_byte(template, fam
     # what training tokenizes starts with the BOS exactly when the chat template writes it
     ids, _ = encode(trained, tok, tok.convert_tokens_to_ids(IMG) if IMG in tok.get_vocab() else 0)
     assert (ids[0] == tok.bos_token_id) == bos_first
+
+
+@pytest.mark.parametrize("template", ["plain", "vicuna_v1", "mistral_instruct", "llava_llama_2"])
+def test_the_chat_template_takes_a_system_message_as_training_does(template, mistral):
+    from qllava.templates import TEMPLATES, chat_template
+    turns = TURNS[:2] if template == "plain" else TURNS
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]},
+                {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "What color is it?"},
+                {"role": "assistant", "content": "Black."}][:len(turns)]
+    system = "Answer in one word." if TEMPLATES[template].system else None  # others leave it out, as training does
+    jinja = chat_template(template, bos_first=True)
+    trained = render(template, turns, mistral.bos_token, mistral.eos_token, system=system)
+    with_system = [{"role": "system", "content": "Answer in one word."}] + messages
+    assert mistral.apply_chat_template(with_system, chat_template=jinja, tokenize=False) == "<s>" + trained.text

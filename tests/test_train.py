@@ -142,3 +142,43 @@ def test_batches_are_the_same_with_any_number_of_workers(tiny_recipe, monkeypatc
     assert batch_digests(recipe, monkeypatch) == BATCHES_BEFORE
     epochs = [e["epoch"] for e in json.loads((recipe.run_dir / "stage1" / "log_history.json").read_text()) if "loss" in e]
     assert epochs[4] == 1.0 and epochs[-1] > 1.0
+
+
+def test_a_stage_shorter_than_its_logging_steps_logs_its_last_step(tiny_recipe):
+    result = train.run_stage(tiny_recipe("stage1.max_steps=3", "stage1.logging_steps=10", "eval.at=[]"), "stage1")
+    history = json.loads((result.out_dir / "log_history.json").read_text())
+    assert [e["step"] for e in history if "loss" in e] == [3] and result.metrics["final_loss"] > 0
+    assert (result.out_dir / "loss.png").exists()
+
+
+def test_the_loss_plot_does_not_make_a_flat_loss_look_steep():
+    figure = train.loss_figure([{"step": s, "loss": 6.2 - s * 1e-4} for s in range(1, 31)], "stage1")
+    axes = figure.axes[0]
+    assert axes.get_ylim()[0] == 0 and 6.2 <= axes.get_ylim()[1] < 7  # the whole loss, from 0
+    figure.canvas.draw()
+    assert axes.yaxis.get_major_formatter().get_offset() == ""  # plain values, no "+6.19" offset label
+    assert train.loss_figure([{"step": 1, "learning_rate": 0.1}], "stage1") is None
+
+
+def test_the_stage_folders_model_card_is_filled(stages):
+    recipe, _, one, two = stages
+    card = (two.out_dir / "README.md").read_text()
+    assert "More Information Needed" not in card  # not PEFT's blank template
+    metrics = json.loads((two.out_dir / "metrics.json").read_text())
+    for fact in (f"- vision tower: `{recipe.model.vision_tower}`", f"- decoder: `{recipe.model.decoder}`",
+                 f"LoRA adapter (r {recipe.lora.r}, alpha {recipe.lora.lora_alpha}",
+                 f"- files: `{recipe.stage2.data[0]}`, images in `{recipe.stage2.image_folder}`",
+                 f"- template `{recipe.stage2.template}`", f"- {metrics['steps']} optimizer steps",
+                 f"{metrics['data']['used']:,} samples used", f"training loss {metrics['first_loss']:.4f} -> ",
+                 "library_name: peft", f"qllava merge {recipe.run_dir} --out MERGED"):
+        assert fact in card, fact
+    assert "base_model" not in card  # local checkpoints: no hub id to link
+    assert "The MLP projector (`projector.safetensors`), trained by LLaVA alignment" in \
+        (one.out_dir / "README.md").read_text()
+
+
+def test_the_merged_model_card_links_nowhere_fake(stages):
+    from qllava.merge import model_card
+    recipe, _, _, two = stages
+    card = model_card(recipe, two.out_dir, recipe.run_dir, {"dtype": "bfloat16"})
+    assert "trained with qllava (QLoRA)" in card and "](" not in card  # no markdown link (it pointed at github.com/)

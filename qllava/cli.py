@@ -232,11 +232,11 @@ def _parser() -> argparse.ArgumentParser:
     srv = commands.add_parser("serve", help="a web page to talk with a run or merged model about an image, and an "
                               "/answer API")
     srv.add_argument("model", metavar="MODEL_OR_RUN", help="a run folder or a merged folder")
-    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
-                     "0.0.0.0: every network)")
-    srv.add_argument("--port", type=int, default=7860)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on: 127.0.0.1 is this machine only, "
+                     "0.0.0.0 every network")
+    srv.add_argument("--port", type=int, default=7860, help="port to listen on (refused before loading if taken)")
     srv.add_argument("--quantized", action=argparse.BooleanOptionalAction, default=True,
-                     help="a run's base in 4-bit, as trained (default); --no-quantized loads it in its recipe's dtype")
+                     help="a run's base in 4-bit, as trained; --no-quantized loads it in its recipe's dtype")
     srv.set_defaults(run=cmd_serve)
 
     ev = commands.add_parser("eval", help="answer a benchmark's questions (resumable) and score them",

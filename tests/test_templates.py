@@ -221,3 +221,17 @@ def test_the_chat_template_takes_a_system_message_as_training_does(template, mis
     trained = render(template, turns, mistral.bos_token, mistral.eos_token, system=system)
     with_system = [{"role": "system", "content": "Answer in one word."}] + messages
     assert mistral.apply_chat_template(with_system, chat_template=jinja, tokenize=False) == "<s>" + trained.text
+
+
+def test_llava_v1_6_mistral_is_asked_as_llava_hf_asks_it():
+    """llava-hf/llava-v1.6-mistral-7b-hf's chat template, rendered (facts recorded from it): the first turn is asked
+    exactly as mistral_instruct asks it; after an answer it writes "A</s> [INST]", where LLaVA's own
+    conv_mistral_instruct (c121f043, SeparatorStyle.LLAMA_2), which the parity tests hold qllava to, writes
+    "A </s>[INST]". Training and qllava's merged chat template use LLaVA's; only later turns differ."""
+    turns = [("user", "<image>\nWhat is shown in this image?"), ("assistant", "A cat."), ("user", "And?")]
+    first = render("mistral_instruct", turns[:1], "<s>", "</s>", generation_prompt=True).text
+    assert first == "[INST] <image>\nWhat is shown in this image? [/INST]"  # llava-hf's, and its model card's
+    ours = render("mistral_instruct", turns, "<s>", "</s>", generation_prompt=True).text
+    llava_hf = "[INST] <image>\nWhat is shown in this image? [/INST] A cat.</s> [INST] And? [/INST]"
+    assert ours == "[INST] <image>\nWhat is shown in this image? [/INST] A cat. </s>[INST] And? [/INST]"
+    assert ours.replace(" </s>[INST]", "</s> [INST]") == llava_hf

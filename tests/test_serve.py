@@ -1,19 +1,24 @@
 """`qllava serve` on a tiny run, started as a real process on a free local port: the /answer API answers as
 `qllava chat --prompt` does, the page works in a real headless Chromium (Debian's), and bad input gets a message
-while the server keeps serving."""
+while the server keeps serving. Who may connect: a non-loopback address needs a password or --no-auth, signed-in
+clients only when one is set, and a bounded queue that refuses a flood."""
 
 import contextlib
 import ipaddress
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -41,19 +46,26 @@ def noisy_run(tiny_inputs, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(noisy_run, tmp_path_factory):
+def server_folder(tmp_path_factory):
+    """The default server's folder: its console (serve.log) and its uploads."""
+    return tmp_path_factory.mktemp("serve")
+
+
+@pytest.fixture(scope="module")
+def server(noisy_run, server_folder):
     """`python -m qllava serve RUN --port PORT` (no --host: the default), ready: its URL."""
-    with serving(noisy_run, tmp_path_factory.mktemp("serve")) as url:
+    with serving(noisy_run, server_folder) as url:
         yield url
 
 
 @contextlib.contextmanager
-def serving(run, folder):
-    """A `qllava serve` process on a free port, until the block ends; uploads go to a folder of the test's own."""
+def serving(run, folder, *options):
+    """A `qllava serve` process on a free port, until the block ends; uploads go to a folder of the test's own,
+    the console to folder/serve.log."""
     port = free_port()
     log = open(folder / "serve.log", "w")
     env = {**os.environ, "GRADIO_TEMP_DIR": str(folder / "uploads")}
-    process = subprocess.Popen([sys.executable, "-m", "qllava", "serve", str(run), "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "qllava", "serve", str(run), "--port", str(port), *options],
                                stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -157,7 +169,7 @@ def bad_files(folder):
             (folder / "cut.png", "image cut.png: cannot be read as an image (image file is truncated)")]
 
 
-def test_bad_input_gets_a_message_and_the_server_keeps_serving(client, tiny_inputs, tmp_path):
+def test_bad_input_gets_a_message_and_the_server_keeps_serving(client, server_folder, tiny_inputs, tmp_path):
     from gradio_client.exceptions import AppError
     image = tiny_inputs / "shapes" / "images" / "eval-0.png"
     cases = [(image, "  ", "Type a question about the image first.")] + \
@@ -167,6 +179,11 @@ def test_bad_input_gets_a_message_and_the_server_keeps_serving(client, tiny_inpu
             api_answer(client, path, question)
         assert str(refused.value) == message
     assert api_answer(client, image, QUESTIONS[0][1])
+    # the server's console: one line per refused input (the visitor's problem), no traceback
+    console = (server_folder / "serve.log").read_text()
+    for _, _, message in cases:
+        assert console.splitlines().count(f"refused a request: {message}") == 1, console
+    assert "Traceback" not in console, console
 
 
 def test_streamed_reply_grows_to_the_chat_answer(noisy_run, tiny_inputs):
@@ -212,6 +229,205 @@ def test_serve_refuses_a_port_in_use_before_loading(noisy_run, capsys):
     said = capsys.readouterr().out
     assert f"cannot serve on 127.0.0.1:{port} (Address already in use): pass another --port" in said
     assert "loading" not in said
+
+
+def serve_error(argv: list[str], capsys) -> str:
+    """What `qllava ARGV` says when it refuses with exit status 2 (nothing served)."""
+    assert main(argv) == 2
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "[::]", "192.0.2.1"])
+def test_serve_refuses_an_address_other_machines_reach_without_a_password(host, monkeypatch, capsys):
+    from qllava import serve
+    serve._gradio()  # imported before sockets are forbidden below
+
+    def no_socket(*args, **kwargs):
+        raise AssertionError("a socket was opened before the refusal")
+    monkeypatch.setattr(socket, "socket", no_socket)
+    monkeypatch.delenv("QLLAVA_SERVE_AUTH", raising=False)
+    said = serve_error(["serve", "no-such-run", "--host", host, "--port", "7860"], capsys)
+    assert f"--host {host} lets other machines use the model, and no password is set" in said
+    for way in ("--auth-file FILE", "QLLAVA_SERVE_AUTH=USER:PASSWORD", "--auth USER:PASSWORD", "--no-auth"):
+        assert way in said
+    assert "loading" not in said  # the model folder does not even exist: refused before it was looked at
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True), ("127.0.0.2", True),
+                                            ("::1", True), ("0.0.0.0", False), ("192.0.2.1", False)])
+def test_only_loopback_addresses_are_served_without_a_password(host, loopback):
+    from qllava.serve import ServeError, check_access
+    assert check_access(host, 7860, [("alice", "secret")], no_auth=False) is loopback
+    assert check_access(host, 7860, None, no_auth=True) is loopback  # --no-auth: deliberately open
+    if loopback:
+        assert check_access(host, 7860, None, no_auth=False) is True
+    else:
+        with pytest.raises(ServeError, match="--no-auth"):
+            check_access(host, 7860, None, no_auth=False)
+
+
+def test_serve_says_when_the_address_is_not_this_machines(capsys):
+    port = free_port()
+    # 192.0.2.1 is reserved for documentation (RFC 5737): no machine has it, so the bind cannot succeed
+    said = serve_error(["serve", "no-such-run", "--host", "192.0.2.1", "--port", str(port), "--no-auth"], capsys)
+    assert (f"cannot serve on 192.0.2.1:{port} (Cannot assign requested address): 192.0.2.1 is not an address of "
+            "this machine; pass one of its addresses to --host (127.0.0.1: this machine only; 0.0.0.0: every "
+            "network)") in said
+    assert "--port" not in said and "loading" not in said
+    said = serve_error(["serve", "no-such-run", "--host", "no-such-host.invalid", "--port", str(port)], capsys)
+    assert "--host no-such-host.invalid: not an address, nor a name this machine can look up" in said
+
+
+def test_auth_comes_from_the_flag_the_file_or_the_environment(tmp_path):
+    from qllava.serve import AUTH_ENV, load_auth
+    users = tmp_path / "users"
+    users.write_text("alice:correct horse\n\n  bob :battery:staple  \n")
+    assert load_auth(auth_file=users, environ={}) == [("alice", "correct horse"), ("bob", "battery:staple")]
+    assert load_auth(environ={AUTH_ENV: "carol:pw"}) == [("carol", "pw")]
+    assert load_auth("dave:pw", environ={AUTH_ENV: "carol:pw"}) == [("dave", "pw")]  # the flag wins
+    assert load_auth(environ={AUTH_ENV: ""}) is None and load_auth(environ={}) is None
+    assert load_auth(no_auth=True, environ={}) is None
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("alice", "line 2: write USER:PASSWORD (a user name, a colon, then the password)"),
+    (":s3cret", "line 2: write USER:PASSWORD"),
+    ("alice:", "line 2: write USER:PASSWORD"),
+    ("bob:s3cret", "user bob is given twice; keep one line per user"),
+])
+def test_a_bad_auth_file_is_refused_naming_the_line_never_the_password(text, problem, tmp_path):
+    from qllava.serve import ServeError, load_auth
+    users = tmp_path / "users"
+    users.write_text(f"bob:hunter2\n{text}\n")
+    with pytest.raises(ServeError) as refused:
+        load_auth(auth_file=users, environ={})
+    assert str(refused.value).startswith(f"--auth-file {users}") and problem in str(refused.value)
+    assert "hunter2" not in str(refused.value) and "s3cret" not in str(refused.value)
+
+
+def test_auth_settings_that_cannot_be_used_are_refused(tmp_path, capsys):
+    from qllava.serve import AUTH_ENV, ServeError, load_auth
+    for auth, environ, message in [(None, {AUTH_ENV: "nopassword"}, f"{AUTH_ENV}: write USER:PASSWORD"),
+                                   ("alice", {}, "--auth: write USER:PASSWORD")]:
+        with pytest.raises(ServeError, match=message):
+            load_auth(auth, environ=environ)
+    with pytest.raises(ServeError, match=f"--no-auth, but {AUTH_ENV} is set"):
+        load_auth(no_auth=True, environ={AUTH_ENV: "alice:pw"})
+    with pytest.raises(ServeError, match=f"--auth-file {tmp_path / 'none'}: no such file"):
+        load_auth(auth_file=tmp_path / "none", environ={})
+    (tmp_path / "blank").write_text("\n  \n")
+    with pytest.raises(ServeError, match="is empty: write USER:PASSWORD on a line"):
+        load_auth(auth_file=tmp_path / "blank", environ={})
+    for argv, flag in [(["--auth", "a:b", "--no-auth"], "--no-auth: not allowed with argument --auth"),
+                       (["--max-queue", "0"], "--max-queue: '0': at least 1 request must be able to wait"),
+                       (["--max-queue", "lots"], "--max-queue: 'lots': write a whole number")]:
+        with pytest.raises(SystemExit) as stopped:
+            main(["serve", "no-such-run", *argv])
+        assert stopped.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_with_auth_only_signed_in_clients_get_answers(noisy_run, client, tiny_inputs, tmp_path):
+    from gradio_client import Client
+    from gradio_client.exceptions import AuthenticationError
+    image, question = tiny_inputs / "shapes" / "images" / "eval-0.png", QUESTIONS[0][1]
+    (tmp_path / "users").write_text("alice:correct horse\nbob:battery:staple\n")
+    with serving(noisy_run, tmp_path, "--auth-file", str(tmp_path / "users")) as url:
+        with pytest.raises(AuthenticationError, match="credentials were not provided"):
+            Client(url, verbose=False)
+        for auth in (("alice", "wrong"), ("mallory", "correct horse"), ("bob", "battery")):
+            with pytest.raises(ValueError, match="Could not login to"):  # Gradio answers 400 "Incorrect credentials."
+                Client(url, auth=auth, verbose=False)
+        # the API itself is closed, not only the page: a call without signing in is refused
+        assert raw_answer_call(url, question).code == 401
+        signed_in = Client(url, auth=("bob", "battery:staple"), verbose=False)
+        assert api_answer(signed_in, image, question) == api_answer(client, image, question)
+    assert "sign-in required" in (tmp_path / "serve.log").read_text()
+
+
+def raw_answer_call(url: str, question: str) -> urllib.error.HTTPError:
+    """The HTTP error a plain POST to the /answer API (no client library, no sign-in) gets."""
+    call = urllib.request.Request(url + "gradio_api/call/answer", data=json.dumps({"data": [None, question]}).encode(),
+                                  headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(call, timeout=30)
+    return refused.value
+
+
+@contextlib.contextmanager
+def stub_server(monkeypatch, chat, **options):
+    """serve's app and launch settings around a stand-in for the model's conversation (`chat(loaded, image)`),
+    in this process on a free local port: (URL, the console's lines)."""
+    from qllava import serve
+    monkeypatch.setattr(serve, "Chat", chat)
+    said = []
+    app = serve.start(serve.build_app(SimpleNamespace(kind="stub", template="plain"), "stub", said.append),
+                      "127.0.0.1", free_port(), **options)
+    try:
+        yield app.local_url, said
+    finally:
+        app.close()
+
+
+def test_a_full_queue_refuses_politely_and_the_waiting_requests_are_answered(monkeypatch, tiny_inputs):
+    from gradio_client import Client, handle_file
+    from gradio_client.utils import QueueError, Status
+    started, release = threading.Event(), threading.Event()
+
+    class HeldChat:
+        """Answers only when the test lets it: the first request holds the model while the others queue."""
+        def __init__(self, loaded, image):
+            pass
+
+        def reply(self, question):
+            started.set()
+            assert release.wait(60)
+            return f"answer to {question}"
+
+    image = handle_file(str(tiny_inputs / "shapes" / "images" / "eval-0.png"))
+    with stub_server(monkeypatch, HeldChat, max_queue=1) as (url, said):
+        client = Client(url, verbose=False)
+        answering = client.submit(image, "first", api_name="/answer")
+        assert started.wait(60)
+        waiting = client.submit(image, "second", api_name="/answer")
+        deadline = time.monotonic() + 60
+        while waiting.status().code != Status.IN_QUEUE and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert waiting.status().code == Status.IN_QUEUE
+        with pytest.raises(QueueError, match="Queue is full"):  # the client's words; a page says "busy"
+            client.submit(image, "third", api_name="/answer").result(timeout=60)
+        refused = raw_answer_call(url, "fourth")  # what the server itself answers
+        assert refused.code == 503
+        assert json.loads(refused.read())["detail"] == "Queue is full. Max size is 1 and size is 1."
+        release.set()
+        assert [answering.result(timeout=60), waiting.result(timeout=60)] == ["answer to first", "answer to second"]
+        assert client.predict(image, "fifth", api_name="/answer") == "answer to fifth"  # room again
+    assert said == []
+
+
+def test_a_server_bug_keeps_its_traceback_and_a_bad_input_gets_one_line(monkeypatch, tiny_inputs, capfd):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    class BrokenChat:
+        def __init__(self, loaded, image):
+            pass
+
+        def reply(self, question):
+            raise RuntimeError("a bug in the server")
+
+    image = handle_file(str(tiny_inputs / "shapes" / "images" / "eval-0.png"))
+    with stub_server(monkeypatch, BrokenChat) as (url, said):
+        client = Client(url, verbose=False)
+        capfd.readouterr()
+        with pytest.raises(AppError):
+            client.predict(image, "What color is the shape?", api_name="/answer")
+        bug = capfd.readouterr()
+        with pytest.raises(AppError, match="Type a question about the image first."):
+            client.predict(image, " ", api_name="/answer")
+        visitor = capfd.readouterr()
+    assert "Traceback" in bug.err and "RuntimeError: a bug in the server" in bug.err
+    assert "Traceback" not in visitor.out + visitor.err
+    assert said == ["refused a request: Type a question about the image first."]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from .chat import DEFAULT_MAX_NEW_TOKENS, Chat, sampling
-from .inference import Loaded, load_for_inference
+from .inference import ContextError, Loaded, load_for_inference
 from .templates import IMAGE_TAG
 from .vision import VisionError
 
@@ -55,7 +55,9 @@ def build_app(loaded: Loaded, name: str):
     def answer(image: FileData, question: str) -> str:
         """The greedy answer to one question about one image, as `qllava chat --prompt` gives it."""
         question = checked_question(question)
-        return new_chat(loaded, image).reply(question)
+        chat = new_chat(loaded, image)
+        check_fits(chat, question, DEFAULT_MAX_NEW_TOKENS)
+        return chat.reply(question)
 
     def respond(question, image, temperature, max_new_tokens, session):
         """Streams the conversation with the next answer growing in it; `session` = (image path, Chat)."""
@@ -64,6 +66,7 @@ def build_app(loaded: Loaded, name: str):
         if session is None or session[0] != path:
             session = (path, new_chat(loaded, image))  # new_chat refuses a missing image, with a message
         chat = session[1]
+        check_fits(chat, question, int(max_new_tokens))
         asked = {"role": "user", "content": question}
         yield shown_turns(chat.turns) + [asked], session, ""  # the question moves into the conversation at once
         for text in streamed_reply(chat, question, int(max_new_tokens), sampling(float(temperature))):
@@ -102,6 +105,15 @@ def checked_question(question: str | None) -> str:
     if not question:
         raise _gradio().Error("Type a question about the image first.")
     return question
+
+
+def check_fits(chat: Chat, question: str, max_new_tokens: int) -> None:
+    """A question that, with its answer, would not fit the decoder's context gets a message in the page (the check
+    `qllava chat` and `qllava eval` make), never an answer of noise."""
+    try:
+        chat.prompt(question, max_new_tokens)
+    except ContextError as e:
+        raise _gradio().Error(str(e)) from None
 
 
 def new_chat(loaded: Loaded, upload: dict | None) -> Chat:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .inference import Loaded, generate, load_for_inference, prompt_ids
+from .inference import Loaded, check_context, generate, load_for_inference, prompt_ids
 from .vision import open_image
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -24,11 +24,23 @@ class Chat:
 
     def reply(self, text: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, streamer=None, **sampling) -> str:
         """The model's answer to the next user message; the exchange is kept for the following turns."""
-        text = text if self.turns else "<image>\n" + text
-        prompt = prompt_ids(self.loaded, self.turns + [("user", text)], [self.image])
+        prompt = self.prompt(text, max_new_tokens)
         answer = generate(self.loaded, [prompt], [self.image], max_new_tokens, streamer=streamer, **sampling)[0]
-        self.turns += [("user", text), ("assistant", answer)]
+        self.turns += [("user", self._opening(text)), ("assistant", answer)]
         return answer
+
+    def prompt(self, text: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[int]:
+        """The token ids that ask the next user message, or ContextError when they and the answer would not fit
+        the decoder's context (the conversation is left as it was)."""
+        prompt = prompt_ids(self.loaded, self.turns + [("user", self._opening(text))], [self.image])
+        shorten = "start a new conversation" if self.turns else "ask a shorter question"
+        what = "the conversation with this question" if self.turns else "the question with its image"
+        check_context(self.loaded, len(prompt), max_new_tokens, what, shorten)
+        return prompt
+
+    def _opening(self, text: str) -> str:
+        """The image opens the first user turn, as in training."""
+        return text if self.turns else "<image>\n" + text
 
 
 def sampling(temperature: float, top_p: float = 1.0) -> dict:

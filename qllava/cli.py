@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import shlex
@@ -14,6 +15,52 @@ import textwrap
 import warnings
 
 from .scorers import BENCHMARKS
+
+
+# Range-checked option types: a number out of range is one line from argparse and exit status 2, before any work.
+# Every numeric option of every command uses one of these (or a new one here).
+
+def _number(kind: type, low: float, high: float | None = None, low_open: bool = False, name: str = ""):
+    """An argparse type: a finite `kind` (int or float) >= low (> low when low_open) and, given high, <= high."""
+    if high is None:
+        bounds = f"> {low:g}" if low_open else f">= {low:g}"
+    else:
+        bounds = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        too_low = value <= low if low_open else value < low
+        if not math.isfinite(value) or too_low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+    parse.__name__ = name or kind.__name__
+    return parse
+
+
+positive_int = _number(int, 1, name="positive integer")
+non_negative_int = _number(int, 0, name="non-negative integer")
+port_number = _number(int, 1, 65535, name="port")
+temperature = _number(float, 0, name="temperature")
+probability = _number(float, 0, 1, low_open=True, name="probability")
+
+GIB = 2**30
+MEMORY_UNITS = {"gib": GIB, "mib": 2**20, "gb": 10**9, "mb": 10**6, "": GIB}
+
+
+def memory_gib(text: str) -> float:
+    """--gpu-memory in GiB: "24GiB" or "24" (GiB), "24576MiB", "16GB" (10^9 bytes: 14.90 GiB), "16000MB".
+    "G" and "M" alone are refused: a card sold as "24 GB" holds 24 GiB, so the unit must be said."""
+    match = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*([a-z]*)\s*", text.lower())
+    if not match or match.group(2) not in MEMORY_UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r}: write 24GiB (2^30 bytes) or 24GB (10^9 bytes; a card sold as "
+                                         "24 GB has 24GiB); G alone is ambiguous")
+    size = float(match.group(1)) * MEMORY_UNITS[match.group(2)] / GIB
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = args.overrides + extra
+    _check_combinations(parser, args)
     _quiet_libraries()
     from . import console
     try:
@@ -38,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         console.stop_progress()
         console.say(interrupted_message(args, argv))
         return 130
+
+
+def _check_combinations(parser: argparse.ArgumentParser, args) -> None:
+    """Options that are each in range but would be silently ignored together."""
+    if getattr(args, "top_p", 1.0) != 1.0 and getattr(args, "temperature", None) == 0:
+        command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+        command.error("argument --top-p: takes effect only with --temperature > 0 (at 0, decoding is greedy)")
 
 
 def interrupted_message(args, argv: list[str]) -> str:
@@ -85,7 +140,7 @@ def cmd_data_stats(args) -> int:
 
 def cmd_merge(args) -> int:
     from . import console, merge
-    report = merge.merge(args.run_dir, args.out, dtype=args.dtype, overwrite=args.overwrite, verify=not args.no_verify,
+    report = merge.merge(args.run_path, args.out, dtype=args.dtype, overwrite=args.overwrite, verify=not args.no_verify,
                          say=console.say)
     console.say(f"merged checkpoint written to {args.out}: {report['output_bytes'] / 2**30:.2f} GiB in "
                 f"{report['seconds']:.0f}s, peak RAM {report['peak_ram_gib']:.2f} GiB")
@@ -96,14 +151,15 @@ def cmd_chat(args) -> int:
     from transformers import TextStreamer
     from . import console
     from .chat import Chat, sampling
+    from .inference import ContextError
     chat = Chat(args.model, args.image)
     options = sampling(args.temperature, args.top_p)
     streamer = TextStreamer(chat.loaded.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     if args.prompt is not None:
         chat.reply(args.prompt, args.max_new_tokens, streamer, **options)
         return 0
-    console.say(f"chatting with {args.model} about {args.image} (template {chat.loaded.template}); "
-                "an empty line or Ctrl-D ends")
+    console.say(f"chatting with {args.model} about {args.image} (template "
+                f"{chat.loaded.template or 'of the checkpoint'}); an empty line or Ctrl-D ends")
     while True:
         try:
             text = input("you> ").strip()
@@ -111,6 +167,11 @@ def cmd_chat(args) -> int:
             return 0
         if not text:
             return 0
+        try:
+            chat.prompt(text, args.max_new_tokens)
+        except ContextError as e:  # the conversation is as it was: a shorter question may still fit
+            console.say(f"not asked: {e}")
+            continue
         print("model> ", end="", flush=True)
         chat.reply(text, args.max_new_tokens, streamer, **options)
 
@@ -159,25 +220,6 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _memory_gib(text: str) -> float:
-    """--gpu-memory: "24GiB", "24GB", "24G" or "24", in GiB."""
-    match = re.fullmatch(r"\s*([\d.]+)\s*(gib|gb|g)?\s*", text.lower())
-    if not match:
-        raise argparse.ArgumentTypeError(f"{text!r}: write it like 24GiB")
-    return float(match.group(1))
-
-
-def _queue_size(text: str) -> int:
-    """serve --max-queue: a whole number, at least 1 (Gradio refuses every request when no request may wait)."""
-    try:
-        size = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: write a whole number, e.g. 16") from None
-    if size < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: at least 1 request must be able to wait")
-    return size
-
-
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Every option's help ends with its default (flags, and options without a default, excepted)."""
 
@@ -191,16 +233,27 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """qllava's parser; its subcommands' parsers are of this class too, so every --help shows the defaults."""
+    """qllava's parser; its subcommands' parsers are of this class too, so every --help shows the defaults, and
+    every argument error is one line (the usage is one --help away) and exit status 2."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 RECIPE_HELP = "recipe TOML file, e.g. recipes/mistral_qlora.toml"
-OVERRIDES_HELP = "override recipe values, e.g. stage2.max_steps=10 output.dir=runs/try"
 STAGE_HELP = "which stages: 1, 2 or all"
+MODEL_OR_RUN = "MODEL_OR_RUN"
+"""The positional argument of the commands that load a model: a run folder or a merged one."""
+MODEL_OR_RUN_HELP = "a run folder (runs/NAME) or a merged folder (qllava merge's --out), or a llava-hf checkpoint"
+
+
+def overrides_help(example: str) -> str:
+    """--help for a command's recipe overrides, with an example of keys that matter to that command."""
+    return f"override recipe values, e.g. {example}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -210,7 +263,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     finetune = commands.add_parser("finetune", help="run LLaVA stage 1 and/or stage 2 as a recipe says")
     finetune.add_argument("recipe", help=RECIPE_HELP)
-    finetune.add_argument("overrides", nargs="*", metavar="table.key=value", help=OVERRIDES_HELP)
+    finetune.add_argument("overrides", nargs="*", metavar="table.key=value",
+                          help=overrides_help("stage2.max_steps=10 output.dir=runs/try"))
     finetune.add_argument("--stage", choices=("1", "2", "all"), default="all", help=STAGE_HELP)
     finetune.add_argument("--overwrite", action="store_true", help="replace the stage folders of an existing run")
     finetune.add_argument("--resume", action="store_true",
@@ -220,34 +274,41 @@ def _parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="inspect a recipe's data").add_subparsers(dest="data_command", required=True)
     data_stats = data.add_parser("stats", help="samples, lengths, skips and padded vs packed padding, per stage")
     data_stats.add_argument("recipe", help=RECIPE_HELP)
-    data_stats.add_argument("overrides", nargs="*", metavar="table.key=value", help=OVERRIDES_HELP)
+    data_stats.add_argument("overrides", nargs="*", metavar="table.key=value",
+                            help=overrides_help("stage2.max_seq_len=4096 data.num_proc=4"))
     data_stats.add_argument("--stage", choices=("1", "2", "all"), default="all", help=STAGE_HELP)
     data_stats.set_defaults(run=cmd_data_stats)
 
     merge = commands.add_parser("merge", help="export a run as a plain transformers LLaVA checkpoint")
-    merge.add_argument("run_dir", help="a run folder (runs/NAME)")
+    merge.add_argument("run_path", metavar="RUN", help="a run folder written by qllava finetune (runs/NAME)")
     merge.add_argument("--out", required=True, help="folder to write the merged checkpoint to")
     merge.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                        help="dtype of the merged weights")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    merge.add_argument("--no-verify", action="store_true", help="skip the merged == base + adapter logit check")
+    merge.add_argument("--no-verify", action="store_true",
+                       help="skip verification: the weight checks (peft's merge against base + adapter in float32, "
+                       "every written weight against peft's merge, bit for bit) as well as the logit check of the "
+                       "written folder against base + adapter")
     merge.set_defaults(run=cmd_merge)
 
     chat = commands.add_parser("chat", help="talk to a run or merged model about an image")
-    chat.add_argument("model", help="a run folder or a merged folder")
+    chat.add_argument("model", metavar=MODEL_OR_RUN, help=MODEL_OR_RUN_HELP)
     chat.add_argument("--image", required=True, help="the image file to talk about")
     chat.add_argument("--prompt", help="one question; without it, an interactive conversation")
-    chat.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
-    chat.add_argument("--temperature", type=float, default=0.0, help="> 0 samples instead of greedy decoding")
-    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature > 0)")
+    chat.add_argument("--max-new-tokens", type=positive_int, default=256, help="longest answer, in tokens")
+    chat.add_argument("--temperature", type=temperature, default=0.0,
+                      help="0 decodes greedily, > 0 samples at that temperature")
+    chat.add_argument("--top-p", type=probability, default=1.0,
+                      help="nucleus sampling threshold in (0, 1]; needs --temperature > 0")
     chat.set_defaults(run=cmd_chat)
 
     srv = commands.add_parser("serve", help="a web page to talk with a run or merged model about an image, and an "
                               "/answer API")
-    srv.add_argument("model", metavar="MODEL_OR_RUN", help="a run folder or a merged folder")
+    srv.add_argument("model", metavar=MODEL_OR_RUN, help=MODEL_OR_RUN_HELP)
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on: 127.0.0.1 is this machine only, "
                      "0.0.0.0 every network; any but a loopback address needs a sign-in or --no-auth")
-    srv.add_argument("--port", type=int, default=7860, help="port to listen on (refused before loading if taken)")
+    srv.add_argument("--port", type=port_number, default=7860,
+                     help="port to listen on, 1 to 65535 (refused before loading if taken)")
     srv.add_argument("--quantized", action=argparse.BooleanOptionalAction, default=True,
                      help="a run's base in 4-bit, as trained; --no-quantized loads it in its recipe's dtype")
     access = srv.add_mutually_exclusive_group()
@@ -256,35 +317,40 @@ def _parser() -> argparse.ArgumentParser:
     access.add_argument("--auth-file", metavar="PATH", help="a file with one USER:PASSWORD line per user")
     access.add_argument("--no-auth", action="store_true", help="serve an address other machines can reach without "
                         "a password, deliberately (without auth, only a loopback --host is served)")
-    srv.add_argument("--max-queue", type=_queue_size, default=16, metavar="N",
+    srv.add_argument("--max-queue", type=positive_int, default=16, metavar="N",
                      help="requests that may wait for the model; more are refused as busy until one is answered")
     srv.set_defaults(run=cmd_serve)
 
     ev = commands.add_parser("eval", help="answer a benchmark's questions (resumable) and score them",
                              epilog=eval_formats())
-    ev.add_argument("model", metavar="MODEL_OR_RUN", help="a run folder or a merged folder")
+    ev.add_argument("model", metavar=MODEL_OR_RUN, help=MODEL_OR_RUN_HELP)
     ev.add_argument("--benchmark", required=True, choices=BENCHMARKS, help="how the questions are read and scored")
     ev.add_argument("--data", required=True, help="the question file, in LLaVA's format")
     ev.add_argument("--images", default="", help="folder the questions' image paths are relative to (default: the current folder)")
     ev.add_argument("--annotations", help="ground truth: problems.json (scienceqa), the coco_pope_*.json folder (pope), "
                     "TextVQA/GQA annotation JSON (vqa), the MME_Benchmark folder (mme)")
-    ev.add_argument("--out", help="answers file (LLaVA's JSON lines; default MODEL/eval/BENCHMARK-DATA.jsonl); "
-                    "resumed if present")
-    ev.add_argument("--batch-size", type=int, default=16, help="questions generated together")
-    ev.add_argument("--limit", type=int, default=0, help="only the first N questions (0: all)")
-    ev.add_argument("--max-new-tokens", type=int, default=128, help="longest answer, in tokens")
+    ev.add_argument("--out", help="answers file (LLaVA's JSON lines; default MODEL_OR_RUN/eval/BENCHMARK-DATA.jsonl); "
+                    "continued if present, when made by the same model with the same settings")
+    ev.add_argument("--batch-size", type=positive_int, default=16, help="questions generated together")
+    ev.add_argument("--limit", type=non_negative_int, default=0, help="only the first N questions (0: all)")
+    ev.add_argument("--max-new-tokens", type=positive_int, default=128,
+                    help="longest answer, in tokens (recorded with each answer: a file is continued only with its own)")
     ev.set_defaults(run=cmd_eval)
 
     cmp = commands.add_parser("compare", help="evaluation results side by side, with paired bootstrap intervals")
-    cmp.add_argument("results", nargs="+", metavar="RESULT", help="FILE.metrics.json (or the answers FILE.jsonl)")
+    cmp.add_argument("results", nargs="+", metavar="RESULT",
+                     help="FILE.metrics.json, the answers FILE.jsonl, or a run or merged folder whose eval/ holds one "
+                     "result")
     cmp.add_argument("--out", help="folder for report.md, report.json and compare.png")
     cmp.set_defaults(run=cmd_compare)
 
     pl = commands.add_parser("plan", help="will the recipe fit the card? parameter counts and peak memory per stage")
     pl.add_argument("recipe", help=RECIPE_HELP)
-    pl.add_argument("overrides", nargs="*", metavar="table.key=value", help=OVERRIDES_HELP)
-    pl.add_argument("--gpu-memory", type=_memory_gib, default=24.0, metavar="SIZE",
-                    help="the card's memory in GiB, e.g. 16GiB")
+    pl.add_argument("overrides", nargs="*", metavar="table.key=value",
+                    help=overrides_help("stage2.per_device_train_batch_size=2 stage2.max_seq_len=4096"))
+    pl.add_argument("--gpu-memory", type=memory_gib, default=24.0, metavar="SIZE",
+                    help="the card's memory: 16GiB (or 16, in GiB), 16384MiB, or 16GB meaning 10^9 bytes (14.9 GiB; "
+                    "a card sold as 16 GB has 16GiB); G alone is refused as ambiguous")
     pl.add_argument("--stage", choices=("1", "2", "all"), default="all", help=STAGE_HELP)
     pl.add_argument("--json", action="store_true", help="also print one JSON object, last")
     pl.set_defaults(run=cmd_plan)
@@ -305,6 +371,8 @@ def eval_formats() -> str:
 def _user_errors() -> tuple:
     from .checkpoint import CheckpointError
     from .errors import DataError
+    from .folders import FolderError
+    from .inference import ContextError
     from .recipe import RecipeError
     from .merge import MergeError
     from .model import BaseMismatchError
@@ -312,12 +380,23 @@ def _user_errors() -> tuple:
     from .templates import TemplateError
     from .vision import VisionError
     return (RecipeError, DataError, TemplateError, VisionError, MergeError, BaseMismatchError, ServeError,
-            CheckpointError, FileExistsError, FileNotFoundError)
+            CheckpointError, FolderError, ContextError, FileExistsError, FileNotFoundError)
 
+
+class _OfflineTrustNotice(logging.Filter):
+    """Drops the one notice the `kernels` package logs each time bitsandbytes (on CPUs with AVX512-BF16) fetches its
+    CPU kernel while the hub is offline: that the kernel's publisher was not re-checked. Its other messages pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Skipping publisher trust check")
+
+
+_TRUST_NOTICE = _OfflineTrustNotice()  # one instance: logging adds a filter once however often main() runs
 
 def _quiet_libraries() -> None:
     """Keep the terminal for qllava's own output: library progress bars and advisory warnings off."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("kernels._internals.hf_hub").addFilter(_TRUST_NOTICE)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -16,12 +16,8 @@ BOOTSTRAP_SAMPLES = 2000
 
 
 def load_result(path: str | Path) -> dict:
-    """An evaluation result: FILE.metrics.json, or the answers FILE.jsonl it belongs to."""
-    path = Path(path)
-    if path.suffix == ".jsonl":
-        path = metrics_file(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no evaluation result (run qllava eval first; it writes ANSWERS.metrics.json)")
+    """An evaluation result: see result_file for what may name one."""
+    path = result_file(Path(path))
     try:
         result = json.loads(path.read_text())
         result["metrics"], result["per_question"]
@@ -29,6 +25,38 @@ def load_result(path: str | Path) -> dict:
         raise DataError(f"{path}: not a qllava eval result (needs \"metrics\" and \"per_question\")") from None
     result["file"] = str(path)
     return result
+
+
+def result_file(path: Path) -> Path:
+    """The FILE.metrics.json a RESULT argument names: itself, the answers FILE.jsonl it scores, or the one result in
+    a run or model folder's eval/ (where `qllava eval MODEL_OR_RUN` writes by default) or in a folder of results.
+    Whatever is missing is named as given."""
+    if path.is_dir():
+        return _only_result(path)
+    if path.suffix == ".jsonl":
+        if not path.is_file():
+            raise DataError(f"{path}: no such answers file")
+        scores = metrics_file(path)
+        if not scores.is_file():
+            raise DataError(f"{path}: answers without their scores ({scores.name} is missing): run the qllava eval "
+                            "that wrote them again; it scores them without asking any question again")
+        return scores
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (a result is the FILE.metrics.json that qllava eval writes beside its "
+                        "answers FILE.jsonl)")
+    return path
+
+
+def _only_result(folder: Path) -> Path:
+    results_dir = folder / "eval" if (folder / "eval").is_dir() else folder
+    found = sorted(results_dir.glob("*.metrics.json"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise DataError(f"{folder}: no evaluation result in {results_dir} (run qllava eval {folder} first; it writes "
+                        "eval/BENCHMARK-DATA.metrics.json)")
+    raise DataError(f"{folder}: {results_dir} holds {len(found)} evaluation results; name the one to compare: "
+                    f"{', '.join(str(f) for f in found)}")
 
 
 def compare(paths: list[str | Path], out_dir: str | Path | None = None, seed: int = 0) -> dict:
@@ -88,7 +116,7 @@ def markdown(report: dict) -> str:
     lines = ["# qllava compare", "", "| | " + " | ".join(r["label"] for r in runs) + " |",
              "|---|" + "---|" * len(runs)]
     for key in ("backbone", "template", "recipe", "benchmark", "data", "steps"):
-        lines.append(f"| {key} | " + " | ".join(str(r.get(key, "")) for r in runs) + " |")
+        lines.append(f"| {key} | " + " | ".join(cell(r.get(key)) for r in runs) + " |")
     for name, cells in metric_rows(report):
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Differences are to the first column, for runs on the same questions. Paired bootstrap "
@@ -107,7 +135,7 @@ def metric_rows(report: dict) -> list[tuple[str, list[str]]]:
     paired = [True] + [report["difference_vs_first"][r["label"]]["paired"] for r in report["runs"][1:]]
     rows = []
     for name, values in report["metrics"].items():
-        cells = [_fmt(v) for v in values]
+        cells = [cell(v) for v in values]
         for i in range(1, len(values)):
             if paired[i] and all(isinstance(v, (int, float)) for v in (values[0], values[i])):
                 cells[i] += f" ({values[i] - values[0]:+.4f})"
@@ -166,5 +194,8 @@ def _labels(results: list[dict]) -> list[str]:
     return labels
 
 
-def _fmt(value) -> str:
+def cell(value) -> str:
+    """A value as a table shows it: a float to 4 places, a metric or detail a result lacks as "-"."""
+    if value is None:
+        return "-"
     return f"{value:.4f}" if isinstance(value, float) else str(value)

@@ -185,14 +185,14 @@ def eval_table(result: dict) -> Table:
 
 
 def compare_table(report: dict) -> Table:
-    from .compare import metric_rows
+    from .compare import cell, metric_rows
     runs = report["runs"]
     table = Table(title="qllava compare")
     table.add_column("")
     for run in runs:
         table.add_column(run["label"], justify="right")
     for key in ("backbone", "template", "recipe", "data", "steps"):
-        table.add_row(key, *(str(r.get(key, "")) for r in runs))
+        table.add_row(key, *(cell(r.get(key)) for r in runs))
     for name, cells in metric_rows(report):
         table.add_row(name, *cells)
     for column, (label, d) in enumerate(report["difference_vs_first"].items(), start=1):

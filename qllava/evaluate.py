@@ -4,8 +4,10 @@ code scoring the recipe's held-out questions during `qllava finetune` (HeldOut).
 Answers are appended to an answers file as each batch finishes, so an interrupted evaluation continues
 where it stopped: questions already in the file are not asked again. The file's lines are the records
 LLaVA's model_vqa*.py writes (question_id with its JSON type, prompt, text, answer_id, model_id, metadata), so
-LLaVA's own scorers read it; qllava keeps its question key and the model's fingerprint in "metadata".
-The metrics (and every question's score, for paired comparisons) go to FILE.metrics.json.
+LLaVA's own scorers read it; qllava keeps in "metadata" its question key, the model's fingerprint and the
+settings that shape an answer (max_new_tokens, template, image preparation): an answers file is only continued
+with the model and the settings it was begun with. The metrics (and every question's score, for paired
+comparisons) go to FILE.metrics.json.
 """
 
 from __future__ import annotations
@@ -18,43 +20,113 @@ from pathlib import Path
 
 from . import scorers
 from .errors import DataError
-from .inference import QLLAVA_FILE, Loaded, blank_image, generate, load_for_inference, prompt_ids
+from .folders import check_model_folder
+from .inference import (CHAT_TEMPLATE, QLLAVA_FILE, ContextError, Loaded, blank_image, check_context, context_length,
+                        generate, load_for_inference, prompt_ids, prompt_settings)
 from .run import RunFolder
-from .vision import open_image
+from .vision import image_size, open_image
 
 
 def evaluate(model_path: str | Path, benchmark: str, data: str, images: str = "", out: str | Path | None = None,
              annotations: str | None = None, batch_size: int = 16, limit: int = 0, max_new_tokens: int = 128,
              loaded: Loaded | None = None, blank_images: bool = False, progress=None) -> dict:
     """Answer the benchmark's questions not yet in `out`, score them all, write FILE.metrics.json; return it."""
-    items = scorers.load_items(benchmark, data, annotations)
-    items = items[:limit] if limit else items
-    out = Path(out) if out else default_answers_file(Path(model_path), benchmark, data)
-    fingerprint = model_fingerprint(Path(model_path))
-    done = read_answers(out, fingerprint)
+    model_path = Path(model_path)
+    if loaded is None:
+        check_model_folder(model_path)
+    items = first_questions(scorers.load_items(benchmark, data, annotations), limit)
+    out = Path(out) if out else default_answers_file(model_path, benchmark, data)
+    fingerprint = model_fingerprint(model_path)
+    settings = generation_settings(loaded or model_path, max_new_tokens, blank_images)
+    records = read_records(out, fingerprint)
+    check_settings(out, records, settings, items)
+    done = {key: record["text"] for key, record in records.items()}
     todo = [item for item in items if item.question_id not in done]
     if todo and loaded is None:
         if not blank_images:
             check_images(todo, images, "--images")  # before minutes of model loading
         loaded = load_for_inference(model_path)
     if todo:
+        check_questions_fit(loaded, todo, images, max_new_tokens, blank_images)  # before any answer is generated
         out.parent.mkdir(parents=True, exist_ok=True)
         drop_cut_lines(out)
         with out.open("a") as answers_file:
             for batch, texts in answer_batches(loaded, todo, images, batch_size, max_new_tokens, blank_images):
                 for item, text in zip(batch, texts):
                     done[item.question_id] = text
-                    answers_file.write(json.dumps(answer_record(item, text, Path(model_path).name, fingerprint)) + "\n")
+                    record = answer_record(item, text, model_path.name, fingerprint, settings)
+                    answers_file.write(json.dumps(record) + "\n")
                 answers_file.flush()
                 os.fsync(answers_file.fileno())  # what is on disk survives a kill: the resume point
                 if progress:
                     progress(len(items) - len(todo) + sum(1 for q in todo if q.question_id in done), len(items))
     metrics, per_question = scorers.score(benchmark, items, done)
     result = {"benchmark": benchmark, "data": str(data), "answers": str(out), "questions": len(items),
-              "question_set": question_set(items), "asked_now": len(todo), "model": describe_model(Path(model_path)),
-              "metrics": metrics, "per_question": per_question}
+              "question_set": question_set(items), "asked_now": len(todo), "model": describe_model(model_path),
+              "settings": settings, "metrics": metrics, "per_question": per_question}
     metrics_file(out).write_text(json.dumps(result, indent=1))
     return result
+
+
+def first_questions(items: list[scorers.EvalItem], limit: int) -> list[scorers.EvalItem]:
+    """The first `limit` questions (0: all). A negative limit is refused: as a slice it would silently leave the
+    last questions out and report the rest as the result."""
+    if limit < 0:
+        raise DataError(f"limit {limit}: must be >= 0 (0: every question)")
+    return items[:limit] if limit else items
+
+
+def generation_settings(model: Path | Loaded, max_new_tokens: int, blank_images: bool = False) -> dict:
+    """What, besides the weights and the question, decides an answer: an answers file holds one set of them."""
+    if isinstance(model, Loaded):
+        shaping = {"template": model.template or CHAT_TEMPLATE, "image_aspect_ratio": model.image_aspect_ratio}
+    else:
+        shaping = prompt_settings(model)
+    return {"max_new_tokens": max_new_tokens, **shaping, "blank_images": blank_images}
+
+
+def check_settings(path: Path, records: dict[str, dict], settings: dict, items: list[scorers.EvalItem]) -> None:
+    """Refuse to continue an answers file whose answers were made with other settings, or asked other questions
+    under the same keys: mixed in, they would be scored as answers to this evaluation. Records without settings
+    (LLaVA's own answers files) are taken as they are."""
+    recorded = [_metadata(r)["settings"] for r in records.values() if isinstance(_metadata(r).get("settings"), dict)]
+    changed = {key: value for s in recorded for key, value in s.items() if settings.get(key) != value}
+    if changed:
+        differences = "; ".join(f"{key} {value!r} there, {settings.get(key)!r} now" for key, value in changed.items())
+        raise DataError(f"{path} holds answers made with other settings ({differences}): continue it with the "
+                        "settings it was begun with, or pass another --out (or remove the file) to answer again")
+    prompts = {item.question_id: item.prompt for item in items}
+    other = [key for key, r in records.items() if "settings" in _metadata(r) and key in prompts
+             and r.get("prompt") != prompts[key]]
+    if other:
+        raise DataError(f"{path} holds answers to other questions under the same ids ({len(other)}, e.g. "
+                        f"{', '.join(other[:3])}: another question file?): pass another --out (or remove the file)")
+
+
+def check_questions_fit(loaded: Loaded, items: list[scorers.EvalItem], images: str, max_new_tokens: int,
+                        blank_images: bool = False) -> None:
+    """ContextError naming the questions that, with their image and an answer of up to `max_new_tokens`, do not fit
+    the decoder's context (image token counts from the files' headers: nothing is decoded)."""
+    context = context_length(loaded)
+    if context is None:
+        return
+    blank = blank_image(loaded) if blank_images else None
+    lengths = {}
+    for item in items:
+        picture = []
+        if item.image:
+            picture = [blank.size if blank is not None else image_size(os.path.join(images, item.image))]
+        lengths[item.question_id] = len(question_prompt(loaded, item, picture))
+    too_long = {key: n for key, n in lengths.items() if n + max_new_tokens > context}
+    if not too_long:
+        return
+    room = context - max(too_long.values())
+    examples = ", ".join(f"{key} ({n:,} tokens)" for key, n in list(too_long.items())[:3])
+    fix = f"remove them from the question file, or lower --max-new-tokens to {room} or less" if room > 0 else \
+        "remove them from the question file"
+    raise ContextError(f"{len(too_long)} of {len(items)} questions with an answer of up to {max_new_tokens:,} new "
+                       f"tokens do not fit the decoder's context of {context:,} positions (its "
+                       f"max_position_embeddings), e.g. {examples}, image tokens included: {fix}")
 
 
 def answer_batches(loaded: Loaded, items: list[scorers.EvalItem], images: str, batch_size: int,
@@ -67,21 +139,30 @@ def answer_batches(loaded: Loaded, items: list[scorers.EvalItem], images: str, b
 
 def answer(loaded: Loaded, items: list[scorers.EvalItem], images: str, max_new_tokens: int,
            blank_images: bool = False) -> list[str]:
-    """Greedy answers to one batch of questions, in order."""
+    """Greedy answers to one batch of questions, in order; a question that would not fit the decoder's context
+    (ContextError) is never answered."""
     prompts, pictures = [], []
     for item in items:
-        question = ("<image>\n" + item.question) if item.image else item.question
         picture = [blank_image(loaded) if blank_images else open_image(os.path.join(images, item.image))] \
             if item.image else []
-        prompts.append(prompt_ids(loaded, [("user", question)], picture))
+        prompts.append(question_prompt(loaded, item, picture))
+        check_context(loaded, len(prompts[-1]), max_new_tokens, f"question {item.question_id}",
+                      "remove it from the questions")
         pictures += picture
     return generate(loaded, prompts, pictures, max_new_tokens)
 
 
-def answer_record(item: scorers.EvalItem, text: str, model_id: str, fingerprint: str) -> dict:
+def question_prompt(loaded: Loaded, item: scorers.EvalItem, picture: list) -> list[int]:
+    """The token ids that ask one question (its image, or the image's size, in `picture`)."""
+    question = ("<image>\n" + item.question) if item.image else item.question
+    return prompt_ids(loaded, [("user", question)], picture)
+
+
+def answer_record(item: scorers.EvalItem, text: str, model_id: str, fingerprint: str, settings: dict) -> dict:
     """An answers-file line as LLaVA's model_vqa*.py writes it; qllava's own fields go in its metadata."""
     return {"question_id": item.source_id, "prompt": item.prompt, "text": text, "answer_id": uuid.uuid4().hex,
-            "model_id": model_id, "metadata": {"key": item.question_id, "model_fingerprint": fingerprint}}
+            "model_id": model_id, "metadata": {"key": item.question_id, "model_fingerprint": fingerprint,
+                                               "settings": settings}}
 
 
 class HeldOut:
@@ -90,8 +171,7 @@ class HeldOut:
 
     def __init__(self, recipe, say=print, done: dict | None = None):
         self.recipe, self.say = recipe, say
-        self.items = scorers.load_items(recipe.eval.benchmark, recipe.eval.data)
-        self.items = self.items[:recipe.eval.limit] if recipe.eval.limit else self.items
+        self.items = first_questions(scorers.load_items(recipe.eval.benchmark, recipe.eval.data), recipe.eval.limit)
         check_images(self.items, recipe.eval.image_folder, "eval.image_folder")
         self.scores: dict = {k: v for k, v in (done or {}).items() if k.startswith(("accuracy_", "by_category_"))}
 
@@ -128,9 +208,14 @@ def check_images(items: list[scorers.EvalItem], folder: str, setting: str) -> No
 
 
 def read_answers(path: Path, fingerprint: str | None = None) -> dict[str, str]:
-    """question key -> answer text of an answers file; a line cut by a crash is ignored. Answers of another
-    model (its weights changed since, or another folder) are refused rather than silently mixed in. A file
-    written by LLaVA itself has no keys: its n-th answer to an id is that id's n-th question."""
+    """question key -> answer text of an answers file (see read_records)."""
+    return {key: record["text"] for key, record in read_records(path, fingerprint).items()}
+
+
+def read_records(path: Path, fingerprint: str | None = None) -> dict[str, dict]:
+    """question key -> record of an answers file; a line cut by a crash is ignored. Answers of another model (its
+    weights changed since, or another folder) are refused rather than silently mixed in. A file written by LLaVA
+    itself has no keys: its n-th answer to an id is that id's n-th question."""
     if not path.exists():
         return {}
     records = [r for r in map(_parsed, path.read_text().splitlines()) if r is not None]
@@ -141,7 +226,7 @@ def read_answers(path: Path, fingerprint: str | None = None) -> dict[str, str]:
         if fingerprint and meta.get("model_fingerprint", fingerprint) != fingerprint:
             raise DataError(f"{path} holds answers of another model (or of this one before it was retrained): "
                             "remove it or pass another --out")
-        done[meta["key"] if "key" in meta else next(derived)] = record["text"]
+        done[meta["key"] if "key" in meta else next(derived)] = record
     return done
 
 

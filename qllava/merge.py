@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from . import checkpoint, model as modeling, templates
 from .data import DataReport, ImageStore, image_source, read_conversations, tokenize_dataset
 from .errors import DataError
+from .folders import check_run_folder
 from .inference import QLLAVA_FILE, load_for_inference
 from .packing import Collator
 from .recipe import load_recipe
@@ -56,6 +57,7 @@ def merge(run_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", ove
           verify: bool = True, say=print) -> dict:
     """Merge a run into out_dir; return what was measured (diffs, size, time, peak RAM)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    check_run_folder(run_dir)  # a merged folder, a stage or a decoder is named as such, with what to pass
     stage_dir = RunFolder(run_dir).final_stage()
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists: pass --overwrite to replace it, or choose another --out")

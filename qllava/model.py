@@ -24,6 +24,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoProcessor, BitsA
                           LlavaProcessor)
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
+from .folders import check_recipe_folders
 from .recipe import LoraConfig, ModelConfig, QuantizationConfig, Recipe, load_recipe
 from .run import RunFolder
 from . import vision
@@ -107,7 +108,9 @@ PACKAGED_PREPROCESSORS = {"openai/clip-vit-large-patch14-336": "clip-vit-large-p
 
 
 def load_llava_config(cfg: ModelConfig) -> LlavaConfig:
-    """The LLaVA config a recipe describes, read from config files only (no weights)."""
+    """The LLaVA config a recipe describes, read from config files only (no weights). A [model] key that names the
+    wrong kind of folder (a run as model.llava, a decoder as model.vision_tower) is refused first (FolderError)."""
+    check_recipe_folders(cfg)
     if cfg.llava:
         return _config(cfg.llava)
     text = _config(cfg.decoder)

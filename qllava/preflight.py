@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from .folders import recipe_folder_problem
 from .recipe import Recipe, RecipeError
 
 # A hub id: "name" or "owner/name", no path syntax (a relative path with more parts is a missing local folder).
@@ -71,7 +72,7 @@ def model_problems(recipe: Recipe, weights: bool) -> list[str]:
 def checkpoint_problem(name: str, key: str) -> str | None:
     """Why a checkpoint (a local folder or a hub id) cannot be loaded, or None."""
     if Path(name).is_dir():
-        return None
+        return recipe_folder_problem(name, key)
     if Path(name).exists() or not is_hub_id(name):
         return f"{name}: folder not found"
     return _offline_problem(name, key)

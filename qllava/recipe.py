@@ -208,6 +208,8 @@ class EvalConfig:
             out += _choice(path, "at", point, EVAL_POINTS)
         if self.at and not self.data:
             out.append(f"{path}.data: required when {path}.at is set")
+        if self.limit < 0:  # as a slice, -1 would leave the last question out and score the rest as the result
+            out.append(f"{path}.limit: must be >= 0 (0: every question), got {self.limit}")
         return out + _positive(path, "max_new_tokens", self.max_new_tokens) + _positive(path, "batch_size", self.batch_size)
 
 

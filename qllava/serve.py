@@ -25,7 +25,7 @@ from pathlib import Path
 from PIL import Image
 
 from .chat import DEFAULT_MAX_NEW_TOKENS, Chat, sampling
-from .inference import Loaded, load_for_inference
+from .inference import ContextError, Loaded, load_for_inference
 from .templates import IMAGE_TAG
 from .vision import VisionError
 
@@ -153,6 +153,7 @@ def build_app(loaded: Loaded, name: str, say=print):
         with refusals_said(say):
             question = checked_question(question)
             chat = new_chat(loaded, image)
+            check_fits(chat, question, DEFAULT_MAX_NEW_TOKENS)
         return chat.reply(question)
 
     def respond(question, image, temperature, max_new_tokens, session):
@@ -162,7 +163,8 @@ def build_app(loaded: Loaded, name: str, say=print):
             path = (image or {}).get("path")
             if session is None or session[0] != path:
                 session = (path, new_chat(loaded, image))  # new_chat refuses a missing image, with a message
-        chat = session[1]
+            chat = session[1]
+            check_fits(chat, question, int(max_new_tokens))
         asked = {"role": "user", "content": question}
         yield shown_turns(chat.turns) + [asked], session, ""  # the question moves into the conversation at once
         for text in streamed_reply(chat, question, int(max_new_tokens), sampling(float(temperature))):
@@ -219,6 +221,15 @@ def checked_question(question: str | None) -> str:
     if not question:
         raise refusal("Type a question about the image first.")
     return question
+
+
+def check_fits(chat: Chat, question: str, max_new_tokens: int) -> None:
+    """A question that, with its answer, would not fit the decoder's context gets a message in the page (the check
+    `qllava chat` and `qllava eval` make), never an answer of noise."""
+    try:
+        chat.prompt(question, max_new_tokens)
+    except ContextError as e:
+        raise refusal(str(e)) from None
 
 
 def new_chat(loaded: Loaded, upload: dict | None) -> Chat:

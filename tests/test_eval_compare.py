@@ -1,5 +1,6 @@
 """qllava eval (batched, resumable, the demo's own scorer, answers files LLaVA's scripts read) and qllava compare."""
 
+import dataclasses
 import json
 
 import pytest
@@ -9,6 +10,7 @@ from qllava import evaluate as ev
 from qllava.cli import main
 from qllava.compare import chart, compare, paired_bootstrap
 from qllava.data import DataError
+from qllava.inference import Loaded, prompt_ids
 from qllava.scorers import load_items, score
 
 LLAVA_FIELDS = {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}  # model_vqa*.py's records
@@ -79,7 +81,8 @@ def test_eval_cli_and_compare(eval_args, trained_run, tmp_path, capsys):
     assert "| backbone |" in report and "mistral" in report and "95% CI" in report
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
     assert main(["compare", str(tmp_path / "missing.metrics.json")]) == 2
-    assert "no evaluation result (run qllava eval first" in capsys.readouterr().out
+    assert f"{tmp_path / 'missing.metrics.json'}: no such file (a result is the FILE.metrics.json that qllava eval" \
+        in " ".join(capsys.readouterr().out.split())
 
 
 def test_paired_bootstrap():
@@ -103,7 +106,7 @@ def test_answers_files_are_the_ones_llava_writes(name, tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "answer", lambda loaded, items, *args, **kw: [llava_answers[i.question_id] for i in items])
     out = tmp_path / "answers.jsonl"
     result = ev.evaluate(tmp_path, benchmark, str(paths["data"]), out=out, annotations=str(paths["annotations"]),
-                         batch_size=1000, loaded=object())
+                         batch_size=1000, loaded=no_model())
     ours = [json.loads(line) for line in out.read_text().splitlines()]
     theirs = [json.loads(line) for line in paths["answers"].read_text().splitlines()]
     assert all(set(r) == LLAVA_FIELDS for r in ours)
@@ -111,6 +114,12 @@ def test_answers_files_are_the_ones_llava_writes(name, tmp_path, monkeypatch):
     assert [tuple(r[f] for f in fields) for r in ours] == [tuple(r[f] for f in fields) for r in theirs]
     items = load_items(benchmark, str(paths["data"]), str(paths["annotations"]))
     assert result["metrics"] == score(benchmark, items, llava_answers)[0]
+
+
+def no_model(template: str = "vicuna_v1") -> Loaded:
+    """A Loaded for evaluate() calls whose answers are given (ev.answer patched): no model, no context to check."""
+    from types import SimpleNamespace
+    return Loaded(SimpleNamespace(config=SimpleNamespace()), None, template, "pad", "run")
 
 
 def write_result(path, per_question, benchmark="vqa", question_set="q1"):
@@ -146,3 +155,245 @@ def test_compare_pairs_only_results_on_the_same_questions(tmp_path, capsys):
     printed = " ".join(capsys.readouterr().out.split())
     assert "not paired: different question sets (2 questions in both, 1 only in the first" in printed
     assert "(+" not in printed and "95% CI" not in printed
+
+
+# --- eval settings: negative limits, the settings an answers file was made with, the decoder's context ---
+
+def test_a_negative_limit_is_refused_before_anything_is_written(eval_args, tiny_recipe, tmp_path):
+    from qllava.recipe import RecipeError
+    out = tmp_path / "answers.jsonl"
+    for limit in (-1, -359):
+        with pytest.raises(DataError, match=f"limit {limit}: must be >= 0"):
+            ev.evaluate(**eval_args, out=out, limit=limit)
+    assert not out.exists() and not ev.metrics_file(out).exists()
+    with pytest.raises(RecipeError, match=r"eval.limit: must be >= 0 \(0: every question\), got -1"):
+        tiny_recipe("eval.limit=-1")
+    assert len(ev.first_questions(list(range(5)), 0)) == 5 and ev.first_questions(list(range(5)), 2) == [0, 1]
+
+
+@pytest.fixture
+def given_answers(monkeypatch):
+    """ev.answer answering "red" to every question, counting the questions asked."""
+    asked = []
+
+    def answer(loaded, items, *args, **kwargs):
+        asked.extend(item.question_id for item in items)
+        return ["red"] * len(items)
+    monkeypatch.setattr(ev, "answer", answer)
+    return asked
+
+
+def _rewrite(path, change):
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for record in records:
+        change(record)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_an_answers_file_is_continued_only_with_the_settings_it_was_made_with(eval_args, given_answers, tmp_path,
+                                                                               capsys):
+    out = tmp_path / "answers.jsonl"
+    ev.evaluate(**eval_args, out=out, limit=4, max_new_tokens=4)
+    settings = {"max_new_tokens": 4, "template": "mistral_instruct", "image_aspect_ratio": "pad", "blank_images": False}
+    assert all(json.loads(line)["metadata"]["settings"] == settings for line in out.read_text().splitlines())
+    assert json.loads(ev.metrics_file(out).read_text())["settings"] == settings
+    # the same settings continue it: only the new questions are asked
+    assert ev.evaluate(**eval_args, out=out, limit=8, max_new_tokens=4)["asked_now"] == 4 and len(given_answers) == 8
+    files = {p: p.read_bytes() for p in (out, ev.metrics_file(out))}
+    cases = [
+        (dict(max_new_tokens=16), None, "max_new_tokens 4 there, 16 now"),
+        (dict(max_new_tokens=4), lambda r: r["metadata"]["settings"].update(template="vicuna_v1"),
+         "template 'vicuna_v1' there, 'mistral_instruct' now"),
+        (dict(max_new_tokens=4), lambda r: r["metadata"]["settings"].update(image_aspect_ratio="anyres"),
+         "image_aspect_ratio 'anyres' there, 'pad' now"),
+        (dict(max_new_tokens=4, blank_images=True), None, "blank_images False there, True now"),
+    ]
+    for options, change, says in cases:
+        if change:
+            _rewrite(out, change)
+        with pytest.raises(DataError) as refused:
+            ev.evaluate(**eval_args, out=out, limit=12, **options)
+        message = str(refused.value)
+        assert message.startswith(f"{out} holds answers made with other settings") and says in message
+        assert "pass another --out (or remove the file)" in message
+        if change:
+            out.write_bytes(files[out])
+        assert {p: p.read_bytes() for p in files} == files and len(given_answers) == 8  # nothing asked, nothing written
+    # the same ids asking other questions (another question file): refused too
+    _rewrite(out, lambda r: r.update(prompt="<image>\nWhat is the weather like?") if r["question_id"] == "eval-2"
+             else None)
+    with pytest.raises(DataError, match="holds answers to other questions under the same ids \\(1, e.g. eval-2"):
+        ev.evaluate(**eval_args, out=out, limit=12, max_new_tokens=4)
+    out.write_bytes(files[out])
+    # through the command line: one line, exit status 2, the file untouched
+    common = ["--benchmark", "vqa", "--data", eval_args["data"], "--images", eval_args["images"], "--out", str(out)]
+    assert main(["eval", str(eval_args["model_path"]), *common, "--max-new-tokens", "128"]) == 2
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"error: {out} holds answers made with other settings (max_new_tokens 4 there, 128 now)" in printed
+    assert {p: p.read_bytes() for p in files} == files
+
+
+def long_questions(tiny_inputs, tmp_path, repeats: dict[int, int]) -> str:
+    """The first held-out questions, question i asked `repeats[i]` times over in one message."""
+    rows = json.loads((tiny_inputs / "shapes" / "eval.json").read_text())[:4]
+    for i, n in repeats.items():
+        turn = rows[i]["conversations"][0]
+        turn["value"] = "<image>\n" + " ".join([turn["value"].removeprefix("<image>\n")] * n)
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+def test_questions_beyond_the_decoders_context_are_refused_before_any_answer(trained_run, tiny_inputs, tmp_path,
+                                                                           given_answers):
+    """The tiny decoder reads 1,024 positions: a question of thousands of tokens, and one that fits only without
+    its answer, are named with their lengths before anything is generated or written."""
+    images = str(tiny_inputs / "shapes" / "images")
+    out = tmp_path / "answers.jsonl"
+    data = long_questions(tiny_inputs, tmp_path, {1: 400})
+    with pytest.raises(ev.ContextError) as refused:
+        ev.evaluate(trained_run, "vqa", data, images, out=out, max_new_tokens=8)
+    message = str(refused.value)
+    assert message.startswith("1 of 4 questions with an answer of up to 8 new tokens do not fit the decoder's context "
+                              "of 1,024 positions (its max_position_embeddings), e.g. eval-1 (")
+    assert message.endswith("image tokens included: remove them from the question file")
+    assert given_answers == [] and not out.exists() and not ev.metrics_file(out).exists()
+    # one that fits, but not with its answer: the number of new tokens that still fit is named
+    loaded = ev.load_for_inference(trained_run)
+    item = _items(eval_args_data(tiny_inputs))[2]
+    n, length = 1, 0
+    while length < 1024 - 100:  # the question asked n times over: 924..1023 tokens
+        n += 1
+        asked = dataclasses.replace(item, question=" ".join([item.question] * n))
+        length = len(ev.question_prompt(loaded, asked, [(64, 64)]))
+    assert length < 1024
+    data = long_questions(tiny_inputs, tmp_path, {2: n})
+    with pytest.raises(ev.ContextError, match=f"e.g. eval-2 \\({length:,} tokens\\), image tokens included: remove "
+                                              f"them from the question file, or lower --max-new-tokens to "
+                                              f"{1024 - length} or less"):
+        ev.evaluate(trained_run, "vqa", data, images, out=out, max_new_tokens=128, loaded=loaded)
+    assert given_answers == [] and not out.exists()
+    result = ev.evaluate(trained_run, "vqa", data, images, out=out, max_new_tokens=1024 - length, loaded=loaded)
+    assert result["asked_now"] == 4 and len(given_answers) == 4
+
+
+def eval_args_data(tiny_inputs) -> str:
+    return str(tiny_inputs / "shapes" / "eval.json")
+
+
+def test_answer_itself_never_generates_past_the_context(trained_run, tiny_inputs, tmp_path, monkeypatch):
+    """The held-out scoring during finetune goes through answer() without evaluate()'s up-front check."""
+    from qllava.recipe import load_recipe
+    loaded = prompts_only(trained_run)
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: pytest.fail("generated past the context"))
+    items = _items(long_questions(tiny_inputs, tmp_path, {0: 400}))
+    images = load_recipe(trained_run / "stage2" / "recipe.toml").eval.image_folder
+    with pytest.raises(ev.ContextError, match="question eval-0 is [0-9,]+ tokens \\(image tokens included\\): with up "
+                                              "to 6 new tokens that is more than the decoder's context of 1,024"):
+        ev.answer(loaded, items, images, 6)
+
+
+def prompts_only(run) -> Loaded:
+    """A run's processor and config without its weights: prompts are built and checked, nothing can generate."""
+    from types import SimpleNamespace
+    from qllava import model as modeling
+    from qllava.recipe import load_recipe
+    stage = run / "stage2"
+    recipe = load_recipe(stage / "recipe.toml")
+    return Loaded(SimpleNamespace(config=modeling.load_llava_config(recipe.model)),
+                  modeling.stage_processor(stage, recipe.model), recipe.stage2.template, "pad", "run")
+
+
+def test_chat_and_serve_refuse_a_conversation_beyond_the_context(trained_run, tiny_inputs, monkeypatch, capsys):
+    from qllava import chat as chatting, cli, serve
+    loaded = prompts_only(trained_run)
+    image = tiny_inputs / "shapes" / "images" / "eval-0.png"
+    monkeypatch.setattr(chatting, "generate", lambda *a, **k: pytest.fail("generated past the context"))
+    chat = chatting.Chat(loaded, image)
+    long = "What color is the shape? " * 400
+    with pytest.raises(ev.ContextError, match="the question with its image is [0-9,]+ tokens .*: ask a shorter "
+                                              "question$"):
+        chat.reply(long, 16)
+    assert chat.turns == []
+
+    # a conversation whose long first answer leaves room for a short answer only: 600..1000 tokens
+    def conversation(words: int):
+        chat.turns = [("user", "<image>\nWhat color is the shape?"), ("assistant", " ".join(["red"] * words))]
+        return len(prompt_ids(loaded, chat.turns + [("user", "And the side?")], [chat.image]))
+    one, hundred = conversation(1), conversation(101)
+    length = conversation(int((800 - one) / ((hundred - one) / 100)) + 1)
+    assert 600 < length < 1000
+    with pytest.raises(ev.ContextError, match=f"the conversation with this question is {length} tokens .*: lower the "
+                                              f"max new tokens to {1024 - length} or less, or start a new conversation"):
+        chat.reply("And the side?", 512)
+    assert len(chat.turns) == 2
+    import gradio as gr
+    with pytest.raises(gr.Error, match="the conversation with this question is"):
+        serve.check_fits(chat, "And the side?", 512)
+    serve.check_fits(chat, "And the side?", 4)  # fits: no message
+    # the command: with --prompt an error (exit 2); in a conversation the question is not asked, and it goes on
+    monkeypatch.setattr(chatting, "load_for_inference", lambda path: loaded)
+    assert cli.main(["chat", str(trained_run), "--image", str(image), "--prompt", long]) == 2
+    assert "error: the question with its image is" in " ".join(capsys.readouterr().out.split())
+    typed = iter([long, ""])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(typed))
+    assert cli.main(["chat", str(trained_run), "--image", str(image)]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "not asked: the question with its image is" in printed and "model>" not in printed
+
+
+def _items(data: str):
+    return load_items("vqa", data)
+
+
+# --- compare: what a RESULT may be, and what a result lacks ---
+
+def test_compare_finds_the_result_of_a_run_folder_and_names_missing_files_as_given(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    write_result(run / "eval" / "vqa-eval.metrics.json", {"1": 1.0, "2": 0.0})
+    other = write_result(tmp_path / "other.metrics.json", {"1": 1.0, "2": 1.0})
+    report = compare([run, other])
+    assert report["metrics"]["accuracy"] == [0.5, 1.0] and report["difference_vs_first"]["other"]["paired"]
+    assert main(["compare", str(run), str(other)]) == 0
+    capsys.readouterr()
+    cases = {
+        "missing answers": ([str(tmp_path / "gone.jsonl")], f"error: {tmp_path / 'gone.jsonl'}: no such answers file"),
+        "answers without metrics": ([str(tmp_path / "cut.jsonl")], f"error: {tmp_path / 'cut.jsonl'}: answers without "
+                                    "their scores (cut.metrics.json is missing): run the qllava eval that wrote them "
+                                    "again"),
+        "missing result": ([str(tmp_path / "gone.metrics.json")], f"error: {tmp_path / 'gone.metrics.json'}: no such "
+                           "file"),
+        "run without results": ([str(tmp_path / "empty")], f"error: {tmp_path / 'empty'}: no evaluation result in "
+                                f"{tmp_path / 'empty' / 'eval'} (run qllava eval {tmp_path / 'empty'} first"),
+    }
+    (tmp_path / "cut.jsonl").write_text('{"question_id": 1, "text": "red"}\n')
+    (tmp_path / "empty" / "eval").mkdir(parents=True)
+    for name, (argv, says) in cases.items():
+        assert main(["compare", *argv, "--out", str(tmp_path / "report")]) == 2, name
+        printed = " ".join(capsys.readouterr().out.split())
+        assert printed.startswith(says), (name, printed)
+        assert ".metrics.json: no evaluation result" not in printed
+    write_result(run / "eval" / "pope-test.metrics.json", {"1": 1.0}, benchmark="pope")
+    assert main(["compare", str(run), str(other)]) == 2
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"error: {run}: {run / 'eval'} holds 2 evaluation results; name the one to compare: " in printed
+    assert "pope-test.metrics.json" in printed and "vqa-eval.metrics.json" in printed
+    assert not (tmp_path / "report").exists()
+
+
+def test_compare_shows_a_dash_for_what_a_result_lacks(tmp_path, capsys):
+    first = write_result(tmp_path / "a.metrics.json", {"1": 1.0, "2": 0.0})
+    second = write_result(tmp_path / "b.metrics.json", {"1": 1.0, "2": 1.0}, benchmark="pope")
+    data = json.loads(second.read_text())
+    data["metrics"]["f1"] = 0.5
+    data["model"].update(backbone="mistral", steps=None)
+    second.write_text(json.dumps(data))
+    assert main(["compare", str(first), str(second), "--out", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    assert "None" not in printed and "f1" in printed
+    f1_row = next(line for line in printed.splitlines() if line.split("│")[1:2] == [" f1 "] or " f1 " in line)
+    assert "-" in f1_row and "0.5000" in f1_row
+    md = (tmp_path / "cmp" / "report.md").read_text()
+    assert "None" not in md and "| f1 | - | 0.5000 |" in md and "| steps | - | - |" in md
+    assert json.loads((tmp_path / "cmp" / "report.json").read_text())["metrics"]["f1"] == [None, 0.5]

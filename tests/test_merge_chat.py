@@ -153,7 +153,8 @@ def test_a_stage1_only_run_merges(trained_run, tmp_path):
 def test_merge_refusals(trained_run, merged_fp32, tmp_path, capsys):
     out, _ = merged_fp32
     assert main(["merge", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
-    assert "is not a qllava run folder: no complete stage1/ or stage2/" in capsys.readouterr().out
+    assert f"{tmp_path} is neither a qllava run (no stage1/ or stage2/) nor a model folder (no config.json): merge " \
+        "takes a run folder written by qllava finetune (runs/NAME)" in " ".join(capsys.readouterr().out.split())
     before = (out / "model.safetensors").read_bytes()
     assert main(["merge", str(trained_run), "--out", str(out)]) == 2
     assert "exists: pass --overwrite to replace it" in capsys.readouterr().out

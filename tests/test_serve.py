@@ -319,8 +319,8 @@ def test_auth_settings_that_cannot_be_used_are_refused(tmp_path, capsys):
     with pytest.raises(ServeError, match="is empty: write USER:PASSWORD on a line"):
         load_auth(auth_file=tmp_path / "blank", environ={})
     for argv, flag in [(["--auth", "a:b", "--no-auth"], "--no-auth: not allowed with argument --auth"),
-                       (["--max-queue", "0"], "--max-queue: '0': at least 1 request must be able to wait"),
-                       (["--max-queue", "lots"], "--max-queue: 'lots': write a whole number")]:
+                       (["--max-queue", "0"], "--max-queue: must be >= 1, got 0"),
+                       (["--max-queue", "lots"], "--max-queue: 'lots' is not an integer")]:
         with pytest.raises(SystemExit) as stopped:
             main(["serve", "no-such-run", *argv])
         assert stopped.value.code == 2 and flag in capsys.readouterr().err
@@ -378,6 +378,9 @@ def test_a_full_queue_refuses_politely_and_the_waiting_requests_are_answered(mon
         def __init__(self, loaded, image):
             pass
 
+        def prompt(self, question, max_new_tokens):
+            return [1]
+
         def reply(self, question):
             started.set()
             assert release.wait(60)
@@ -411,6 +414,9 @@ def test_a_server_bug_keeps_its_traceback_and_a_bad_input_gets_one_line(monkeypa
     class BrokenChat:
         def __init__(self, loaded, image):
             pass
+
+        def prompt(self, question, max_new_tokens):
+            return [1]
 
         def reply(self, question):
             raise RuntimeError("a bug in the server")

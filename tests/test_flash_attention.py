@@ -368,3 +368,12 @@ def test_a_half_precision_model_hands_flash_attention_half_precision(flash_attn,
     assert {c["dtype"] for c in reference.calls} == {torch.bfloat16}
     assert abs(losses["flash_attention_2"] - losses["sdpa"]) <= 1e-3 * losses["sdpa"], losses
 
+
+def test_auto_chooses_flash_attention_only_for_a_half_precision_model(flash_attn, monkeypatch):
+    """flash-attn installed and CUDA present: "auto" is flash_attention_2 for bf16/fp16 models; a float32 model (the
+    tiny recipes) gets sdpa, since flash-attn would refuse its float32 activations at the first step."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert modeling.attention_implementation("auto", torch.bfloat16) == "flash_attention_2"
+    assert modeling.attention_implementation("auto", torch.float16) == "flash_attention_2"
+    assert modeling.attention_implementation("auto", torch.float32) == "sdpa"
+    assert modeling.attention_implementation("eager", torch.bfloat16) == "eager"

@@ -69,7 +69,7 @@ def main() -> None:
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run)"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in card), None)
     print(f"device: {card}; peak assumed: {peak or 'unknown'} TFLOP/s (bf16 dense); {args.tokens} tokens per "
-          f"micro-batch; attention: {modeling.attention_implementation('auto')}", flush=True)
+          f"micro-batch; attention: {modeling.attention_implementation('auto', torch.bfloat16)}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="qllava_gpu_check_") as work:
         for name in ["llava_next"] if args.llava_next else args.decoders:
@@ -190,7 +190,7 @@ def random_model(recipe, processor):
     from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
     cfg = recipe.model
     dtype = getattr(torch, cfg.dtype)
-    attn = modeling.attention_implementation(cfg.attn_implementation)
+    attn = modeling.attention_implementation(cfg.attn_implementation, dtype)
     device = modeling.device()
     torch.manual_seed(0)
     if cfg.llava:  # LLaVA-NeXT, whole from its config

@@ -39,11 +39,14 @@ class BaseMismatchError(ValueError):
     """The base model a run names is not the one it was trained on."""
 
 
-def attention_implementation(requested: str) -> str:
-    """flash_attention_2 when flash-attn is importable and CUDA is present, else sdpa (or what was asked)."""
+def attention_implementation(requested: str, dtype: torch.dtype) -> str:
+    """What "auto" means for a model computing in `dtype`: flash_attention_2 when flash-attn is importable, CUDA is
+    present and the model computes in bfloat16 or float16 (flash-attn refuses float32 at the first step), else sdpa.
+    Any other request is returned as it is."""
     if requested != "auto":
         return requested
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    if (dtype in (torch.bfloat16, torch.float16) and torch.cuda.is_available()
+            and importlib.util.find_spec("flash_attn") is not None):
         return "flash_attention_2"
     return "sdpa"
 
@@ -142,7 +145,7 @@ def load_base_model(recipe: Recipe, processor: LlavaProcessor, quantized: bool =
     cfg = recipe.model
     torch_dtype = getattr(torch, dtype or cfg.dtype)
     quantization = build_quantization_config(recipe.quantization) if quantized else None
-    attn = attention_implementation(cfg.attn_implementation)
+    attn = attention_implementation(cfg.attn_implementation, torch_dtype)
     place = {"device_map": {"": device()}} if torch.cuda.is_available() else {}
     if cfg.llava:
         with unmapped_checkpoints():
@@ -165,7 +168,7 @@ def empty_base_model(recipe: Recipe, processor: LlavaProcessor, dtype: str) -> L
     generation config, no weight read (a streamed merge fills the weights from base_sources)."""
     cfg = recipe.model
     torch_dtype = getattr(torch, dtype)
-    attn = attention_implementation(cfg.attn_implementation)
+    attn = attention_implementation(cfg.attn_implementation, torch_dtype)
     if cfg.llava:
         config = load_llava_config(cfg)
         config._attn_implementation = attn

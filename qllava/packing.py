@@ -213,27 +213,43 @@ class Collator:
         return vision.image_inputs(images, self.image_processor, self.image_aspect_ratio) if images else {}
 
 
-def packed_vs_unpacked_error(model, packed: Collator, unpacked: Collator, micro_batches: list[list[list[dict]]]) -> float:
-    """Worst relative error between the packed and the unpacked step, in loss and in every trainable gradient.
+@dataclass
+class Step:
+    """What one optimizer step computed: its loss, every trainable gradient and the label tokens it averaged over."""
 
-    Unpacked: all samples in one right-padded batch, loss = token-summed NLL / label tokens. Packed: the given
-    micro-batches of rows, each scored with TRL's fused head and num_items_in_batch = the step's label tokens,
-    as SFTTrainer does under gradient accumulation; gradients accumulate. `model` must be in train mode.
-    """
-    from trl.trainer.utils import add_fused_lm_head
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    samples = [s for micro in micro_batches for row in micro for s in row]
+    loss: float
+    grads: dict[str, torch.Tensor]
+    label_tokens: int
 
+    def error(self, reference: Step) -> float:
+        """Worst relative difference from `reference`, in the loss and in every gradient."""
+        return max(self.loss_error(reference), self.gradient_error(reference))
+
+    def loss_error(self, reference: Step) -> float:
+        return abs(self.loss - reference.loss) / abs(reference.loss)
+
+    def gradient_error(self, reference: Step) -> float:
+        """Worst relative difference (in norm) of a gradient from `reference`'s."""
+        return max(((self.grads[n] - g).norm() / g.norm().clamp(min=1e-30)).item() for n, g in reference.grads.items())
+
+
+def unpacked_step(model, unpacked: Collator, samples: list[dict]) -> Step:
+    """The samples in one right-padded batch, loss = token-summed NLL / label tokens. `model` in train mode."""
     model.zero_grad()
     batch = unpacked.batch([[s] for s in samples])
     labels = batch.pop("labels")[:, 1:]
     logits = model(**batch, use_cache=False).logits[:, :-1]
     total = int((labels != -100).sum())
-    reference = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                                  ignore_index=-100, reduction="sum") / total
-    reference.backward()
-    expected = {n: p.grad.clone() for n, p in params.items()}
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                            ignore_index=-100, reduction="sum") / total
+    loss.backward()
+    return _step(model, loss.item(), total)
 
+
+def packed_step(model, packed: Collator, micro_batches: list[list[list[dict]]], label_tokens: int) -> Step:
+    """The micro-batches of rows, each scored with TRL's fused head and num_items_in_batch = the step's label tokens,
+    as SFTTrainer does under gradient accumulation; gradients accumulate. `model` in train mode."""
+    from trl.trainer.utils import add_fused_lm_head
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(base, "_qllava_fused_head", False):  # SFTTrainer adds the same head when it trains
         add_fused_lm_head(base)
@@ -241,10 +257,21 @@ def packed_vs_unpacked_error(model, packed: Collator, unpacked: Collator, micro_
     model.zero_grad()
     loss = 0.0
     for micro in micro_batches:
-        out = model(**packed.batch(micro), fused_lm_head=True, num_items_in_batch=total)
+        out = model(**packed.batch(micro), fused_lm_head=True, num_items_in_batch=label_tokens)
         out.loss.backward()
         loss += out.loss.item()
-    errors = [abs(loss - reference.item()) / abs(reference.item())]
-    errors += [((params[n].grad - g).norm() / g.norm().clamp(min=1e-30)).item() for n, g in expected.items()]
+    return _step(model, loss, label_tokens)
+
+
+def _step(model, loss: float, label_tokens: int) -> Step:
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    return max(errors)
+    return Step(loss, grads, label_tokens)
+
+
+def packed_vs_unpacked_error(model, packed: Collator, unpacked: Collator,
+                             micro_batches: list[list[list[dict]]]) -> float:
+    """Worst relative error between the packed step (the given micro-batches of rows) and the unpacked one (all
+    their samples in one padded batch), in loss and in every trainable gradient. `model` must be in train mode."""
+    reference = unpacked_step(model, unpacked, [s for micro in micro_batches for row in micro for s in row])
+    return packed_step(model, packed, micro_batches, reference.label_tokens).error(reference)

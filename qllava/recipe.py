@@ -68,7 +68,7 @@ class ModelConfig:
     projector_hidden_act: str = "gelu"
     """Activation of the 2-layer MLP projector (LLaVA-1.5's mlp2x_gelu)."""
     attn_implementation: str = "auto"
-    """auto = flash_attention_2 when flash-attn imports and CUDA is present, else sdpa."""
+    """auto = flash_attention_2 when flash-attn imports, CUDA is present and dtype is bfloat16/float16, else sdpa."""
     dtype: str = "bfloat16"
     """dtype of the parts that are not quantized (vision tower, projector, embeddings, lm_head)."""
 

@@ -9,6 +9,7 @@ registers and SigLIP's lack of any prefix are all counted as the tower really pr
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 
@@ -98,7 +99,10 @@ def output_size(image_processor) -> tuple[int, int]:
 
 def tower_tokens(config, height: int, width: int, feature_layer: int = -2) -> int:
     """Features the tower puts out for one image of (height, width) at `feature_layer`, prefix tokens
-    (CLS, registers) included: its forward pass run on the meta device."""
+    (CLS, registers) included: its forward pass run on the meta device, with eager attention (the count does not
+    depend on the kernel, and transformers' FlashAttention wrapper fails on the meta device)."""
+    config = copy.deepcopy(config)
+    config._attn_implementation = "eager"
     with torch.device("meta"):
         tower = tower_class(config)(config)
         out = tower(pixel_values=torch.empty(1, config.num_channels, height, width), output_hidden_states=True)

@@ -47,6 +47,11 @@ def test_tokens_per_image_equal_llava_next_processor_on_many_sizes():
 def setup(next_inputs, tmp_path_factory):
     recipe = next_recipe(next_inputs, tmp_path_factory.mktemp("next_exact") / "run")
     processor = modeling.build_processor(recipe.model)
+    return recipe, processor, samples(recipe, processor)
+
+
+def samples(recipe, processor) -> list[dict]:
+    """Three image conversations of different aspect ratios and a text-only one, tokenized for training."""
     stage = recipe.stage2
     convs = read_conversations(stage.data[0], image_source(stage.data[0], stage.image_folder), 0, DataReport())
     sizes = {}
@@ -60,13 +65,13 @@ def setup(next_inputs, tmp_path_factory):
     tok = processor.tokenizer
     ds = tokenize_dataset(chosen, stage.template, tok, tok.convert_tokens_to_ids("<image>"),
                           modeling.image_geometry(config, processor.image_processor), stage.max_seq_len, DataReport())
-    return recipe, processor, [ds[i] for i in range(len(ds))]
+    return [ds[i] for i in range(len(ds))]
 
 
-def collator(recipe, processor, packing):
+def collator(recipe, processor, packing, flatten=False):
     where = image_source(recipe.stage2.data[0], recipe.stage2.image_folder)
     return Collator(ImageStore([where]), processor.image_processor, "anyres", processor.tokenizer.pad_token_id,
-                    processor.tokenizer.convert_tokens_to_ids("<image>"), packing=packing)
+                    processor.tokenizer.convert_tokens_to_ids("<image>"), packing=packing, flatten=flatten)
 
 
 def test_images_of_different_sizes_take_different_token_counts_and_the_model_accepts_them(setup):
@@ -81,8 +86,9 @@ def test_images_of_different_sizes_take_different_token_counts_and_the_model_acc
             sum(s["length"] for s in items)
 
 
-def test_packed_llava_next_rows_equal_their_samples_alone_in_loss_and_gradients(setup):
-    recipe, processor, items = setup
+def stage2_model(recipe, processor):
+    """The float32 LLaVA-NeXT model as stage 2 trains it, in train mode: LoRA given a real path (B starts at zero),
+    the projector and image_newline trainable."""
     model = modeling.attach_lora(modeling.load_base_model(recipe, processor, quantized=False), recipe.lora)
     torch.manual_seed(0)
     for name, p in model.named_parameters():
@@ -91,7 +97,12 @@ def test_packed_llava_next_rows_equal_their_samples_alone_in_loss_and_gradients(
     for p in modeling.projector_parameters(model).values():
         p.requires_grad_(True)
     assert "image_newline" in modeling.projector_parameters(model)
-    model.train()
+    return model.train()
+
+
+def test_packed_llava_next_rows_equal_their_samples_alone_in_loss_and_gradients(setup):
+    recipe, processor, items = setup
+    model = stage2_model(recipe, processor)
     micro_batches = [[[items[0], items[3]]], [[items[1]], [items[2]]]]
     err = packed_vs_unpacked_error(model, collator(recipe, processor, True), collator(recipe, processor, False),
                                    micro_batches)

@@ -139,12 +139,6 @@ def test_projector_file_round_trip_and_mismatch(recipe, processor, tmp_path):
         modeling.load_projector(other, tmp_path / "bad.safetensors")
 
 
-def test_attention_choice():
-    assert modeling.attention_implementation("auto") == ("flash_attention_2" if torch.cuda.is_available() and
-                                                         __import__("importlib").util.find_spec("flash_attn") else "sdpa")
-    assert modeling.attention_implementation("eager") == "eager"
-
-
 def test_checkpoints_are_read_not_memory_mapped(tiny_inputs):
     """transformers maps checkpoint files and leaves unquantized tensors as views into them (resident memory then
     grows to the checkpoint's size); qllava's loader reads them (benchmarks/load_7b.py measures the 7B case)."""

@@ -25,12 +25,13 @@ def setup(tiny_inputs, tmp_path_factory):
     return recipe, processor, samples(recipe, processor)
 
 
-def samples(recipe, processor) -> list[dict]:
-    """Three image conversations (1-3 turns) and one text-only one from the tiny dataset, tokenized for training."""
+def samples(recipe, processor, images: int = 3) -> list[dict]:
+    """`images` image conversations (1-3 turns) and one text-only one from the tiny dataset, tokenized for
+    training."""
     stage = recipe.stage2
     where = image_source(stage.data[0], stage.image_folder)
     convs = read_conversations(stage.data[0], where, 0, DataReport())
-    chosen = [c for c in convs if c.image][:3] + [next(c for c in convs if not c.image)]
+    chosen = [c for c in convs if c.image][:images] + [next(c for c in convs if not c.image)]
     tok = processor.tokenizer
     config = modeling.load_llava_config(recipe.model)
     ds = tokenize_dataset(chosen, stage.template, tok, tok.convert_tokens_to_ids("<image>"),
@@ -38,15 +39,28 @@ def samples(recipe, processor) -> list[dict]:
     return [ds[i] for i in range(len(ds))]
 
 
-def collator_for(processor, recipe, packing: bool) -> Collator:
+def collator_for(processor, recipe, packing: bool, flatten: bool = False) -> Collator:
     where = image_source(recipe.stage2.data[0], recipe.stage2.image_folder)
     return Collator(ImageStore([where]), processor.image_processor, "pad", processor.tokenizer.pad_token_id,
-                    processor.tokenizer.convert_tokens_to_ids("<image>"), packing=packing)
+                    processor.tokenizer.convert_tokens_to_ids("<image>"), packing=packing, flatten=flatten)
 
 
 def fp32_model(recipe, processor, attn: str):
     recipe.model.attn_implementation = attn
     return modeling.load_base_model(recipe, processor, quantized=False).eval()
+
+
+def stage2_model(recipe, processor, attn: str):
+    """The float32 model as stage 2 trains it, in train mode: LoRA (given a real path: B starts at zero) and the
+    projector trainable."""
+    model = modeling.attach_lora(fp32_model(recipe, processor, attn), recipe.lora)
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(std=0.05)
+    modeling.projector(model).requires_grad_(True)
+    assert any("lora_A" in n for n, p in model.named_parameters() if p.requires_grad)
+    return model.train()
 
 
 def alone_logits(model, collator, sample) -> torch.Tensor:
@@ -81,14 +95,7 @@ def test_packed_loss_and_gradients_equal_the_unpacked_token_weighted_ones(setup)
     """Two packed micro-batches (gradient accumulation) against one padded batch of the same four samples:
     the loss is the mean over all label tokens of the step, as the trainer computes it (num_items_in_batch)."""
     recipe, processor, items = setup
-    model = modeling.attach_lora(fp32_model(recipe, processor, "sdpa"), recipe.lora)
-    torch.manual_seed(0)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(std=0.05)  # B starts at zero: give the adapter a real path
-    modeling.projector(model).requires_grad_(True)
-    model.train()
-    assert any("lora_A" in n for n, p in model.named_parameters() if p.requires_grad)
+    model = stage2_model(recipe, processor, "sdpa")
     micro_batches = [[[items[0], items[3]]], [[items[1]], [items[2]]]]  # step = 2 micro-batches, 3 rows
     err = packed_vs_unpacked_error(model, collator_for(processor, recipe, True), collator_for(processor, recipe, False),
                                    micro_batches)

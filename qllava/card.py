@@ -47,7 +47,7 @@ def stage_card(recipe: Recipe, name: str, metrics: dict) -> str:
         f"{cfg.gradient_accumulation_steps} rows (per device x accumulation), learning rate {cfg.learning_rate:g}"
         f"{projector_lr}, {cfg.lr_scheduler_type} schedule, warmup {cfg.warmup_ratio:g}, {cfg.optim}, seed {cfg.seed}",
         f"- training loss {loss}, {metrics.get('train_seconds', 0):.0f} s, attention "
-        f"{metrics.get('attn_implementation', '?')}",
+        f"{metrics.get('attn_implementation', '?')}{_resumed(metrics.get('resumed_at'))}",
         "- the resolved recipe: `recipe.toml` in this folder; every figure: `metrics.json`", "",
         "## Use", "",
         "This folder is not a whole model: it needs the base models above. With qllava, on the run folder:", "",
@@ -57,3 +57,10 @@ def stage_card(recipe: Recipe, name: str, metrics: dict) -> str:
         "# score it on a benchmark", f"qllava eval {recipe.run_dir} --benchmark vqa --data QUESTIONS --images FOLDER",
         "```", ""]
     return "\n".join(lines)
+
+
+def _resumed(steps) -> str:
+    """Where training was interrupted and continued from a checkpoint (the time counts every segment)."""
+    if not steps:
+        return ""
+    return f"; continued from a checkpoint at step {', '.join(map(str, steps))} (the time adds up every segment)"

@@ -99,10 +99,23 @@ def interrupted_message(args, argv: list[str]) -> str:
     """What Ctrl-C leaves on screen: for the commands that resume, the exact command that continues."""
     if args.command == "finetune":
         again = [a for a in argv if a not in ("--overwrite", "--resume")] + ["--resume"]
-        return f"interrupted; continue with:\n  qllava {shlex.join(again)}"
+        note = _restart_note(args)
+        lead = f"interrupted; {note}; run it with:" if note else "interrupted; continue with:"
+        return f"{lead}\n  qllava {shlex.join(again)}"
     if args.command == "eval":
         return f"interrupted; the answers so far are kept, and the same command continues:\n  qllava {shlex.join(argv)}"
     return "interrupted"
+
+
+def _restart_note(args) -> str | None:
+    """Why the --resume command would start the interrupted stage over (it wrote no checkpoint), or None."""
+    from .recipe import RecipeError, load_recipe
+    from .resume import interrupted_note
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError:
+        return None
+    return interrupted_note(recipe, recipe.stages(args.stage))
 
 
 def cmd_finetune(args) -> int:
@@ -125,7 +138,9 @@ def cmd_finetune(args) -> int:
     accuracy = console.accuracy_table(metrics)
     if accuracy is not None:
         console.console.print(accuracy)
-    console.say(f"run written to {recipe.run_dir} (metrics.json, stage1/, stage2/)")
+    from .run import STAGES, RunFolder
+    folders = [f"{name}/" for name in STAGES if RunFolder(recipe.run_dir).complete(name)]
+    console.say(f"run written to {recipe.run_dir} ({', '.join(['metrics.json', *folders])})")
     return 0
 
 
@@ -376,11 +391,12 @@ def _user_errors() -> tuple:
     from .recipe import RecipeError
     from .merge import MergeError
     from .model import BaseMismatchError
+    from .resume import ResumeError
     from .serve import ServeError
     from .templates import TemplateError
     from .vision import VisionError
     return (RecipeError, DataError, TemplateError, VisionError, MergeError, BaseMismatchError, ServeError,
-            CheckpointError, FolderError, ContextError, FileExistsError, FileNotFoundError)
+            CheckpointError, ResumeError, FolderError, ContextError, FileExistsError, FileNotFoundError)
 
 
 class _OfflineTrustNotice(logging.Filter):

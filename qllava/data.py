@@ -516,7 +516,7 @@ def _json_samples(path: Path) -> Iterator:
         raise DataError(f"{path}: data file not found")
     try:
         with path.open(encoding="utf-8") as f:
-            if path.suffix == ".jsonl":
+            if path.suffix.lower() == ".jsonl":
                 for n, line in enumerate(f, 1):
                     if line.strip():
                         try:
@@ -694,7 +694,7 @@ def _content_text(content) -> str:
 
 
 def is_llava_json(path: str) -> bool:
-    return path.endswith((".json", ".jsonl"))
+    return path.lower().endswith((".json", ".jsonl"))  # DATA.JSON too
 
 
 def _cache_key(stage, sources: list, tokenizer, image_token_id: int, geometry: ImageGeometry | AnyresGeometry) -> str:

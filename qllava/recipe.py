@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import tomllib
 import types
 import typing
@@ -337,17 +338,21 @@ def recipe_from_dict(raw: dict, overrides: list[str] = (), source: str = "<recip
             problems.append(f"{name}: unknown table{_did_you_mean(name, TABLES, list_known=True)}")
         elif not isinstance(value, dict):
             problems.append(f"{name}: must be a table ([{name}]), got a {type(value).__name__}")
+    mistyped: set[str] = set()
     for name, cls in TABLES.items():
         cls = _strip_optional(cls)
         if name == "synthetic" and name not in raw:
             tables[name] = None
             continue
-        table, table_problems = _build_table(cls, name, raw.get(name, {}) if isinstance(raw.get(name), dict) else {})
-        # Range checks only make sense on values of the right type; other tables are still checked.
-        problems += table_problems or table.problems(name)
+        given = raw.get(name, {})
+        table, type_problems, bad_keys = _build_table(cls, name, given if isinstance(given, dict) else {})
+        problems += type_problems
+        mistyped |= {f"{name}.{key}" for key in bad_keys}
+        if isinstance(given, dict):  # a table given as another type was reported above; its defaults say nothing
+            # A mistyped value was left at its default: a range check that involves it would judge the default.
+            problems += [p for p in table.problems(name) if not _mentions(p, bad_keys)]
         tables[name] = table
-    if not problems:
-        problems += _cross_checks(tables)
+    problems += [p for p in _cross_checks(tables) if not _mentions(p, mistyped)]
     if problems:
         raise RecipeError(source, problems)
     return Recipe(**tables, source=source)
@@ -368,6 +373,42 @@ def check_report_to(recipe: Recipe, stages) -> None:
         raise RecipeError(recipe.source, problems)
 
 
+# What a stage's training reads: the tables a stage continued from a checkpoint must find as it started, less the
+# keys of its own table that change how it runs, logs or saves, not what it learns (gradient checkpointing
+# recomputes the same values). [eval], [data] and [output] never change what a stage learns.
+TRAINED_BY = {"stage1": ("model", "quantization", "stage1", "synthetic"),
+              "stage2": ("model", "quantization", "lora", "stage2", "synthetic")}
+NOT_TRAINING = ("enabled", "logging_steps", "save_steps", "report_to", "gradient_checkpointing")
+
+
+def recipe_values(recipe: Recipe) -> dict[str, object]:
+    """Every value of a recipe under its TOML path ("stage2.learning_rate"); a table it lacks ([synthetic]) has
+    none."""
+    values = {}
+    for name in TABLES:
+        if (table := getattr(recipe, name)) is not None:
+            values.update({f"{name}.{key}": value for key, value in dataclasses.asdict(table).items()})
+    return values
+
+
+def changed_values(before: Recipe, now: Recipe) -> list[tuple[str, object, object]]:
+    """(key, value before, value now) of every key whose value differs, in the recipe's order (None: not there)."""
+    old, new = recipe_values(before), recipe_values(now)
+    keys = list(old) + [k for k in new if k not in old]
+    return [(k, old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)]
+
+
+def trains(stage: str, key: str) -> bool:
+    """Whether a recipe key changes what `stage` learns (see TRAINED_BY)."""
+    table, _, name = key.partition(".")
+    return table in TRAINED_BY[stage] and not (table == stage and name in NOT_TRAINING)
+
+
+def toml_override(key: str, value) -> str:
+    """The `table.key=value` override that sets a value, as the command line takes it."""
+    return f"{key}={_toml_value(value)}"
+
+
 def _cross_checks(t: dict) -> list[str]:
     out = []
     if t["stage1"].template != "plain":
@@ -382,18 +423,25 @@ def _cross_checks(t: dict) -> list[str]:
     return out
 
 
-def _build_table(cls: type, name: str, values: dict) -> tuple[object, list[str]]:
+def _build_table(cls: type, name: str, values: dict) -> tuple[object, list[str], set[str]]:
+    """(the table, its unknown keys and type errors, the keys whose values had the wrong type: left at default)."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    problems = [f"{name}.{k}: unknown key{_did_you_mean(k, known, list_known=True)}" for k in values if k not in known]
-    kwargs = {}
-    for key in known & values.keys():
+    problems = [f"{name}.{k}: unknown key{_key_suggestion(name, k, known)}" for k in values if k not in known]
+    kwargs, mistyped = {}, set()
+    for key in sorted(known & values.keys(), key=list(values).index):
         value, problem = _coerce(values[key], hints[key])
         if problem:
             problems.append(f"{name}.{key}: {problem}")
+            mistyped.add(key)
         else:
             kwargs[key] = value
-    return cls(**kwargs), problems
+    return cls(**kwargs), problems, mistyped
+
+
+def _mentions(problem: str, keys) -> bool:
+    """Whether a problem's text names one of the keys ("max_steps" or "stage1.max_steps")."""
+    return any(re.search(rf"(?<!\w){re.escape(key)}(?!\w)", problem) for key in keys)
 
 
 def _coerce(value, hint) -> tuple[object, str | None]:
@@ -438,6 +486,43 @@ def _apply_override(raw: dict, item: str) -> list[str]:
 ALIASES = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "lr": "learning_rate",
            "batch_size": "per_device_train_batch_size", "epochs": "num_train_epochs",
            "grad_accum": "gradient_accumulation_steps", "scheduler": "lr_scheduler_type"}
+
+
+def _key_suggestion(table: str, word: str, known) -> str:
+    """What an unknown key of `table` was meant to be: an alias of one of its keys, else a key of another table that
+    it names (`stage2.lora_r` and `stage2.r` mean "lora.r"), else the closest key, of its own table unless another
+    table's is closer (`stage2.lora_alpah`: "lora.lora_alpha"); else the table's known keys."""
+    if ALIASES.get(word) in known:
+        return f', did you mean "{ALIASES[word]}"?'
+    elsewhere = [path for path, names in _keys_elsewhere(table).items() if word in names]
+    if elsewhere:
+        quoted = " or ".join(f'"{path}"' for path in elsewhere[:3])
+        return f", did you mean {quoted}?"
+    own = {c: c for c in known} | {a: t for a, t in ALIASES.items() if t in known}
+    other = {name: path for path, names in _keys_elsewhere(table).items() for name in names}
+    scored = [(_likeness(word, c), meant, 0.5) for c, meant in own.items()] + \
+        [(_likeness(word, c), meant, 0.75) for c, meant in other.items()]  # another table's key must be closer
+    close = [(score, meant) for score, meant, cutoff in scored if score >= cutoff]
+    if not close:
+        return f" (known: {', '.join(sorted(known))})"
+    return f', did you mean "{max(close, key=lambda pair: pair[0])[1]}"?'  # of equals, the first: the table's own
+
+
+def _likeness(word: str, candidate: str) -> float:
+    return difflib.SequenceMatcher(None, candidate, word).ratio()  # as difflib.get_close_matches scores
+
+
+def _keys_elsewhere(table: str) -> dict[str, set[str]]:
+    """Every key of the other tables ("lora.r") -> the names a user may give it in `table`: the key, the key
+    prefixed with its table ("lora_r"), and their aliases ("rank", "lora_rank")."""
+    out = {}
+    for other, hint in TABLES.items():
+        if other == table:
+            continue
+        for f in dataclasses.fields(_strip_optional(hint)):
+            names = {f.name} | {alias for alias, target in ALIASES.items() if target == f.name}
+            out[f"{other}.{f.name}"] = names | {f"{other}_{name}" for name in names}
+    return out
 
 
 def _did_you_mean(word: str, choices, list_known: bool = False) -> str:

@@ -10,7 +10,9 @@ synthetic: the files are read by the normal LLaVA JSON loader.
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -139,43 +141,74 @@ def prepare(synthetic, vision_tower: str, decoder: str, say=print, llava: str = 
     """Write the dataset and tiny checkpoints the recipe names, unless identical ones are already there: the tower
     and the decoder, and with `synthetic.llava_next` a LLaVA-NeXT checkpoint made of them at `llava`.
 
-    A marker file records what was written; a folder without one is never overwritten.
+    A marker file records what was written; a folder without one is never overwritten. Each folder is written
+    under a private name and renamed into place, so that a chat, serve or finetune reading it meanwhile never
+    finds half a file.
     """
     data_dir = Path(synthetic.data_dir)
     sizes = NEXT_IMAGE_SIZES if synthetic.llava_next else (IMAGE_SIZE,)
     data_key = {"version": FORMAT_VERSION, "train_samples": synthetic.train_samples,
                 "eval_samples": synthetic.eval_samples, "seed": synthetic.seed, "image_sizes": sizes}
-    if _marker(data_dir) != json.loads(json.dumps(data_key)):
-        _refuse_foreign(data_dir)
-        say(f"writing the synthetic shapes dataset to {data_dir} ({synthetic.train_samples} training samples)")
-        write_shapes_dataset(data_dir, synthetic.train_samples, synthetic.eval_samples, synthetic.seed, sizes)
-        _write_marker(data_dir, data_key)
+    _provide(data_dir, data_key, f"writing the synthetic shapes dataset to {data_dir} ({synthetic.train_samples} "
+             "training samples)", say, lambda folder: write_shapes_dataset(
+                 folder, synthetic.train_samples, synthetic.eval_samples, synthetic.seed, sizes))
     # A LLaVA-NeXT tower sees small tiles (tiny.NEXT_TILE px), several per picture.
     tower_sizes = {"image_size": tiny.NEXT_TILE, "patch_size": tiny.NEXT_PATCH} if synthetic.llava_next else {}
     vision_key = {"version": FORMAT_VERSION, "kind": synthetic.vision_family, "seed": synthetic.seed, **tower_sizes}
-    if _marker(Path(vision_tower)) != vision_key:
-        _refuse_foreign(Path(vision_tower))
-        say(f"writing a tiny {synthetic.vision_family} vision tower to {vision_tower}")
-        tiny.write_vision_tower(Path(vision_tower), synthetic.seed, synthetic.vision_family, **tower_sizes)
-        _write_marker(Path(vision_tower), vision_key)
+    _provide(Path(vision_tower), vision_key, f"writing a tiny {synthetic.vision_family} vision tower to {vision_tower}",
+             say, lambda folder: tiny.write_vision_tower(folder, synthetic.seed, synthetic.vision_family,
+                                                         **tower_sizes))
     if synthetic.decoder_family == "smollm2":  # real weights: the same whatever the data
         decoder_key = {"version": FORMAT_VERSION, "kind": "smollm2"}
+        write_decoder = tiny.write_smollm2
     else:
         decoder_key = {**data_key, "kind": synthetic.decoder_family}
-    if _marker(Path(decoder)) != decoder_key:
-        _refuse_foreign(Path(decoder))
-        say(f"writing the {synthetic.decoder_family} decoder and tokenizer to {decoder}")
-        if synthetic.decoder_family == "smollm2":
-            tiny.write_smollm2(Path(decoder))
-        else:
-            tiny.write_decoder(Path(decoder), synthetic.decoder_family, corpus(data_dir), synthetic.seed)
-        _write_marker(Path(decoder), decoder_key)
-    next_key = {"version": FORMAT_VERSION, "kind": "llava_next", "vision": vision_key, "decoder": decoder_key}
-    if synthetic.llava_next and _marker(Path(llava)) != json.loads(json.dumps(next_key)):
-        _refuse_foreign(Path(llava))
-        say(f"writing a tiny LLaVA-NeXT checkpoint (anyres, {tiny.NEXT_TILE} px tiles) to {llava}")
-        tiny.write_llava_next(Path(llava), Path(vision_tower), Path(decoder), synthetic.seed)
-        _write_marker(Path(llava), next_key)
+
+        def write_decoder(folder):
+            tiny.write_decoder(folder, synthetic.decoder_family, corpus(data_dir), synthetic.seed)
+    _provide(Path(decoder), decoder_key, f"writing the {synthetic.decoder_family} decoder and tokenizer to {decoder}",
+             say, write_decoder)
+    if synthetic.llava_next:
+        next_key = {"version": FORMAT_VERSION, "kind": "llava_next", "vision": vision_key, "decoder": decoder_key}
+        _provide(Path(llava), next_key, f"writing a tiny LLaVA-NeXT checkpoint (anyres, {tiny.NEXT_TILE} px tiles) "
+                 f"to {llava}", say, lambda folder: tiny.write_llava_next(folder, Path(vision_tower), Path(decoder),
+                                                                          synthetic.seed))
+
+
+def _provide(folder: Path, key: dict, message: str, say, write) -> None:
+    """`folder` as `key` describes it: kept when its marker records that key, else written by `write(path)` to a
+    private folder beside it, marked, and renamed into place."""
+    key = json.loads(json.dumps(key))  # as the marker reads back: a tuple is a list in JSON
+    if _marker(folder) == key:
+        return
+    _refuse_foreign(folder)
+    say(message)
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write(partial)
+        _write_marker(partial, key)
+        _swap_in(partial, folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _swap_in(new: Path, folder: Path) -> None:
+    """Put the folder `new` at `folder`, in place of the one there. A reader sees the old folder or the new one,
+    never a mix (between the two renames, none). Another process that put its own in place first wins: what it
+    wrote is the same."""
+    old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
+    try:
+        folder.rename(old)
+    except FileNotFoundError:
+        pass
+    try:
+        new.rename(folder)
+    except OSError:
+        if _marker(folder) != _marker(new):  # not another process's identical folder, put in place meanwhile
+            raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 FORMAT_VERSION = 4

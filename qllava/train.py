@@ -30,11 +30,12 @@ from .evaluate import HeldOut
 from .packing import Collator, Rows, TokenCounts
 from .preflight import check_inputs
 from .recipe import Recipe, check_report_to
+from .resume import check_recipe, resume_points, store_recipe
 from .run import RunFolder
-from .trainer import QllavaTrainer, latest_checkpoint
+from .trainer import QllavaTrainer
 
-# Run-level metrics each stage (re)measures: its own summary and the held-out points scored with it.
-REDONE = {"stage1": ("stage1", "_before"), "stage2": ("stage2", "_blank_images")}
+# The held-out points each stage's model is scored at ("before": the first stage's starting model).
+POINTS = {"stage1": ("stage1",), "stage2": ("stage2", "blank_images")}
 
 
 @dataclass
@@ -51,16 +52,22 @@ def finetune(recipe: Recipe, stages=None, overwrite: bool = False, resume: bool 
 
     `progress(stage_name)` returns a function that receives progress events (dicts) during training.
     With `resume`, finished stages are kept and an unfinished one continues from its latest complete
-    checkpoint. Under torchrun / accelerate launch, every process trains and only the main one writes and
-    prints.
+    checkpoint, with the recipe it started with. Under torchrun / accelerate launch, every process trains and only
+    the main one writes and prints.
     """
     stages = stages or recipe.stages()
     check_report_to(recipe, stages)
-    state = PartialState()
+    # On CPU, as the trainer runs (use_cpu): without cpu=True, accelerate sees no process group under torchrun before
+    # the trainer sets one up, and every process took itself for the main one (each claimed the run folder).
+    state = PartialState(cpu=not torch.cuda.is_available())
     say = say if state.is_main_process else _silent
     run = RunFolder(recipe.run_dir)
     run.check_claim(stages, overwrite, resume)
     to_run = [name for name in stages if not (resume and run.complete(name))]
+    # Before anything is written: the checkpoints a resume continues from, and that the recipe is the one the stages
+    # continued or built on were trained with.
+    points = resume_points(recipe, run, to_run, say) if resume else {}
+    check_recipe(recipe, run, to_run, points, say)
     with state.main_process_first():
         if state.is_main_process and recipe.synthetic:
             synthetic.prepare(recipe.synthetic, recipe.model.vision_tower, recipe.model.decoder, say=say,
@@ -71,28 +78,37 @@ def finetune(recipe: Recipe, stages=None, overwrite: bool = False, resume: bool 
     _check_projector_source(recipe, to_run)
     metrics = _read_json(run.metrics_file)
     if not resume:  # what the stages about to run will measure again must not survive from an older run
-        metrics = {k: v for k, v in metrics.items() if not any(k.endswith(p) for s in stages for p in REDONE[s])}
-    heldout = HeldOut(recipe, say, done=metrics if resume else {}) if recipe.eval.at else None
+        redone = [ending for name in stages for ending in _redone(recipe, name)]
+        metrics = {k: v for k, v in metrics.items() if not k.endswith(tuple(redone))}
+    heldout = HeldOut(recipe, say, done=metrics) if recipe.eval.at else None
+    if heldout:
+        _say_unscorable(heldout, run, to_run, say)
     prepare_data(recipe, to_run)
     with state.main_process_first():
         if state.is_main_process:
             run.claim(stages, overwrite, resume)
     for name in stages:
         if name in to_run:
-            checkpoint = latest_checkpoint(run.checkpoints(name)) if resume else None
-            if checkpoint:
-                say(f"{name}: resuming from {checkpoint}")
-            metrics[name] = run_stage(recipe, name, progress, say, heldout, checkpoint).metrics
+            if name in points:
+                say(f"{name}: resuming from {points[name]}")
+            metrics[name] = run_stage(recipe, name, progress, say, heldout, points.get(name)).metrics
         else:
             say(f"{name}: already complete in {run.stage(name)}, kept")
             metrics[name] = _read_json(run.stage(name) / "metrics.json")
-            if heldout:
-                score_saved_stage(recipe, name, heldout)
         if heldout:
             metrics.update(heldout.scores)
         if state.is_main_process:
             _write_json(run.metrics_file, metrics)
+    if heldout and state.is_main_process and any(heldout.unscored(p) for p in recipe.eval.at):
+        score_saved_stages(recipe, heldout)
+        metrics.update(heldout.scores)
+        _write_json(run.metrics_file, metrics)
     return metrics
+
+
+def first_stage(recipe: Recipe) -> str:
+    """The stage a run starts with, whose starting model is the "before" point."""
+    return "stage1" if recipe.stage1.enabled else "stage2"
 
 
 def prepare_data(recipe: Recipe, names) -> None:
@@ -106,26 +122,44 @@ def prepare_data(recipe: Recipe, names) -> None:
             stage_dataset(recipe, name, processor.tokenizer, geometry)
 
 
-def score_saved_stage(recipe: Recipe, name: str, heldout: HeldOut) -> None:
-    """Held-out points of a complete stage that were never scored (a run that failed while scoring, then resumed):
-    scored now on the stage as saved ("before" on stage 1's starting model, rebuilt from its seed)."""
-    points = {"stage1": ("before", "stage1"), "stage2": ("stage2", "blank_images")}[name]
-    missing = [point for point in points if heldout.unscored(point)]
-    if not missing or not PartialState().is_main_process:
-        return
-    if "before" in missing:
-        build_stage_model(recipe, "stage1", heldout)
-    if set(missing) - {"before"}:
-        model, processor, _ = modeling.load_stage(RunFolder(recipe.run_dir).stage(name))
-        heldout.score(name, model, processor)
-        if name == "stage2":
-            heldout.score("blank_images", model, processor, blank_images=True)
+def score_saved_stages(recipe: Recipe, heldout: HeldOut) -> None:
+    """Held-out points the stages trained now did not score, scored on the stages as saved: a kept stage (a run
+    that failed while scoring, then resumed), a stage trained by an earlier command (`--stage 2` after
+    `--stage 1`), and "before" on the first stage's starting model, rebuilt from its seed."""
+    run = RunFolder(recipe.run_dir)
+    if heldout.unscored("before"):
+        build_stage_model(recipe, first_stage(recipe), heldout)
+    for name, points in POINTS.items():
+        missing = [point for point in points if heldout.unscored(point)]
+        if missing and run.complete(name):
+            model, processor, _ = modeling.load_stage(run.stage(name))
+            for point in missing:
+                heldout.score(point, model, processor, blank_images=point == "blank_images")
+
+
+def _say_unscorable(heldout: HeldOut, run: RunFolder, to_run, say) -> None:
+    """Name the held-out points the recipe asks for that this command cannot score: their stage is neither trained
+    now nor complete in the run folder."""
+    for name, points in POINTS.items():
+        missing = [point for point in points if heldout.unscored(point)]
+        if missing and name not in to_run and not run.complete(name):
+            say(f"eval.at: {', '.join(missing)} not scored: {run.stage(name)} is not complete and {name} is not among "
+                "the stages run now")
+
+
+def _redone(recipe: Recipe, name: str) -> tuple[str, ...]:
+    """Endings of the run-level metrics a stage measures again: its summary and the held-out points of its model
+    (and "before" for the first stage)."""
+    return (name, *(f"_{point}" for point in POINTS[name])) + (("_before",) if name == first_stage(recipe) else ())
 
 
 def run_stage(recipe: Recipe, name: str, progress=None, say=print, heldout: HeldOut | None = None,
               resume_from: Path | None = None) -> StageResult:
-    """One stage: build its model, build its data, train, save; held-out points scored around it."""
+    """One stage: store its recipe (unless it continues from a checkpoint: the recipe it started with stays), build
+    its model, build its data, train, save; held-out points scored around it."""
     state = PartialState()
+    if state.is_main_process and resume_from is None:
+        store_recipe(recipe, RunFolder(recipe.run_dir).stage(name))
     model, processor = build_stage_model(recipe, name, heldout)
     rows, collator, report = build_stage_data(recipe, name, model, processor, say)
     trainer, seconds = train_stage(recipe, name, model, processor, rows, collator, progress, resume_from)
@@ -135,21 +169,21 @@ def run_stage(recipe: Recipe, name: str, progress=None, say=print, heldout: Held
     if state.is_main_process:
         _save_stage(model, processor, recipe, out_dir, metrics, trainer.state.log_history, name)
     if heldout:
-        heldout.score(name, model, processor)
-        if name == "stage2":
-            heldout.score("blank_images", model, processor, blank_images=True)
+        for point in POINTS[name]:
+            heldout.score(point, model, processor, blank_images=point == "blank_images")
     state.wait_for_everyone()
     return StageResult(name, out_dir, metrics, model)
 
 
 def build_stage_model(recipe: Recipe, name: str, heldout: HeldOut | None = None):
     """(model, processor) of a stage, ready to train: the frozen base, its projector where the stage starts from
-    (trainable), and for stage 2 the LoRA adapter. The "before" point is scored on stage 1's untrained model."""
+    (trainable), and for stage 2 the LoRA adapter. The "before" point is scored on the first stage's untrained
+    model (before the adapter, which starts as the identity)."""
     set_seed(getattr(recipe, name).seed)  # the fresh projector and LoRA weights are drawn from it: a rerun is identical
     processor = modeling.build_processor(recipe.model)
     model = modeling.load_base_model(recipe, processor)
     _start_projector(model, recipe, name)
-    if name == "stage1" and heldout:
+    if name == first_stage(recipe) and heldout:
         heldout.score("before", model, processor)
     if name == "stage2":
         model = modeling.attach_lora(model, recipe.lora)
@@ -191,9 +225,14 @@ def train_stage(recipe: Recipe, name: str, model, processor, rows: Rows, collato
     return trainer, time.perf_counter() - started
 
 
-class LogLastStep(TrainerCallback):
-    """The last step is always logged: with max_steps < logging_steps (a short try) the trainer would log no loss at
-    all, and the stage would have no loss plot."""
+class LogAsRecipeSays(TrainerCallback):
+    """The first and the last step are always logged (SFTConfig's logging_first_step logs the first): with fewer
+    steps than logging_steps (a short try) the trainer would log one loss or none, and the summary would read
+    "5.851 -> 5.851". A stage continued from a checkpoint logs and saves at the recipe's logging_steps and
+    save_steps: transformers would keep those of the checkpoint's trainer state."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.logging_steps, state.save_steps = args.logging_steps, args.save_steps
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
@@ -245,7 +284,7 @@ def _build_trainer(model, processor, rows: Rows, collator: Collator, cfg, checkp
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_ratio,
         lr_scheduler_type=cfg.lr_scheduler_type, weight_decay=cfg.weight_decay, seed=cfg.seed,
-        logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
+        logging_steps=cfg.logging_steps, logging_first_step=True, save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500, save_total_limit=2, activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False}, bf16=cuda and dtype == torch.bfloat16,
         fp16=cuda and dtype == torch.float16, use_cpu=not cuda, disable_tqdm=True, report_to=cfg.report_to or "none",
@@ -257,7 +296,7 @@ def _build_trainer(model, processor, rows: Rows, collator: Collator, cfg, checkp
                             processing_class=processor, optimizers=(optimizer, None), callbacks=callbacks)
     _trainable_to_float32(model)  # TRL casts trainable weights of a 4-bit model to bf16; keep float32 masters
     trainer.add_callback(_EpochRows(rows))
-    trainer.add_callback(LogLastStep())
+    trainer.add_callback(LogAsRecipeSays())
     trainer.remove_callback(PrinterCallback)  # progress is the caller's (the CLI's rich display)
     return trainer
 
@@ -337,10 +376,13 @@ def _trainable_to_float32(model) -> None:
 
 
 def _stage_metrics(trainer, report, counts: TokenCounts, seconds: float, name: str, model) -> dict:
+    """A stage's figures. `seconds` and `counts` are those of the last training segment (the token rates are its);
+    a resumed stage's time adds the segments before it (up to the checkpoint it continued from)."""
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"stage": name, "steps": trainer.state.global_step, "first_loss": losses[0] if losses else None,
-            "final_loss": losses[-1] if losses else None, "train_seconds": round(seconds, 2),
+            "final_loss": losses[-1] if losses else None, "train_seconds": round(trainer.earlier.seconds + seconds, 2),
+            "resumed_at": trainer.earlier.resumed_at,
             "tokens_per_s": counts.tokens / seconds, "label_tokens_per_s": counts.label_tokens / seconds,
             "pad_fraction": counts.pad_fraction, "trainable_params": trainable,
             "attn_implementation": model.config._attn_implementation, "peak_memory_gib": peak_memory_gib(),
@@ -355,7 +397,7 @@ def _save_stage(model, processor, recipe: Recipe, out_dir: Path, metrics: dict, 
         model.save_pretrained(out_dir)  # the PEFT adapter (and modules_to_save) only
     processor.save_pretrained(out_dir)
     (out_dir / "README.md").write_text(stage_card(recipe, name, metrics))  # over PEFT's blank template
-    (out_dir / "recipe.toml").write_text(recipe.to_toml())
+    store_recipe(recipe, out_dir)  # equal, in every value that changes what it learns, to the one it started with
     _write_json(out_dir / "log_history.json", log_history)
     _plot_loss(log_history, out_dir / "loss.png", name)
     _write_json(out_dir / "metrics.json", metrics)  # last: its presence means the stage is complete

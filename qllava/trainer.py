@@ -4,8 +4,9 @@ batches it trains on, and checkpoints that hold what a resumed run needs and not
 A checkpoint (RUN/stageN/checkpoints/checkpoint-STEP) holds the trainable weights only (LoRA adapter and
 projector; never the frozen 4-bit base, which is gigabytes), the optimizer, the scheduler, the RNG states
 and the trainer state (step, epoch: with the seeded row sampler, the data position). A marker file written
-after everything else makes it complete: a crash while writing leaves an unmarked folder that resume
-skips, so the previous checkpoint stays the one used.
+after everything else lists every file with its size, and the training time so far. A checkpoint is complete
+only with its marker and every file a resume reads, at the size written: transformers would resume from one
+without optimizer.pt or scheduler.pt with a fresh optimizer and a restarted warmup, and say nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -24,6 +26,10 @@ from . import model as modeling
 from .packing import REAL_TOKENS, Rows, SimilarLengthSampler, TokenCounts
 
 COMPLETE = "qllava_complete.json"
+# What a resume reads from a checkpoint, besides the adapter (stage 2), the RNG state of each process (rng_state.pth,
+# or rng_state_N.pth under several processes) and fp16's gradient scaler (scaler.pt) where one was written.
+RESUME_READS = ("trainer_state.json", "optimizer.pt", "scheduler.pt", modeling.PROJECTOR_FILE)
+ADAPTER_FILE = "adapter_model.safetensors"
 
 
 class TokenCounter(TrainerCallback):
@@ -54,6 +60,18 @@ class QllavaTrainer(SFTTrainer):
         self.rows = rows
         self.token_counter = TokenCounter()
         self.callback_handler.callbacks.insert(0, self.token_counter)  # first: the others see its rates
+        self.earlier = Segments()
+        self.segment_started = time.perf_counter()
+
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs):
+        """Train, from a checkpoint when given: the segments trained before it (time, resume steps) carry on."""
+        self.earlier = Segments.of(Path(resume_from_checkpoint)) if resume_from_checkpoint else Segments()
+        self.segment_started = time.perf_counter()
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def train_seconds(self) -> float:
+        """Training time of the stage so far, over every segment that led to this one."""
+        return self.earlier.seconds + time.perf_counter() - self.segment_started
 
     def get_train_dataloader(self):
         return self._get_dataloader(dataset=self.rows, description="Training", batch_size=self._train_batch_size,
@@ -82,9 +100,15 @@ class QllavaTrainer(SFTTrainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every process's RNG file is written before the marker lists them
         if self.args.should_save:
             folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-            (folder / COMPLETE).write_text(json.dumps({"step": self.state.global_step}))
+            files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+            marker = {"step": self.state.global_step, "files": files, "processes": self.args.world_size,
+                      "train_seconds": round(self.train_seconds(), 2), "resumed_at": self.earlier.resumed_at}
+            partial = folder / f"{COMPLETE}.partial"
+            partial.write_text(json.dumps(marker))
+            partial.replace(folder / COMPLETE)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.accelerator.unwrap_model(model or self.model)
@@ -92,16 +116,58 @@ class QllavaTrainer(SFTTrainer):
         modeling.load_projector(model, folder / modeling.PROJECTOR_FILE)
         if hasattr(model, "peft_config"):
             from peft import set_peft_model_state_dict
-            result = set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+            result = set_peft_model_state_dict(model, load_file(str(folder / ADAPTER_FILE)))
             if result.unexpected_keys:
                 raise ValueError(f"{folder}: adapter weights that this model has no place for: "
                                  f"{result.unexpected_keys[:3]}")
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint-STEP in a stage's checkpoints folder, or None."""
+@dataclass(frozen=True)
+class Segments:
+    """What the training segments before a resume leave to the stage's record: their training time (up to the
+    checkpoint; steps trained after it were lost and are trained again) and the steps it was resumed at."""
+
+    seconds: float = 0.0
+    resumed_at: list = field(default_factory=list)
+
+    @classmethod
+    def of(cls, checkpoint: Path) -> "Segments":
+        """The segments that led to a checkpoint, as the segment resuming from it will record them."""
+        marker = json.loads((checkpoint / COMPLETE).read_text())
+        return cls(marker.get("train_seconds", 0.0), marker.get("resumed_at", []) + [marker["step"]])
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """The checkpoint-STEP folders of a stage's checkpoints folder, newest first."""
     if not folder.is_dir():
-        return None
-    steps = [(int(m.group(1)), p) for p in folder.iterdir()
-             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / COMPLETE).exists()]
-    return max(steps)[1] if steps else None
+        return []
+    steps = [(int(m.group(1)), p) for p in folder.iterdir() if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
+    return [p for _, p in sorted(steps, reverse=True)]
+
+
+def checkpoint_problem(checkpoint: Path, lora: bool) -> str | None:
+    """What keeps a checkpoint from being resumed from (a file it lacks, or one cut short), or None when it holds
+    every file a resume reads, as written. `lora`: the stage trains an adapter, which the checkpoint must hold
+    (a marker written by an older qllava lists no files)."""
+    marker_file = checkpoint / COMPLETE
+    if not marker_file.exists():
+        return f"it has no {COMPLETE} (writing it was cut short)"
+    try:
+        marker = json.loads(marker_file.read_text())
+    except ValueError:
+        return f"its {COMPLETE} is not valid JSON"
+    written = marker.get("files", {})
+    processes = marker.get("processes", 1)
+    rng = ["rng_state.pth"] if processes == 1 else [f"rng_state_{i}.pth" for i in range(processes)]
+    scaler = ["scaler.pt"] if "scaler.pt" in written else []  # fp16 training's gradient scaler
+    for name in [*RESUME_READS, *([ADAPTER_FILE] if lora else []), *rng, *scaler]:
+        if not (checkpoint / name).is_file():
+            return f"it lacks {name}"
+        if name in written and (checkpoint / name).stat().st_size != written[name]:
+            return f"its {name} is {(checkpoint / name).stat().st_size:,} bytes, {written[name]:,} when written"
+    return None
+
+
+def latest_checkpoint(folder: Path, lora: bool) -> Path | None:
+    """The newest complete checkpoint-STEP in a stage's checkpoints folder, or None."""
+    return next((p for p in checkpoints(folder) if checkpoint_problem(p, lora) is None), None)

@@ -158,3 +158,31 @@ def test_the_readme_names_every_recipe_key():
         cls = [c for c in getattr(cls, "__args__", (cls,)) if c is not type(None)][0]
         missing = [f.name for f in dataclasses.fields(cls) if f"`{f.name}`" not in row]
         assert not missing, f"README's [{table}] row lacks {missing}"
+
+
+def test_stage_2_alone_scores_before_on_the_first_stages_starting_model(trained_run, tiny_inputs, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(trained_run / "stage1", run / "stage1")  # stage 1 trained by an earlier command, never scored
+    assert main(["finetune", str(TINY_RECIPE), "--stage", "2", *tiny_overrides(tiny_inputs, run), "stage1.max_steps=30",
+                 "stage2.max_steps=1", 'eval.at=["before", "stage1"]', "eval.limit=36", "eval.batch_size=36"]) == 0
+    out = capsys.readouterr().out
+    metrics, want = (json.loads((r / "metrics.json").read_text()) for r in (run, trained_run))
+    # stage 1's untrained model, rebuilt from its seed, answers as it did when the whole run scored it
+    for key in ("accuracy_before", "by_category_before", "accuracy_stage1", "by_category_stage1"):
+        assert metrics[key] == want[key], key
+    assert "held-out accuracy before: " in out and f"run written to {run} (metrics.json, stage1/, stage2/)" in out
+
+
+def test_a_run_without_stage_1_scores_before_on_stage_2s_start_and_names_what_it_cannot_score(tiny_inputs, tmp_path,
+                                                                                               capsys):
+    run = tmp_path / "run"
+    assert main(["finetune", str(TINY_RECIPE), *tiny_overrides(tiny_inputs, run), "stage1.enabled=false",
+                 'stage2.projector="fresh"', "stage2.max_steps=1", 'eval.at=["before", "stage1"]', "eval.limit=12",
+                 "eval.batch_size=12"]) == 0
+    out = capsys.readouterr().out
+    assert f"eval.at: stage1 not scored: {run / 'stage1'} is not complete and stage1 is not among the stages run " \
+           "now" in out
+    assert f"run written to {run} (metrics.json, stage2/)" in out and not (run / "stage1").exists()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0 <= metrics["accuracy_before"] <= 1 and "accuracy_stage1" not in metrics

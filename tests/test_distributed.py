@@ -24,7 +24,9 @@ sys.exit(status)
 
 def stage2(tiny_inputs, trained_run, run, launcher, rows, accumulation):
     shutil.copytree(trained_run / "stage1", run / "stage1")
+    # stage1.max_steps: the value trained_run's stage 1 was trained with (stage 2 refuses to build on it otherwise)
     overrides = tiny_overrides(tiny_inputs, run) + ["stage2.max_steps=10", "stage2.logging_steps=2", "eval.at=[]",
+                                                    "stage1.max_steps=30",
                                                     f"stage2.per_device_train_batch_size={rows}",
                                                     f"stage2.gradient_accumulation_steps={accumulation}"]
     done = subprocess.run([*launcher, "finetune", str(TINY_RECIPE), "--stage", "2", *overrides],

@@ -1,5 +1,6 @@
 """Recipes: every shipped recipe validates; every error message names the TOML path and the fix."""
 
+import json
 import tomllib
 from pathlib import Path
 
@@ -118,3 +119,76 @@ def test_missing_recipe_file(tmp_path):
     with pytest.raises(RecipeError) as e:
         load_recipe(tmp_path / "nope.toml")
     assert e.value.problems == [f"recipe file not found (looked in {Path.cwd()})"]
+
+
+def test_a_type_error_does_not_hide_the_other_problems_of_its_table():
+    found = problems({**MINIMAL, "lora": {"r": "eight", "lora_dropout": 1.5, "lora_alpha": 0},
+                      "stage2": {"data": ["c.json"], "template": "vicuna_v1", "max_steps": "ten", "learning_rate": -1,
+                                 "num_train_epochs": 0}})
+    assert found == ["lora.r: expected an integer, got a string 'eight'", "lora.lora_alpha: must be > 0, got 0",
+                     "lora.lora_dropout: must be in [0, 1), got 1.5",
+                     "stage2.max_steps: expected an integer, got a string 'ten'",
+                     "stage2.learning_rate: must be > 0, got -1.0"]
+    # "set num_train_epochs > 0 or max_steps > 0" would judge max_steps's default: it waits for a max_steps that reads
+
+
+def test_cross_checks_run_beside_other_problems_but_never_on_a_mistyped_value():
+    found = problems({**MINIMAL, "lora": {"r": "eight"}, "stage1": {"data": ["a"], "template": "vicuna_v1"}})
+    assert found == ["lora.r: expected an integer, got a string 'eight'",
+                     'stage1.template: stage 1 (alignment) uses the "plain" template, as LLaVA does']
+    # stage2.template mistyped: its default ("plain") must not be reported as the wrong template
+    assert problems({**MINIMAL, "stage2": {"data": ["c"], "template": 2}}) == [
+        "stage2.template: expected a string, got an integer 2"]
+    # a table given as another type is one problem, not also its defaults' ("output.dir: required")
+    assert problems({**MINIMAL, "output": "runs/x"}) == ["output: must be a table ([output]), got a str"]
+
+
+@pytest.mark.parametrize("table,key,meant", [
+    ("stage2", "lora_r", '"lora.r"'), ("stage2", "r", '"lora.r"'), ("stage2", "lora_alpha", '"lora.lora_alpha"'),
+    ("stage2", "rank", '"lora.r"'), ("model", "load_in_4bit", '"quantization.load_in_4bit"'),
+    ("stage1", "eval_batch_size", '"eval.batch_size"'), ("stage2", "lora_alpah", '"lora.lora_alpha"'),
+    ("lora", "learning_rate", '"stage1.learning_rate" or "stage2.learning_rate"'),
+    ("data", "dir", '"output.dir"'), ("eval", "max_seq_len", '"stage1.max_seq_len" or "stage2.max_seq_len"')])
+def test_a_key_in_the_wrong_table_is_offered_where_it_belongs(table, key, meant):
+    raw = {**MINIMAL, table: {**MINIMAL.get(table, {}), key: 8}}
+    assert problems(raw) == [f"{table}.{key}: unknown key, did you mean {meant}?"]
+    assert problems(MINIMAL, [f"{table}.{key}=8"]) == [f"{table}.{key}: unknown key, did you mean {meant}?"]
+
+
+def test_a_table_keeps_its_own_close_keys_first():
+    assert problems(MINIMAL, ["stage2.max_stpes=3"]) == ['stage2.max_stpes: unknown key, did you mean "max_steps"?']
+    assert problems(MINIMAL, ["stage2.batch_size=3"]) == [
+        'stage2.batch_size: unknown key, did you mean "per_device_train_batch_size"?']
+    assert problems(MINIMAL, ["stage2.seed=3", "lora.seed=1"]) == [
+        'lora.seed: unknown key, did you mean "stage1.seed" or "stage2.seed" or "synthetic.seed"?']
+
+
+@pytest.mark.parametrize("name", ["DATA.JSON", "Data.Json", "DATA.JSONL"])
+def test_a_data_file_with_an_upper_case_extension_is_llava_json(tmp_path, name):
+    from qllava.data import _json_samples, is_llava_json
+    from qllava.preflight import data_problem
+    samples = [{"id": "a", "conversations": []}, {"id": "b", "conversations": []}]
+    path = tmp_path / name
+    path.write_text("\n".join(map(json.dumps, samples)) if name.endswith("L") else json.dumps(samples))
+    assert is_llava_json(str(path)) and data_problem(str(path)) is None
+    assert list(_json_samples(path)) == samples
+    assert data_problem(str(tmp_path / "MISSING.JSON")) == f"{tmp_path / 'MISSING.JSON'}: file not found"
+
+
+def test_changed_values_name_every_key_that_differs_and_which_change_training():
+    from qllava.recipe import changed_values, trains
+    before = recipe_from_dict(MINIMAL)
+    now = recipe_from_dict(MINIMAL, ["stage2.learning_rate=1e-5", "stage2.logging_steps=3", "eval.limit=4",
+                                     "lora.r=4", "stage1.max_steps=9", "synthetic.data_dir=d"])
+    changed = changed_values(before, now)
+    assert [(k, old, new) for k, old, new in changed if not k.startswith("synthetic.")] == [
+        ("lora.r", 128, 4), ("stage1.max_steps", -1, 9), ("stage2.learning_rate", 2e-4, 1e-5),
+        ("stage2.logging_steps", 10, 3), ("eval.limit", 0, 4)]
+    assert ("synthetic.data_dir", None, "d") in changed  # a table one recipe lacks: its keys are unset there
+    assert {k for k, *_ in changed if trains("stage2", k)} == {"lora.r", "stage2.learning_rate"} | \
+        {k for k, *_ in changed if k.startswith("synthetic.")}
+    assert {k for k, *_ in changed if trains("stage1", k)} == {"stage1.max_steps"} | \
+        {k for k, *_ in changed if k.startswith("synthetic.")}
+    for key in ("stage2.save_steps", "stage2.report_to", "stage2.gradient_checkpointing", "stage2.enabled",
+                "data.num_proc", "output.dir", "eval.at"):
+        assert not trains("stage2", key), key

@@ -75,7 +75,7 @@ def test_losses_fall(stages):
     _, _, one, two = stages
     for result in (one, two):
         losses = [e["loss"] for e in json.loads((result.out_dir / "log_history.json").read_text()) if "loss" in e]
-        assert len(losses) == 10 and falling(losses), (result.name, losses)
+        assert len(losses) == 11 and falling(losses), (result.name, losses)  # steps 1, 4, 8, ..., 40
 
 
 def test_stage_outputs(stages):
@@ -144,11 +144,17 @@ def test_batches_are_the_same_with_any_number_of_workers(tiny_recipe, monkeypatc
     assert epochs[4] == 1.0 and epochs[-1] > 1.0
 
 
-def test_a_stage_shorter_than_its_logging_steps_logs_its_last_step(tiny_recipe):
-    result = train.run_stage(tiny_recipe("stage1.max_steps=3", "stage1.logging_steps=10", "eval.at=[]"), "stage1")
+@pytest.mark.parametrize("steps,logging,logged", [(3, 10, [1, 3]), (7, 3, [1, 3, 6, 7]), (2, 1, [1, 2])])
+def test_a_stage_logs_its_first_and_last_step_whatever_its_logging_steps(tiny_recipe, steps, logging, logged):
+    result = train.run_stage(tiny_recipe(f"stage1.max_steps={steps}", f"stage1.logging_steps={logging}",
+                                         "eval.at=[]"), "stage1")
     history = json.loads((result.out_dir / "log_history.json").read_text())
-    assert [e["step"] for e in history if "loss" in e] == [3] and result.metrics["final_loss"] > 0
-    assert (result.out_dir / "loss.png").exists()
+    losses = {e["step"]: e["loss"] for e in history if "loss" in e}
+    assert list(losses) == logged and (result.out_dir / "loss.png").exists()
+    # the summary's "first -> last" spans the stage: never one loss shown twice
+    assert (result.metrics["first_loss"], result.metrics["final_loss"]) == (losses[1], losses[steps])
+    assert result.metrics["first_loss"] != result.metrics["final_loss"]
+    assert result.metrics["resumed_at"] == [] and result.metrics["train_seconds"] > 0
 
 
 def test_the_loss_plot_does_not_make_a_flat_loss_look_steep():

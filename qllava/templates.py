@@ -80,12 +80,14 @@ def render(template: str, turns: list[tuple[str, str]], bos: str, eos: str,
     text does not include the BOS token the tokenizer adds (if it adds one).
     A conversation to train on is refused (TemplateError) where official LLaVA's labels would not be the
     assistant turns: a turn holding one of the tokenizer's `special_tokens`, or a template separator.
+    A user turn that is only the image is rendered as the tag alone (see image_only).
     """
     spec = template_spec(template)
     if system is not None and not spec.system:
         raise TemplateError(f"the {template} template has no system prompt to replace")
     system = spec.system if system is None else system
     _check_turns(turns, generation_prompt)
+    turns = [(role, IMAGE_TAG if role == "user" and image_only(text) else text) for role, text in turns]
     if not generation_prompt:
         _check_no_special_tokens(turns + [("system", system)], special_tokens)
     if spec.style == "plain":
@@ -97,6 +99,17 @@ def render(template: str, turns: list[tuple[str, str]], bos: str, eos: str,
     if not generation_prompt:
         _check_rounds(rendered.text, spec.assistant_separator, eos)
     return rendered
+
+
+def image_only(text: str) -> bool:
+    """Whether a user turn holds the image and nothing else (whitespace aside).
+
+    LLaVA's preprocess_multimodal writes such a turn as "<image>" + "\n" and strips it, so it is trained as the
+    tag alone, and the template's text resumes right after the image ("<image> ASSISTANT:"). Prompts put the
+    image first as "<image>\n" + question (LLaVA's inference scripts do so too); with no question that newline
+    would be one token the model never saw after an image in training, so render drops it.
+    """
+    return text.strip() == IMAGE_TAG
 
 
 def template_spec(name: str) -> Template:
@@ -210,10 +223,13 @@ def chat_template(template: str, bos_first: bool) -> str:
     needed: every space in it is output.
     """
     spec = template_spec(template)
-    content = ("{% macro content(m) %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
-               "{% for p in m['content'] if p['type'] == 'image' %}<image>\n{% endfor %}"
-               "{% for p in m['content'] if p['type'] == 'text' %}{{ p['text'] }}{% endfor %}"
-               "{% endif %}{% endmacro %}")
+    # A user message that is only the image is written as the tag alone, as render writes it (image_only).
+    content = ("{% macro content(m) %}{% if m['content'] is string %}"
+               "{{ '<image>' if m['role'] == 'user' and m['content'] | trim == '<image>' else m['content'] }}"
+               "{% else %}{% set images = m['content'] | selectattr('type', 'equalto', 'image') | list %}"
+               "{% set text %}{% for p in m['content'] if p['type'] == 'text' %}{{ p['text'] }}{% endfor %}{% endset %}"
+               "{% for p in images %}<image>{{ '\\n' if text | trim or not loop.last else '' }}{% endfor %}"
+               "{% if text | trim or not images %}{{ text }}{% endif %}{% endif %}{% endmacro %}")
     # How many leading messages are the system prompt (0 or 1), and the system prompt itself.
     system = ("{% set first = 1 if messages and messages[0]['role'] == 'system' else 0 %}"
               "{% set system %}{% if first %}{{ content(messages[0]) }}{% else %}" + spec.system +

@@ -36,6 +36,11 @@ FRAGMENTS = ["What is", "the", "color", "of", "12", "3.5", "%", "(a)", "B.", "\n
              "Äpfel", "OCR:", "\"", "'", "-", "http://x.y/z", "1,000", "x = 2", "```",
              "Answer the question using a single word or phrase.", "Yes", "No", "A.", "Options:", "naïve", "ß",
              "…", "—", "</", "s>", "[", "]"]
+# A human turn that is only the image, as captioning data written for the conversation templates has it: the
+# template's own text (" ASSISTANT:", " [/INST]") resumes right after the image.
+IMAGE_ONLY_TURNS = {"bare": "<image>", "newline": "<image>\n", "newline_first": "\n<image>",
+                    "spaces": "  <image>  ", "tab_newlines": "\t<image>\n\n"}
+IMAGE_ONLY_ANSWERS = ("word", "digit", "newline", "space", "cjk", "emoji", "single_char")
 
 
 def conversations(random_samples: int = 150) -> list[dict]:
@@ -62,15 +67,33 @@ def conversations(random_samples: int = 150) -> list[dict]:
                        ("newline_q", "\n", "x")):
         out.append(_sample(f"edge-img-{name}", [(q, a)], image=True))
         out.append(_sample(f"edge-txt-{name}", [(q, a)]))
-    return out + _random_conversations(random_samples, seed=0)
+    return out + _image_only_conversations() + _random_conversations(random_samples, seed=0)
 
 
 def captions(random_samples: int = 60) -> list[dict]:
     """Stage-1 samples (the plain template): each answer above as a caption."""
     answers = list(ANSWER_STARTS.items()) + list(HOSTILE_ANSWERS.items()) + [("empty", "")]
     out = [_sample(f"cap-{name}", [("<image>\nDescribe the image briefly.", a)], image=True) for name, a in answers]
+    out += [_sample(f"cap-imgonly-{form}", [(human, "A cat on a mat.")], image=True)
+            for form, human in IMAGE_ONLY_TURNS.items()]
     rng = random.Random(1)
     return out + [_sample(f"cap-rand-{i}", [("<image>", _fragment(rng))], image=True) for i in range(random_samples)]
+
+
+def _image_only_conversations() -> list[dict]:
+    """The image alone as a human turn: first, in the middle of a multi-turn conversation, and later."""
+    out = []
+    for form, human in IMAGE_ONLY_TURNS.items():
+        for name in IMAGE_ONLY_ANSWERS:
+            out.append(_sample(f"imgonly-{form}-{name}", [(human, ANSWER_STARTS[name])], image=True))
+    follow_ups = [(QUESTIONS[k], ANSWER_STARTS[n]) for k, n in enumerate(("word", "digit", "newline", "space"))]
+    for form, human in IMAGE_ONLY_TURNS.items():
+        out.append(_sample(f"imgonly-multi-{form}", [(human, "A dog on a sofa.")] + follow_ups[:2], image=True))
+    out.append(_sample("imgonly-multi-long", [("<image>", "12 apples")] + follow_ups, image=True))
+    out.append(_sample("imgonly-second-turn", [("Hi", "Hello"), ("<image>", "A dog.")], image=True))
+    out.append(_sample("imgonly-middle-turn", [("Hi", "Hello"), ("<image>\n", "\nA dog."), ("More?", "3")],
+                       image=True))
+    return out
 
 
 def _random_conversations(n: int, seed: int) -> list[dict]:

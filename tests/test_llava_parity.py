@@ -7,18 +7,24 @@ LlamaTokenizer) on the samples of llava_parity_corpus.py, with the real Mistral-
 configurations: Mistral's own (legacy) and LLaMA-2/Vicuna-v1.5's (legacy = false). Per sample they hold a
 digest of LLaVA's input_ids (its one image index per image; qllava's image tokens are compared the same way),
 their count and the ranges LLaVA trains on.
+
+The corpus includes human turns that are only the image ("<image>", with newlines or spaces around it, first,
+later and in multi-turn conversations): LLaVA trains them as the tag alone, the template resuming right after
+the image.
 """
 
 import hashlib
 import json
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
 
 import llava_parity_corpus as corpus
 from qllava.data import DataReport, read_conversations, tokenize_conversation
+from qllava.inference import prompt_ids
 from qllava.templates import TemplateError
 from qllava.tokenizer import load_tokenizer
 
@@ -33,6 +39,13 @@ TEMPLATES = ("vicuna_v1", "mistral_instruct", "llava_llama_2", "plain")
 #   reads them as control tokens, and masks the whole sample where they break its token counts;
 # - an empty caption: qllava skips it; LLaVA trains the newline alone.
 TAG_ADDED = {"edge-img-space_q", "edge-img-newline_q"}
+
+# What LLaVA tokenizes after the image of a human turn that is only the image, up to the answer (recorded with
+# the Mistral v0.1 tokenizer in both configurations): the text after an image is tokenized on its own, so it
+# opens with sentencepiece's "▁" before the template's text resumes.
+AFTER_AN_IMAGE_ONLY_TURN = {"vicuna_v1": ["▁", "▁ASS", "IST", "ANT", ":"],
+                            "mistral_instruct": ["▁", "▁[", "/", "INST", "]"],
+                            "llava_llama_2": ["▁", "▁[", "/", "INST", "]"]}
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +103,30 @@ def test_labels_equal_llavas(tokenizers, samples, template, config):
     outcome = compare(template, tokenizers[config], captions if template == "plain" else conversations,
                       EXPECTED[f"{template}/{config}"])
     if template == "plain":
-        assert outcome == {"identical": 120, "skipped, LLaVA trains it": 4}
+        assert outcome == {"identical": 125, "skipped, LLaVA trains it": 4}
     else:
-        assert outcome == {"identical": 293, "skipped, LLaVA masks or refuses it": 16,
+        assert outcome == {"identical": 336, "skipped, LLaVA masks or refuses it": 16,
                            "skipped, LLaVA trains it": 2, "image tag added": 2}
+
+
+@pytest.mark.parametrize("template", list(AFTER_AN_IMAGE_ONLY_TURN))
+@pytest.mark.parametrize("config", ("mistral", "llama2_style"))
+@pytest.mark.parametrize("message", ["<image>\n", "<image>", " <image>\n\n"])
+def test_an_image_only_turn_is_asked_as_it_was_trained(tokenizers, template, config, message):
+    """A prompt whose user turn is only the image (chat and eval write "<image>\n" + the question, here with no
+    question) gives the tokens training gave the image-only turn up to its answer: LLaVA's, with no newline after
+    the image."""
+    tokenizer = tokenizers[config]
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    trained, labels = tokenize_conversation([("user", "<image>"), ("assistant", "A cat.")], template, tokenizer,
+                                            image_id)
+    loaded = SimpleNamespace(processor=SimpleNamespace(tokenizer=tokenizer), template=template,
+                             geometry=SimpleNamespace(tokens_of=lambda size: 1))
+    prompt = prompt_ids(loaded, [("user", message)], [Image.new("RGB", (8, 8))])
+    first_label = next(i for i, label in enumerate(labels) if label != -100)
+    assert prompt == trained[:first_label]
+    after_image = tokenizer.convert_ids_to_tokens(prompt[prompt.index(image_id) + 1:])
+    assert after_image == AFTER_AN_IMAGE_ONLY_TURN[template]
 
 
 def _digest(ids: list[int]) -> str:

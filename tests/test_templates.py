@@ -223,6 +223,31 @@ def test_the_chat_template_takes_a_system_message_as_training_does(template, mis
     assert mistral.apply_chat_template(with_system, chat_template=jinja, tokenize=False) == "<s>" + trained.text
 
 
+@pytest.mark.parametrize("template", ["vicuna_v1", "mistral_instruct", "llava_llama_2"])
+@pytest.mark.parametrize("image_only", [[{"type": "image"}], [{"type": "image"}, {"type": "text", "text": " \n"}],
+                                        "<image>", "<image>\n"])
+def test_a_message_that_is_only_the_image_is_rendered_as_training_renders_it(template, image_only, mistral):
+    """LLaVA trains a human turn that is only the image as the tag alone ("USER: <image> ASSISTANT:"); the chat
+    template and a prompt write it so too, with no newline after the image (one token more than training)."""
+    from qllava.templates import chat_template
+    trained = render(template, [("user", IMG), ("assistant", "A cat.")], mistral.bos_token, mistral.eos_token)
+    assert f"{IMG} " in trained.text and f"{IMG}\n" not in trained.text
+    messages = [{"role": "user", "content": image_only}, {"role": "assistant", "content": "A cat."}]
+    jinja = chat_template(template, bos_first=True)
+    assert mistral.apply_chat_template(messages, chat_template=jinja, tokenize=False) == "<s>" + trained.text
+    asked = render(template, [("user", IMG + "\n")], mistral.bos_token, mistral.eos_token, generation_prompt=True)
+    assert trained.text.startswith(asked.text)
+    assert mistral.apply_chat_template(messages[:1], chat_template=jinja, tokenize=False,
+                                       add_generation_prompt=True) == "<s>" + asked.text
+    # text after the image, and whitespace-only text without one, are written as before
+    with_text = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    assert "<image>\nHi [/INST]" in mistral.apply_chat_template(with_text, chat_template=chat_template(
+        "mistral_instruct", bos_first=True), tokenize=False)
+    assert render(template, [("user", " "), ("assistant", "a")], "<s>", "</s>").text == mistral.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": " "}]}, {"role": "assistant", "content": "a"}],
+        chat_template=jinja, tokenize=False).removeprefix("<s>")
+
+
 def test_llava_v1_6_mistral_is_asked_as_llava_hf_asks_it():
     """llava-hf/llava-v1.6-mistral-7b-hf's chat template, rendered (facts recorded from it): the first turn is asked
     exactly as mistral_instruct asks it; after an answer it writes "A</s> [INST]", where LLaVA's own

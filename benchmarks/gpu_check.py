@@ -247,7 +247,8 @@ def synthetic_samples(model, processor, folder: Path, row_tokens: int, rows: int
         ids = [1, image_id] + [rng.randrange(3, vocab) for _ in range(text)]  # one placeholder per image
         labels = [-100] * (2 + text // 2) + ids[2 + text // 2:]
         for key, value in (("id", str(i)), ("input_ids", ids), ("labels", labels), ("length", len(ids) - 1 + n_image),
-                           ("source", 0), ("image", f"{i % 4}.png"), ("image_tokens", [n_image])):
+                           ("source", 0), ("image", f"{i % 4}.png"), ("image_tokens", [n_image]), ("image_file", ""),
+                           ("image_stamp", 0)):
             columns[key].append(value)
     return datasets.Dataset.from_dict(columns, features=FEATURES), ImageStore([str(images)])
 

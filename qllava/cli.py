@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args) or 0
     except _user_errors() as e:
         from rich.markup import escape  # messages quote paths and sample ids: "[3]" is not markup
-        console.console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        from .errors import user_message
+        console.console.print(f"[bold red]error:[/] {escape(user_message(e))}", soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.stop_progress()
@@ -146,10 +147,21 @@ def cmd_finetune(args) -> int:
 
 def cmd_data_stats(args) -> int:
     from . import console, stats
+    from .errors import DataError
     from .recipe import load_recipe
     recipe = load_recipe(args.recipe, args.overrides)
+    problems = 0
     for name in recipe.stages(args.stage):
-        console.print_stats(stats.stage_stats(recipe, name))
+        data = stats.stage_data(recipe, name)
+        console.print_stats(stats.stage_stats(recipe, name, data))
+        if args.check_images:
+            with console.counting(f"{name}: decoding images", unit="images") as progress:
+                check = stats.check_images(recipe, data, progress)
+            console.print_image_check(name, check)
+            problems += len(check["problems"])
+    if problems:
+        raise DataError(f"{problems} image file(s) cannot be used as training would use them (listed above): remove "
+                        "or fix each one, then train (a sample whose image is missing is skipped and counted)")
     return 0
 
 
@@ -292,6 +304,9 @@ def _parser() -> argparse.ArgumentParser:
     data_stats.add_argument("overrides", nargs="*", metavar="table.key=value",
                             help=overrides_help("stage2.max_seq_len=4096 data.num_proc=4"))
     data_stats.add_argument("--stage", choices=("1", "2", "all"), default="all", help=STAGE_HELP)
+    data_stats.add_argument("--check-images", action="store_true",
+                            help="also decode every image the samples use, as training will (a file cut short passes "
+                                 "the header check); exit status 2 naming each file that fails")
     data_stats.set_defaults(run=cmd_data_stats)
 
     merge = commands.add_parser("merge", help="export a run as a plain transformers LLaVA checkpoint")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+LINE_SECONDS = 10.0
+"""Progress written as plain lines (a log, a notebook): one line at most this often."""
 
 console = Console(highlight=False)
 if not console.is_terminal:  # logs and notebooks: wide enough for the summary tables, no live bar
@@ -116,7 +120,8 @@ def print_stats(stats: dict) -> None:
             ("samples used", f"{stats['samples']:,} ({stats['with_image']:,} with an image)"),
             ("samples skipped", f"{skipped:,}"),
             ("tokens (trained)", f"{stats['tokens']:,} ({stats['label_tokens']:,})"),
-            ("image tokens per image", str(stats["image_tokens_per_image"])),
+            ("image tokens per image, min / mean / max", image_token_range(stats["image_tokens"])),
+            ("images turned upright by their EXIF orientation", f"{stats['oriented_images']:,}"),
             ("length min / mean / max", f"{stats['length_min']} / {stats['length_mean']:.0f} / {stats['length_max']}"),
             (f"padding, padded batches of {stats['per_device_train_batch_size']} samples",
              f"{stats['padded_pad_fraction']:.1%}"),
@@ -131,6 +136,12 @@ def print_stats(stats: dict) -> None:
     for reason, n in sorted(stats["left_out"].items(), key=lambda kv: -kv[1]):
         console.print(f"  used {n:,} with a {reason} (e.g. {', '.join(stats['examples'][reason])})", soft_wrap=True,
                       markup=False)
+    for key, what in (("oriented_images", "with an EXIF orientation, used upright as a viewer shows them"),
+                      ("large_images", "over PIL.Image.MAX_IMAGE_PIXELS (89 megapixels), used: each takes seconds and "
+                       "hundreds of MB to decode in every batch that holds it; shrink them")):
+        if stats[key]:
+            console.print(f"  {stats[key]:,} images {what} (e.g. {', '.join(stats[key + '_examples'])})",
+                          soft_wrap=True, markup=False)
     peak = max(c for _, _, c in stats["histogram"]) or 1
     histogram = Table(title="sample lengths (tokens, image tokens included)")
     histogram.add_column("tokens", justify="right")
@@ -140,6 +151,20 @@ def print_stats(stats: dict) -> None:
         histogram.add_row(f"{low}-{high}", f"{count:,}", "█" * round(40 * count / peak))
     console.print(histogram)
     console.print(preparation_line(stats["preparation"], stats["cached"]), markup=False)
+
+
+def image_token_range(tokens: dict | None) -> str:
+    if tokens is None:
+        return "no images"
+    return f"{tokens['min']:,} / {tokens['mean']:,.1f} / {tokens['max']:,}"
+
+
+def print_image_check(stage: str, check: dict) -> None:
+    """`data stats --check-images`: how many images were decoded, and each one that training could not use."""
+    console.print(f"{stage}: {check['images']:,} images decoded in {check['seconds']:.1f} s, "
+                  f"{len(check['problems']):,} cannot be used", soft_wrap=True, markup=False)
+    for problem in check["problems"]:
+        console.print(f"  {problem}", soft_wrap=True, markup=False)
 
 
 def preparation_line(prep: dict, cached: bool) -> str:
@@ -152,11 +177,16 @@ def preparation_line(prep: dict, cached: bool) -> str:
 
 
 @contextmanager
-def counting(label: str):
-    """A progress bar fed with (done, total) calls; plain lines when not on a terminal."""
+def counting(label: str, unit: str = "questions"):
+    """A progress bar fed with (done, total) calls; plain lines when not on a terminal, at most one every
+    LINE_SECONDS (and the last), so a long job does not fill a log."""
     if not console.is_terminal:
+        last = [float("-inf")]
+
         def line(done: int, total: int) -> None:
-            console.print(f"{label}: {done}/{total} questions")
+            if done == total or time.monotonic() - last[0] >= LINE_SECONDS:
+                last[0] = time.monotonic()
+                console.print(f"{label}: {done}/{total} {unit}", markup=False)
         yield line
         return
     with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

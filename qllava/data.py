@@ -41,9 +41,9 @@ from . import templates
 from .errors import DataError
 from .templates import IMAGE_TAG, TemplateError
 from .tokenizer import IMAGE_TOKEN, ids_and_offsets
-from .vision import NOT_FOUND, AnyresGeometry, ImageGeometry, as_rgb, image_header, image_size, open_image
+from .vision import NOT_FOUND, AnyresGeometry, ImageGeometry, ImageHeader, VisionError, image_header, open_image
 
-CACHE_VERSION = 5  # 5: a sample's system message is its system prompt; images counted for the missing share
+CACHE_VERSION = 6  # 6: images upright by their EXIF orientation (anyres counts of the upright size); image stamps
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 SAMPLES_FILE = "samples.arrow"
 IMAGES_FILE = "images.json"
@@ -51,8 +51,12 @@ FEATURES = datasets.Features({
     "id": datasets.Value("string"), "input_ids": datasets.List(datasets.Value("int32")),
     "labels": datasets.List(datasets.Value("int32")), "length": datasets.Value("int32"),
     "source": datasets.Value("int32"), "image": datasets.Value("string"),
-    "image_tokens": datasets.List(datasets.Value("int32"))})
+    "image_tokens": datasets.List(datasets.Value("int32")), "image_file": datasets.Value("string"),
+    "image_stamp": datasets.Value("int64")})
 SAVED_DATASET_FILES = ("state.json", "dataset_info.json", "dataset_dict.json")
+ORIENTED = "image with an EXIF orientation"
+LARGE = "image over PIL.Image.MAX_IMAGE_PIXELS"
+"""Keys of DataReport.examples for images that are used but worth naming."""
 JOB_SAMPLES = 1000
 """Samples per tokenizing job: enough to make handing a job to a process cheap, few enough to bound memory."""
 JSON_WINDOW_CHARS = 1 << 22
@@ -68,12 +72,21 @@ class Conversation:
     """"" for text-only; a file path, or "row:N" for an image stored in a Hugging Face dataset."""
     source: int = 0
     """Index of the data file it came from (an ImageStore resolves images per file)."""
-    image_size: tuple[int, int] | None = None
-    """(width, height) from the image file's header, when its token count depends on it (LLaVA-NeXT)."""
+    image_header: ImageHeader | None = None
+    """What the image's header says (upright size, EXIF orientation); None for text-only."""
+    image_file: str = ""
+    """The image's file, when its token count depends on its size (LLaVA-NeXT) and it is a file of its own: the
+    prepared data are checked against it (image_stamp) every time they are read."""
+    image_stamp: int = 0
     extra: dict = field(default_factory=dict)
     """Fields qllava does not interpret (category, options, ...), kept for evaluation."""
     system: str | None = None
     """The sample's own system message (Hugging Face datasets), which replaces the template's system prompt."""
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """(width, height) of the image as the model gets it (upright), from its header."""
+        return self.image_header.size if self.image_header else None
 
 
 @dataclass
@@ -94,6 +107,10 @@ class DataReport:
     """Samples that name an image file (LLaVA JSON), usable or not: what the share of missing images is of."""
     unusable_images: int = 0
     """Of those, samples skipped because their image file is missing or unreadable."""
+    oriented_images: int = 0
+    """Images of the samples used whose EXIF orientation turns (or mirrors) the stored pixels: used upright."""
+    large_images: int = 0
+    """Images of the samples used over PIL's decompression-bomb warning size (PIL.Image.MAX_IMAGE_PIXELS)."""
     preparation: dict = field(default_factory=dict)
     """seconds, processes, peak_rss_gb (the preparing process), peak_worker_rss_gb (its largest helper)."""
     cached: bool = False
@@ -106,6 +123,15 @@ class DataReport:
     def leave_out(self, sample_id: str, reason: str) -> None:
         self.left_out[reason] += 1
         self._example(sample_id, reason)
+
+    def count_image(self, sample_id: str, header: ImageHeader) -> None:
+        """Count what is worth saying about the image of a sample used: turned upright, over PIL's warning size."""
+        if header.orientation != 1:
+            self.oriented_images += 1
+            self._example(sample_id, ORIENTED)
+        if header.large:
+            self.large_images += 1
+            self._example(sample_id, LARGE)
 
     def _example(self, sample_id: str, reason: str) -> None:
         kept = self.examples.setdefault(reason, [])
@@ -120,6 +146,8 @@ class DataReport:
         self.with_image += other.with_image
         self.named_images += other.named_images
         self.unusable_images += other.unusable_images
+        self.oriented_images += other.oriented_images
+        self.large_images += other.large_images
         self.skipped.update(other.skipped)
         self.left_out.update(other.left_out)
         for reason, ids in other.examples.items():
@@ -130,26 +158,72 @@ class DataReport:
         return {"used": self.used, "skipped": dict(self.skipped), "examples": self.examples,
                 "tokens": self.tokens, "label_tokens": self.label_tokens, "with_image": self.with_image,
                 "left_out": dict(self.left_out), "named_images": self.named_images,
-                "unusable_images": self.unusable_images, "preparation": self.preparation, "cached": self.cached}
+                "unusable_images": self.unusable_images, "oriented_images": self.oriented_images,
+                "large_images": self.large_images, "preparation": self.preparation, "cached": self.cached}
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataReport":
         return cls(d["used"], Counter(d["skipped"]), d["examples"], d["tokens"], d["label_tokens"], d["with_image"],
-                   Counter(d["left_out"]), d["named_images"], d["unusable_images"], d["preparation"],
-                   d.get("cached", False))
+                   Counter(d["left_out"]), d["named_images"], d["unusable_images"], d["oriented_images"],
+                   d["large_images"], d["preparation"], d.get("cached", False))
 
 
 class ImageStore:
-    """Opens a sample's image: a file under its data file's image folder, or a row of a Hugging Face dataset."""
+    """Opens a sample's image: a file under its data file's image folder, or a row of a Hugging Face dataset, upright
+    as every path of qllava opens images (vision.open_image). With the geometry the samples were prepared for, each
+    image opened for a sample is checked against the token count stored with it."""
 
-    def __init__(self, sources: list):
+    def __init__(self, sources: list, geometry: ImageGeometry | AnyresGeometry | None = None, paths: list = ()):
         self.sources = sources  # per data file: an image folder (str) or a datasets.Dataset
+        self.geometry = geometry
+        self.paths = list(paths) or ["dataset"] * len(sources)  # the data files, to name a dataset's images
+        # The datasets library would decode a dataset's images itself (and turn them by its own rules): the stored
+        # bytes are read and opened here, like files.
+        self.stored = [_stored_images(where) if not isinstance(where, str) else None for where in sources]
 
     def open(self, source: int, image: str) -> Image.Image:
         where = self.sources[source]
         if isinstance(where, str):
             return open_image(os.path.join(where, image))
-        return as_rgb(where[int(image.removeprefix("row:"))]["images"][0])
+        return open_image(_first_stored(self.stored[source][int(image[4:])]["images"][0]), self.name(source, image))
+
+    def name(self, source: int, image: str) -> str:
+        """The image as a user finds it: its file, or DATASET[row]."""
+        where = self.sources[source]
+        return os.path.join(where, image) if isinstance(where, str) else f"{self.paths[source]}[{image[4:]}]"
+
+    def open_sample(self, sample: dict) -> Image.Image:
+        """The image of a prepared sample, as training uses it (checked_image), or an error naming the file and saying
+        what to do (`qllava data stats --check-images` finds every such file before training)."""
+        try:
+            return self.checked_image(sample)
+        except ImageChanged as e:
+            raise DataError(f"{e}: run the same command again with --resume: the data are prepared again from the "
+                            "images as they are now") from None
+        except VisionError as e:
+            raise DataError(f"{e}: remove or fix the file, then run the same command with --resume (a sample whose "
+                            "image is missing is skipped and counted)") from None
+
+    def checked_image(self, sample: dict) -> Image.Image:
+        """The image of a prepared sample, decoded; with the geometry the samples were prepared for, checked against
+        the token count stored with the sample (ImageChanged: an image that changed after preparation would
+        otherwise stop the model with a mismatch of image features and image tokens)."""
+        try:
+            image = self.open(sample["source"], sample["image"])
+        except VisionError as e:
+            raise VisionError(f"{e}, the image of sample {sample['id']}") from None
+        if self.geometry is not None:
+            tokens = self.geometry.tokens_of(image.size)
+            if list(sample["image_tokens"]) != [tokens]:
+                raise ImageChanged(
+                    f"image {self.name(sample['source'], sample['image'])}: its {image.size[0]}x{image.size[1]} "
+                    f"pixels (upright) make {tokens} image tokens, but sample {sample['id']} was prepared for "
+                    f"{', '.join(map(str, sample['image_tokens']))}: the file changed after the data were prepared")
+        return image
+
+
+class ImageChanged(DataError):
+    """A sample's image makes another number of tokens than the sample was prepared with."""
 
 
 def image_source(path: str, image_folder: str):
@@ -162,7 +236,7 @@ def read_conversations(path: str, where, source: int, report: DataReport, limit:
     """The usable conversations of one data file, all or the first `limit` (for small files: evaluation; merge
     checks); unusable samples are counted in `report`. Training reads through build_stage_dataset, which never
     holds them all."""
-    file = _DataFile(path, source, where if isinstance(where, str) else "", image_sizes=True)
+    file = _DataFile(path, source, where if isinstance(where, str) else "")
     out = []
     for records in file.records(where):
         out += [conv for record in records if (conv := file.conversation(record, report, _ImageFiles()))]
@@ -278,8 +352,11 @@ def _sample_columns(conversations: list[Conversation], how: Tokenization, report
         report.with_image += bool(image_tokens)
         report.tokens += length
         report.label_tokens += n_labels
+        if conv.image_header:
+            report.count_image(conv.id, conv.image_header)
         for key, value in (("id", conv.id), ("input_ids", ids), ("labels", labels), ("length", length),
-                           ("source", conv.source), ("image", conv.image), ("image_tokens", image_tokens)):
+                           ("source", conv.source), ("image", conv.image), ("image_tokens", image_tokens),
+                           ("image_file", conv.image_file), ("image_stamp", conv.image_stamp)):
             columns[key].append(value)
     return columns
 
@@ -312,7 +389,7 @@ def build_stage_dataset(stage, tokenizer, image_token_id: int, geometry: ImageGe
     how = Tokenization(tokenizer, stage.template, image_token_id, geometry, stage.max_seq_len)
     cached = _cache_still_true(folder, sources)
     if not cached:
-        files = [_DataFile(path, i, stage.image_folder if is_llava_json(path) else "", image_sizes=geometry.varies)
+        files = [_DataFile(path, i, stage.image_folder if is_llava_json(path) else "", image_stamps=geometry.varies)
                  for i, path in enumerate(stage.data)]
         _prepare(folder, files, sources, how, num_proc or default_num_proc())
     report = DataReport.from_dict(json.loads((folder / "report.json").read_text()))
@@ -322,7 +399,7 @@ def build_stage_dataset(stage, tokenizer, image_token_id: int, geometry: ImageGe
     if report.used == 0:
         reasons = "; ".join(f"{n} {r}" for r, n in report.skipped.most_common()) or "the files hold no samples"
         raise DataError(f"{stage_name}: no trainable samples left in {', '.join(stage.data)} ({reasons})")
-    return datasets.Dataset.from_file(str(folder / SAMPLES_FILE)), ImageStore(sources), report
+    return datasets.Dataset.from_file(str(folder / SAMPLES_FILE)), ImageStore(sources, geometry, stage.data), report
 
 
 def _missing_images_message(report: DataReport, stage_name: str, limit: float) -> str:
@@ -433,21 +510,23 @@ class _DataFile:
     source: int
     image_folder: str
     """LLaVA JSON: the folder its image paths are relative to."""
-    image_sizes: bool = False
-    """Read each image's size from its header (LLaVA-NeXT: an image's token count depends on it)."""
+    image_stamps: bool = False
+    """Stamp each image file (LLaVA-NeXT: an image's token count depends on its size, which the prepared data must
+    follow). A saved Hugging Face dataset holds its images' bytes (save_to_disk embeds them): its own identity
+    covers them."""
 
     def records(self, where) -> Iterator[list]:
         """The file's raw samples in batches of JOB_SAMPLES: (index, sample) for LLaVA JSON, (row, messages,
-        number of images) for a Hugging Face dataset (images are counted, never decoded)."""
+        number of images, first image's header) for a Hugging Face dataset (images are counted and their headers
+        read, never decoded)."""
         if is_llava_json(self.path):
             yield from _batched(enumerate(_json_samples(Path(self.path))), JOB_SAMPLES)
             return
         messages = where.select_columns(["messages"])
         for start in range(0, len(where), JOB_SAMPLES):
             end = min(start + JOB_SAMPLES, len(where))
-            sizes = _image_sizes(where, start, end) if self.image_sizes else [None] * (end - start)
             yield list(zip(range(start, end), messages[start:end]["messages"], _image_counts(where, start, end),
-                           sizes))
+                           _first_images(where, start, end)))
 
     def conversation(self, record, report: DataReport, images: _ImageFiles) -> Conversation | None:
         """The record as a conversation, or None (counted in report; its image file noted in `images`)."""
@@ -459,10 +538,13 @@ class _DataFile:
         name = Path(self.path).name
         sample_id = str(sample.get("id", f"{name}[{i}]")) if isinstance(sample, dict) else f"{name}[{i}]"
         problem = _llava_sample_problem(sample)
-        size = None
+        header, file, stamp = None, "", 0
         if not problem and isinstance(sample.get("image"), str):
             image = os.path.join(self.image_folder, sample["image"])
-            problem, size = _image_problem(image, self.image_folder)
+            if self.image_stamps:
+                file, stamp = os.path.abspath(image), image_stamp(image)
+            header = _image_header(image, self.image_folder)
+            problem = header.problem
             report.named_images += 1
             images.folders.add(os.path.dirname(os.path.abspath(image)))
             if problem:
@@ -475,10 +557,11 @@ class _DataFile:
         conv = _conversation(sample_id, turns, sample.get("image", ""), self.source, report)
         if conv:
             conv.extra = {k: v for k, v in sample.items() if k not in ("id", "image", "conversations")}
-            conv.image_size = size
+            conv.image_header, conv.image_file, conv.image_stamp = header, file, stamp
         return conv
 
-    def _hf_conversation(self, row: int, messages, n_images: int, size, report: DataReport) -> Conversation | None:
+    def _hf_conversation(self, row: int, messages, n_images: int, header: ImageHeader | None, report: DataReport
+                         ) -> Conversation | None:
         sample_id = f"{Path(self.path).name}[{row}]"
         try:
             turns = [(m["role"], _content_text(m["content"])) for m in messages]
@@ -491,10 +574,13 @@ class _DataFile:
         if n_images > 1:
             report.skip(sample_id, "more than one image (one image per sample)")
             return None
+        if n_images and (header is None or header.problem):
+            report.skip(sample_id, header.problem if header else "an empty image in the dataset")
+            return None
         turns = [(ROLES.get(role, role), text) for role, text in turns]
         conv = _conversation(sample_id, turns, f"row:{row}" if n_images else "", self.source, report)
-        if conv:
-            conv.image_size = size
+        if conv and n_images:
+            conv.image_header = header
         return conv
 
 
@@ -602,10 +688,22 @@ def _llava_sample_problem(sample) -> str | None:
     return None
 
 
-def _image_problem(path: str, image_folder: str) -> tuple[str | None, tuple[int, int] | None]:
-    """(why the image cannot be used, or None; its (width, height))."""
-    problem, size = image_header(path)
-    return (f"{problem} under the image folder ({image_folder or '.'})" if problem == NOT_FOUND else problem), size
+def _image_header(path: str, image_folder: str) -> ImageHeader:
+    """The header of a LLaVA JSON sample's image; a missing file says which folder it was looked for in."""
+    header = image_header(path)
+    if header.problem == NOT_FOUND:
+        return ImageHeader(f"{NOT_FOUND} under the image folder ({image_folder or '.'})")
+    return header
+
+
+def image_stamp(path: str) -> int:
+    """What changes when an image file is written, replaced or set back to its old modification time: its size,
+    modification and change times (the change time cannot be set back) and inode; 0 when it is missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return 0
+    return hash((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)) or 1  # int hashes are the same in every run
 
 
 def _conversation(sample_id: str, turns: list, image: str, source: int, report: DataReport) -> Conversation | None:
@@ -666,17 +764,29 @@ def _load_hf_dataset(path: str) -> datasets.Dataset:
     return dataset
 
 
-def _image_sizes(dataset: datasets.Dataset, start: int, end: int) -> list[tuple[int, int] | None]:
-    """(width, height) of the first image of each row of dataset[start:end], read from the encoded bytes' header."""
-    if "images" not in dataset.column_names:
+def _stored_images(dataset: datasets.Dataset):
+    """A dataset's "images" column as stored, read through Arrow (memory-mapped): nothing decoded, so no rule of the
+    datasets library is applied to the pixels (nor is the column cast, which would copy it). None without one."""
+    return dataset.select_columns(["images"]).with_format("arrow") if "images" in dataset.column_names else None
+
+
+def _first_stored(row) -> io.BytesIO | str | None:
+    """The first image of a row of the stored "images" column: its encoded bytes (one image copied), or the path
+    stored in their place; None without an image."""
+    first = row.values[0] if row.is_valid and len(row) else None
+    if first is None or not first.is_valid:
+        return None
+    return io.BytesIO(first["bytes"].as_buffer()) if first["bytes"].is_valid else first["path"].as_py()
+
+
+def _first_images(dataset: datasets.Dataset, start: int, end: int) -> list[ImageHeader | None]:
+    """The header of the first image of each row of dataset[start:end] (None without one), read row by row from the
+    stored bytes: a batch's images are never all copied at once, and never decoded."""
+    stored = _stored_images(dataset)
+    if stored is None:
         return [None] * (end - start)
-    undecoded = dataset.select_columns(["images"]).cast_column("images", datasets.List(datasets.Image(decode=False)))
-    sizes = []
-    for images in undecoded[start:end]["images"]:
-        first = (images or [None])[0]
-        sizes.append(None if first is None else
-                     image_size(io.BytesIO(first["bytes"]) if first.get("bytes") else first["path"]))
-    return sizes
+    return [None if (first := _first_stored(row)) is None else image_header(first)
+            for row in stored[start:end]["images"]]
 
 
 def _image_counts(dataset: datasets.Dataset, start: int, end: int) -> list[int]:
@@ -727,11 +837,14 @@ def _cache_still_true(folder: Path, sources: list) -> bool:
     """A prepared folder exists and the image files it relied on are as they were: no image it skipped as missing or
     unreadable has become usable (an image added after a skip is picked up), and where files were added to or
     removed from an image folder (its modification time changed), every image of a prepared sample is still there
-    (one removed since is counted as missing, not a crash in training)."""
+    (one removed since is counted as missing, not a crash in training); and every image whose token count depends on
+    its size is the very file it was counted from (_stamps_still_true)."""
     if not (folder / "report.json").exists():
         return False
     recorded = json.loads((folder / IMAGES_FILE).read_text())
-    if any(_image_problem(path, "")[0] is None for path in recorded["unusable"]):
+    if any(image_header(path).problem is None for path in recorded["unusable"]):
+        return False
+    if not _stamps_still_true(folder):
         return False
     changed = {d for d, mtime in recorded["folders"].items() if _mtime_ns(d) != mtime}
     if not changed:
@@ -747,6 +860,16 @@ def _cache_still_true(folder: Path, sources: list) -> bool:
     recorded["folders"] = {d: _mtime_ns(d) for d in recorded["folders"]}  # checked: the next run need not again
     (folder / IMAGES_FILE).write_text(json.dumps(recorded))
     return True
+
+
+def _stamps_still_true(folder: Path) -> bool:
+    """Every stamped image file (LLaVA-NeXT: its token count depends on its size) has its stamp still: none written,
+    replaced, or touched back to its old modification time since the data were prepared."""
+    table = datasets.Dataset.from_file(str(folder / SAMPLES_FILE)).select_columns(["image_file", "image_stamp"])
+    table = table.with_format("arrow")[:]
+    stamped = table.filter(pc.not_equal(table["image_stamp"], 0))
+    return all(image_stamp(file) == stamp for file, stamp in
+               zip(stamped["image_file"].to_pylist(), stamped["image_stamp"].to_pylist()))
 
 
 @dataclass

@@ -208,8 +208,9 @@ class Collator:
 
     def image_inputs(self, samples: list[dict]) -> dict:
         """pixel_values (and image_sizes) of the samples that have an image, in sample order (the order of their
-        image tokens); none for text only."""
-        images = [self.images.open(s["source"], s["image"]) for s in samples if s["image"]]
+        image tokens); none for text only. Each image is checked against its sample's token count as it is decoded
+        (ImageStore.open_sample): a changed file stops here, naming it, not in the model."""
+        images = [self.images.open_sample(s) for s in samples if s["image"]]
         return vision.image_inputs(images, self.image_processor, self.image_aspect_ratio) if images else {}
 
 

@@ -1,5 +1,6 @@
 """Everything about images, in one place: which vision tower class a checkpoint loads as, how many tokens an
-image becomes, how an image file is read and prepared (LLaVA's pad, or crop), the blank image and pixel_values.
+image becomes, how an image file is read (upright, as its EXIF orientation says: the one orientation policy of every
+path) and prepared (LLaVA's pad, or crop), the blank image and pixel_values.
 
 Nothing else computes an image's token count: data, packing, stats, plan, merge and inference ask
 `tokens_per_image`. The count is read off the tower itself: its forward pass is run on the meta device (no
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -208,40 +210,113 @@ def image_geometry(config, image_processor) -> ImageGeometry | AnyresGeometry:
     return AnyresGeometry(tile, config.vision_config.patch_size, tuple(tuple(p) for p in pinpoints), per_tile)
 
 
-def image_size(source) -> tuple[int, int]:
-    """(width, height) of an image file (a path or a binary file), from its header: nothing is decoded."""
-    with Image.open(source) as image:
-        return image.size
+# The one orientation policy: every image is used upright, as its EXIF orientation says a viewer shows it (a
+# phone photo is stored sideways with an orientation tag). Training data (LLaVA JSON and Hugging Face datasets),
+# eval, chat and serve all read images through open_image, and token counts are taken from the upright size.
+# For each orientation (2-8), the transpose that turns the stored pixels upright; 1 or none: as stored.
+ORIENTATION_TAG = 0x0112
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+
+TURNED_BY_PIL = ("TIFF",)
+"""Formats whose PIL reader turns an image upright itself (its size at open, its pixels when decoded)."""
+
+QUIET_BOMBS = ("ignore", None, Image.DecompressionBombWarning, None, 0)
+"""The warnings filter that keeps PIL's DecompressionBombWarning (89 to 179 megapixels) off the screen: qllava says
+what it does with large images itself (`data stats` counts them, serve refuses uploads over 50 megapixels, over
+PIL's error size an image is a counted skip or an error naming the file)."""
 
 
-def open_image(path) -> Image.Image:
-    """An image file as RGB, or an error naming the file."""
+def quiet_bomb_warnings() -> None:
+    """Put QUIET_BOMBS in place when it is missing: at import, and again before each image this module opens (a
+    catch_warnings block that was open when qllava was imported takes it away when it closes)."""
+    if QUIET_BOMBS not in warnings.filters:
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+quiet_bomb_warnings()  # also for what opens images without this module's functions (serve's size check of an upload)
+
+
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation (2-8) an opened image declares in its header, or 1 (none, unknown or unreadable).
+    Read before any pixel is decoded, so the header alone and the decoded image always agree: a PNG's eXIf chunk
+    counts only before the image data (PNG's own getexif would decode the image to look after them)."""
     try:
-        with Image.open(path) as image:
-            return as_rgb(image)
-    except FileNotFoundError:
-        raise VisionError(f"image {path}: file not found") from None
-    except Image.DecompressionBombError as e:
-        raise VisionError(f"image {path}: too large to decode safely: {e} (PIL.Image.MAX_IMAGE_PIXELS); resize it: "
-                          "training shrinks every image to the processor's size anyway") from None
-    except (OSError, ValueError) as e:
-        raise VisionError(f"image {path}: cannot be read as an image ({e})") from None
+        value = Image.Image.getexif(image).get(ORIENTATION_TAG, 1)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block is no orientation, in every path alike
+        return 1
+    return value if value in UPRIGHT else 1
+
+
+def turn_needed(image: Image.Image) -> int:
+    """The orientation still to apply to an opened image (1: none): its own, except where PIL's reader applies it
+    itself (and so does every program that opens it with PIL, official LLaVA included)."""
+    return 1 if image.format in TURNED_BY_PIL else orientation(image)
+
+
+def upright_size(size: tuple[int, int], turn: int) -> tuple[int, int]:
+    """(width, height) of an image of `size` once turned by `turn`: swapped by the quarter turns (5-8)."""
+    return (size[1], size[0]) if turn >= 5 else size
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file's header says, nothing decoded: why it cannot be used (or None), its upright size."""
+
+    problem: str | None
+    size: tuple[int, int] | None = None
+    """(width, height) upright: what the model will get."""
+    orientation: int = 1
+    """EXIF orientation 2-8 when qllava turns (or mirrors) the pixels PIL decodes to be upright, else 1: where it
+    is not 1, qllava's pixels differ from those of a program that ignores the tag (official LLaVA)."""
+
+    @property
+    def large(self) -> bool:
+        """Over PIL's decompression-bomb warning size (Image.MAX_IMAGE_PIXELS, 89 megapixels): usable, but slow and
+        hundreds of MB to decode in every batch that holds it."""
+        limit = Image.MAX_IMAGE_PIXELS
+        return bool(self.size and limit and self.size[0] * self.size[1] > limit)
 
 
 NOT_FOUND = "image file not found"
+BOMB = "image larger than PIL's decompression-bomb limit (2 x PIL.Image.MAX_IMAGE_PIXELS pixels)"
+UNREADABLE = "image file cannot be read as an image"
 
 
-def image_header(path) -> tuple[str | None, tuple[int, int] | None]:
-    """(why an image file cannot be used, or None; its (width, height)), read from its header only (fast: a file
-    cut short later in its data is found when it is decoded)."""
-    if not os.path.isfile(path):
-        return NOT_FOUND, None
+def image_header(source) -> ImageHeader:
+    """What an image file (a path or a binary file) is, read from its header only (fast: a file cut short later in
+    its data is found when it is decoded)."""
+    if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
+        return ImageHeader(NOT_FOUND)
+    quiet_bomb_warnings()
     try:
-        return None, image_size(path)
+        with Image.open(source) as image:
+            turn = turn_needed(image)
+            return ImageHeader(None, upright_size(image.size, turn), turn)
     except Image.DecompressionBombError:
-        return "image larger than PIL's decompression-bomb limit (2 x PIL.Image.MAX_IMAGE_PIXELS pixels)", None
+        return ImageHeader(BOMB)
     except (OSError, ValueError):
-        return "image file cannot be read as an image", None
+        return ImageHeader(UNREADABLE)
+
+
+def open_image(source, name=None) -> Image.Image:
+    """An image file (a path or a binary file) as every path of qllava uses it: decoded, in RGB, upright (see
+    UPRIGHT); or an error naming the file (`name`, or the path)."""
+    name = name or source
+    quiet_bomb_warnings()
+    try:
+        with Image.open(source) as image:
+            turn = turn_needed(image)
+            rgb = as_rgb(image)
+    except FileNotFoundError:
+        raise VisionError(f"image {name}: file not found") from None
+    except Image.DecompressionBombError as e:
+        raise VisionError(f"image {name}: too large to decode safely: {e} (PIL.Image.MAX_IMAGE_PIXELS); resize it: "
+                          "training shrinks every image to the processor's size anyway") from None
+    except (OSError, ValueError) as e:
+        raise VisionError(f"image {name}: cannot be read as an image ({e})") from None
+    return rgb.transpose(UPRIGHT[turn]) if turn in UPRIGHT else rgb
 
 
 # Modes of more than 8 bits per channel that PIL's convert("RGB") clips instead of scaling (a 16-bit grayscale PNG

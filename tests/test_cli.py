@@ -81,7 +81,8 @@ def test_data_stats(tiny_inputs, tmp_path, capsys):
     from qllava import stats
     from qllava.recipe import load_recipe
     s = stats.stage_stats(load_recipe(TINY_RECIPE, tiny_overrides(tiny_inputs, tmp_path / "r")), "stage2")
-    assert s["samples"] == 420 and s["image_tokens_per_image"] == 16 and sum(c for *_, c in s["histogram"]) == 420
+    assert s["samples"] == 420 and s["image_tokens"] == {"min": 16, "mean": 16.0, "max": 16}
+    assert sum(c for *_, c in s["histogram"]) == 420
     assert s["packed_pad_fraction"] < 0.02 < s["padded_pad_fraction"]
 
 

@@ -26,6 +26,8 @@ def samples(lengths, image_every=0, image_tokens=3):
         rows["source"].append(0)
         rows["image"].append(f"{i}.png" if has_image else "")
         rows["image_tokens"].append([image_tokens] if has_image else [])
+        rows["image_file"].append("")
+        rows["image_stamp"].append(0)
     return datasets.Dataset.from_dict(rows, features=FEATURES)
 
 

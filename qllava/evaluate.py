@@ -24,7 +24,7 @@ from .folders import check_model_folder
 from .inference import (CHAT_TEMPLATE, QLLAVA_FILE, ContextError, Loaded, blank_image, check_context, context_length,
                         generate, load_for_inference, prompt_ids, prompt_settings)
 from .run import RunFolder
-from .vision import image_size, open_image
+from .vision import image_header, open_image
 
 
 def evaluate(model_path: str | Path, benchmark: str, data: str, images: str = "", out: str | Path | None = None,
@@ -115,7 +115,7 @@ def check_questions_fit(loaded: Loaded, items: list[scorers.EvalItem], images: s
     for item in items:
         picture = []
         if item.image:
-            picture = [blank.size if blank is not None else image_size(os.path.join(images, item.image))]
+            picture = [blank.size if blank is not None else upright_size_of(os.path.join(images, item.image))]
         lengths[item.question_id] = len(question_prompt(loaded, item, picture))
     too_long = {key: n for key, n in lengths.items() if n + max_new_tokens > context}
     if not too_long:
@@ -127,6 +127,15 @@ def check_questions_fit(loaded: Loaded, items: list[scorers.EvalItem], images: s
     raise ContextError(f"{len(too_long)} of {len(items)} questions with an answer of up to {max_new_tokens:,} new "
                        f"tokens do not fit the decoder's context of {context:,} positions (its "
                        f"max_position_embeddings), e.g. {examples}, image tokens included: {fix}")
+
+
+def upright_size_of(path: str) -> tuple[int, int]:
+    """(width, height) of an image as the model will get it (turned upright), from its header; or the file's
+    problem, named."""
+    header = image_header(path)
+    if header.problem:
+        raise DataError(f"{path}: {header.problem}")
+    return header.size
 
 
 def answer_batches(loaded: Loaded, items: list[scorers.EvalItem], images: str, batch_size: int,

@@ -199,7 +199,7 @@ def _check_rounds(text: str, assistant_separator: str, eos: str) -> None:
                                 "(official LLaVA would mask the whole sample)")
 
 
-def chat_template(template: str, bos_first: bool) -> str:
+def chat_template(template: str, bos_first: bool, media_markers: bool = False) -> str:
     """The template as a Jinja chat template, for a merged checkpoint used without qllava (pipelines, servers).
 
     Renders what `render` renders, with the BOS token first when the tokenizer adds one in training
@@ -208,9 +208,20 @@ def chat_template(template: str, bos_first: bool) -> str:
     as LLaVA puts it. A leading system message replaces the template's system prompt, as in training; templates
     without one leave it out, as training does. The source has no line breaks, so no whitespace control is
     needed: every space in it is output.
+
+    With `media_markers` (the template of a GGUF export), a string message holding llama.cpp's media markers
+    (`<__media__>` in llama-mtmd-cli, `<__media_RANDOM__>` in llama-server, which glue them to the text with no
+    line break) is rendered as LLaVA's preprocessing writes an image turn: each marker first, followed by a line
+    break, then the text, stripped.
     """
     spec = template_spec(template)
-    content = ("{% macro content(m) %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    string = "{{ m['content'] }}"
+    if media_markers:
+        string = ("{% set pieces = m['content'].split('<__media') %}{% if pieces | length > 1 %}"
+                  "{% set ns = namespace(text=pieces[0]) %}{% for p in pieces[1:] %}"
+                  "<__media{{ p.split('__>', 1)[0] }}__>\n{% set ns.text = ns.text + p.split('__>', 1)[1] %}"
+                  "{% endfor %}{{ ns.text.strip() }}{% else %}{{ m['content'] }}{% endif %}")
+    content = ("{% macro content(m) %}{% if m['content'] is string %}" + string + "{% else %}"
                "{% for p in m['content'] if p['type'] == 'image' %}<image>\n{% endfor %}"
                "{% for p in m['content'] if p['type'] == 'text' %}{{ p['text'] }}{% endfor %}"
                "{% endif %}{% endmacro %}")

@@ -92,6 +92,18 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from . import console, export
+    report = export.export_gguf(args.model, args.gguf, gguf_type=args.type, overwrite=args.overwrite, say=console.say)
+    for note in report["notes"]:
+        console.say(f"note: {note}")
+    console.say(f"written in {report['seconds']:.0f}s:")
+    for path, size in report["files"]:
+        console.say(f"  {path}  {size / 2**20:,.1f} MiB")
+    console.say(f"try it:\n  {report['command']}")
+    return 0
+
+
 def cmd_chat(args) -> int:
     from transformers import TextStreamer
     from . import console
@@ -188,6 +200,7 @@ class _Parser(argparse.ArgumentParser):
 RECIPE_HELP = "recipe TOML file, e.g. recipes/mistral_qlora.toml"
 OVERRIDES_HELP = "override recipe values, e.g. stage2.max_steps=10 output.dir=runs/try"
 STAGE_HELP = "which stages: 1, 2 or all"
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")  # qllava.export.GGUF_TYPES (not imported: --help stays fast)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -219,6 +232,16 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     merge.add_argument("--no-verify", action="store_true", help="skip the merged == base + adapter logit check")
     merge.set_defaults(run=cmd_merge)
+
+    exp = commands.add_parser("export", help="write a run or merged model as GGUF files for llama.cpp (also Ollama, "
+                              "LM Studio): the text model and mmproj-*.gguf")
+    exp.add_argument("model", metavar="RUN_OR_MERGED", help="a run folder (merged on the fly) or a merged folder")
+    exp.add_argument("--gguf", required=True, metavar="OUT_DIR", help="folder to write NAME-TYPE.gguf and "
+                     "mmproj-NAME-F16.gguf to (F32 with --type f32)")
+    exp.add_argument("--type", choices=GGUF_TYPES, default="f16",
+                     help="the text model's weights; q4_k_m is made by llama.cpp's llama-quantize (on PATH)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    exp.set_defaults(run=cmd_export)
 
     chat = commands.add_parser("chat", help="talk to a run or merged model about an image")
     chat.add_argument("model", help="a run folder or a merged folder")
@@ -284,6 +307,7 @@ def eval_formats() -> str:
 def _user_errors() -> tuple:
     from .checkpoint import CheckpointError
     from .errors import DataError
+    from .export import ExportError
     from .recipe import RecipeError
     from .merge import MergeError
     from .model import BaseMismatchError
@@ -291,7 +315,7 @@ def _user_errors() -> tuple:
     from .templates import TemplateError
     from .vision import VisionError
     return (RecipeError, DataError, TemplateError, VisionError, MergeError, BaseMismatchError, ServeError,
-            CheckpointError, FileExistsError, FileNotFoundError)
+            CheckpointError, ExportError, FileExistsError, FileNotFoundError)
 
 
 def _quiet_libraries() -> None:

@@ -431,7 +431,7 @@ def plan_mmproj(source: Source, gguf, gguf_type: str) -> Plan:
         raise ExportError(f"image processor: its images are {width}x{height} px, the vision tower's "
                           f"{tower.image_size} px square; llama.cpp resizes every image to the tower's size")
     plan.metadata = {
-        "general.name": source.name, "general.file_type": _file_type(gguf, stored),
+        "general.name": source.name, "general.type": "mmproj", "general.file_type": _file_type(gguf, stored),
         "clip.has_vision_encoder": True, "clip.projector_type": "mlp",
         "clip.use_gelu": TOWER_ACTIVATIONS[tower.hidden_act],
         "clip.vision.image_size": tower.image_size, "clip.vision.patch_size": tower.patch_size,

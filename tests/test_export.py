@@ -247,6 +247,34 @@ def test_an_unfinished_stage2_an_existing_folder_and_missing_tools_are_refused_b
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gguf", "run"] and not any(out.iterdir())
 
 
+def test_without_cmake_or_a_compiler_the_llama_cpp_tests_are_skipped_saying_why(monkeypatch):
+    import llama_cpp_build
+    monkeypatch.setattr(llama_cpp_build.shutil, "which", lambda tool: None if tool == "cmake" else "/usr/bin/" + tool)
+    assert llama_cpp_build.why_not_buildable() == "building llama.cpp needs cmake, not found on PATH"
+
+
+def test_the_cli_prints_the_files_their_sizes_and_the_command_to_try_them(trained_run, tmp_path, capsys):
+    assert cli.main(["export", str(trained_run), "--gguf", str(tmp_path / "gguf"), "--type", "q8_0"]) == 0
+    printed = capsys.readouterr().out
+    text, mmproj = gguf_files(tmp_path / "gguf")
+    assert f"{text}  0.1 MiB" in printed and f"{mmproj}  0.5 MiB" in printed
+    assert f"llama-mtmd-cli -m {text} --mmproj {mmproj} --jinja --temp 0 --image IMAGE.jpg" in printed
+    assert "note: llama.cpp (release 11434) puts CLIP's class token after the patches" in printed
+
+
+def test_a_merged_folder_exports_what_its_run_exports(trained_run, merged_fp32, tmp_path):
+    import gguf
+    for source in (trained_run, merged_fp32):
+        export_gguf(source, tmp_path / source.name, gguf_type="f32", say=lambda _: None)
+    for run_file, merged_file in zip(gguf_files(tmp_path / trained_run.name), gguf_files(tmp_path / merged_fp32.name)):
+        run_gguf, merged_gguf = gguf.GGUFReader(run_file), gguf.GGUFReader(merged_file)
+        assert [t.name for t in run_gguf.tensors] == [t.name for t in merged_gguf.tensors]
+        for ours, theirs in zip(run_gguf.tensors, merged_gguf.tensors):  # the float32 merge, bit for bit
+            assert np.array_equal(ours.data, theirs.data), ours.name
+        fields = {k for k in run_gguf.fields if not k.startswith("GGUF.")} - {"general.name"}
+        assert all(run_gguf.fields[k].contents() == merged_gguf.fields[k].contents() for k in fields)
+
+
 def edited_copy(merged: Path, tmp_path: Path, **changes) -> Path:
     """The merged folder with its config.json changed: dotted keys ("text_config.model_type") set to new values."""
     folder = tmp_path / "edited"

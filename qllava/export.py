@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -97,13 +98,8 @@ def gguf_names(name: str, gguf_type: str) -> tuple[str, str]:
 def try_command(text_file: Path, mmproj_file: Path) -> str:
     """The llama-mtmd-cli command that answers a question about an image greedily, as `qllava chat` does, with the
     chat template the file carries (--jinja: without it llama-mtmd-cli guesses a built-in template)."""
-    return (f"llama-mtmd-cli -m {_quoted(text_file)} --mmproj {_quoted(mmproj_file)} --jinja --temp 0 "
-            "--image IMAGE.jpg -p 'What is in the image?'")
-
-
-def _quoted(path: Path) -> str:
-    import shlex
-    return shlex.quote(str(path))
+    return (f"llama-mtmd-cli -m {shlex.quote(str(text_file))} --mmproj {shlex.quote(str(mmproj_file))} --jinja "
+            "--temp 0 --image IMAGE.jpg -p 'What is in the image?'")
 
 
 def import_gguf():

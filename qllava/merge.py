@@ -97,9 +97,7 @@ def merge(run_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", ove
 
 def _write_merged(recipe, processor, stage_dir: Path, folder: Path, dtype: str, report: dict) -> None:
     """The merged weights, streamed from the base checkpoint(s), written shard by shard with the config."""
-    model = _load(lambda: modeling.empty_base_model(recipe, processor, dtype), recipe)
-    sources = _load(lambda: modeling.base_sources(recipe, model), recipe)
-    weights = _Weights(model, sources, stage_dir, getattr(torch, dtype))
+    model, weights = merged_weights(recipe, processor, stage_dir, dtype)
     checkpoint.write_sharded(folder, model, weights.merged, SHARD_SIZE)
     report["merged_weights"] = weights.merged_count
     report["adapter_change_rounding_error"] = weights.rounding_error()
@@ -108,6 +106,14 @@ def _write_merged(recipe, processor, stage_dir: Path, folder: Path, dtype: str, 
     model.config.dtype = dtype  # as save_pretrained records it
     model.config.save_pretrained(folder)
     model.generation_config.save_pretrained(folder)
+
+
+def merged_weights(recipe, processor, stage_dir: Path, dtype: str):
+    """The merged model's structure (on the meta device) and its weights as the stream computes them, one at a time
+    (`weights.weight(key)`): what `qllava merge` writes, and what `qllava export` converts without writing it."""
+    model = _load(lambda: modeling.empty_base_model(recipe, processor, dtype), recipe)
+    sources = _load(lambda: modeling.base_sources(recipe, model), recipe)
+    return model, _Weights(model, sources, stage_dir, getattr(torch, dtype))
 
 
 class _Weights:

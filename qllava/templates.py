@@ -212,7 +212,7 @@ def _check_rounds(text: str, assistant_separator: str, eos: str) -> None:
                                 "(official LLaVA would mask the whole sample)")
 
 
-def chat_template(template: str, bos_first: bool) -> str:
+def chat_template(template: str, bos_first: bool, media_markers: bool = False) -> str:
     """The template as a Jinja chat template, for a merged checkpoint used without qllava (pipelines, servers).
 
     Renders what `render` renders, with the BOS token first when the tokenizer adds one in training
@@ -221,12 +221,24 @@ def chat_template(template: str, bos_first: bool) -> str:
     as LLaVA puts it. A leading system message replaces the template's system prompt, as in training; templates
     without one leave it out, as training does. The source has no line breaks, so no whitespace control is
     needed: every space in it is output.
+
+    With `media_markers` (the template of a GGUF export), a string message holding llama.cpp's media markers
+    (`<__media__>` in llama-mtmd-cli, `<__media_RANDOM__>` in llama-server, which glue them to the text with no
+    line break) is rendered as LLaVA's preprocessing writes an image turn: each marker first, followed by a line
+    break, then the text, stripped.
     """
     spec = template_spec(template)
     # A user message that is only the image is written as the tag alone, as render writes it (image_only).
-    content = ("{% macro content(m) %}{% if m['content'] is string %}"
-               "{{ '<image>' if m['role'] == 'user' and m['content'] | trim == '<image>' else m['content'] }}"
-               "{% else %}{% set images = m['content'] | selectattr('type', 'equalto', 'image') | list %}"
+    string = "{{ '<image>' if m['role'] == 'user' and m['content'] | trim == '<image>' else m['content'] }}"
+    if media_markers:  # each marker, then a line break unless nothing follows, then the text, stripped
+        string = ("{% set pieces = m['content'].split('<__media') %}{% if pieces | length > 1 %}"
+                  "{% set ns = namespace(text=pieces[0], marks=[]) %}{% for p in pieces[1:] %}"
+                  "{% set ns.marks = ns.marks + ['<__media' ~ p.split('__>', 1)[0] ~ '__>'] %}"
+                  "{% set ns.text = ns.text + p.split('__>', 1)[1] %}{% endfor %}"
+                  "{% for mark in ns.marks %}{{ mark }}{{ '\\n' if ns.text | trim or not loop.last else '' }}"
+                  "{% endfor %}{{ ns.text.strip() }}{% else %}" + string + "{% endif %}")
+    content = ("{% macro content(m) %}{% if m['content'] is string %}" + string + "{% else %}"
+               "{% set images = m['content'] | selectattr('type', 'equalto', 'image') | list %}"
                "{% set text %}{% for p in m['content'] if p['type'] == 'text' %}{{ p['text'] }}{% endfor %}{% endset %}"
                "{% for p in images %}<image>{{ '\\n' if text | trim or not loop.last else '' }}{% endfor %}"
                "{% if text | trim or not images %}{{ text }}{% endif %}{% endif %}{% endmacro %}")

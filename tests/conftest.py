@@ -133,3 +133,69 @@ def stage2_recipe(root: Path, decoder: Path, tower: Path, run_dir: Path, *extra:
         f'model.decoder="{decoder}"', f'model.vision_tower="{tower}"', "lora.modules_to_save=[]",
         'stage2.projector="fresh"', "eval.at=[]", *extra])
     return dataclasses.replace(recipe, synthetic=None)
+
+
+@pytest.fixture(scope="session")
+def siglip_dir(tmp_path_factory):
+    """A tiny SigLIP tower (no class token: LLaVA keeps all 16 of its features)."""
+    from qllava import tiny
+    folder = tmp_path_factory.mktemp("towers") / "siglip"
+    tiny.write_vision_tower(folder, seed=0, family="siglip")
+    return folder
+
+
+def smollm2_recipe(tiny_inputs, smollm2_dir, siglip_dir, run_dir, *extra):
+    """SmolLM2-135M-Instruct with the tiny SigLIP tower, the vicuna_v1 template, a short stage 2."""
+    return stage2_recipe(tiny_inputs, smollm2_dir, siglip_dir, run_dir,
+                         'model.vision_feature_select_strategy="full"', 'stage2.template="vicuna_v1"', *extra)
+
+
+SMOLLM2_STEPS = 4
+
+
+@pytest.fixture(scope="session")
+def smollm2_run(tiny_inputs, smollm2_dir, siglip_dir, tmp_path_factory):
+    """A stage 2 of SmolLM2 + SigLIP as the 7B recipes train it (LoRA + projector, 4-bit decoder): (run, metrics)."""
+    from qllava import train
+    run = tmp_path_factory.mktemp("smollm2") / "run"
+    recipe = smollm2_recipe(tiny_inputs, smollm2_dir, siglip_dir, run, f"stage2.max_steps={SMOLLM2_STEPS}",
+                            "stage2.per_device_train_batch_size=1", "stage2.learning_rate=2e-3",
+                            "stage2.logging_steps=1")
+    return run, train.finetune(recipe, stages=("stage2",), say=lambda _: None)["stage2"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """The test files that run llama.cpp go last, and a llama.cpp build this machine lacks starts now, in the
+    background at the lowest CPU priority: it takes the cycles the other tests leave idle (tests/llama_cpp_build.py)."""
+    late = {item.module.__name__ for item in items if "llama_cpp" in getattr(item, "fixturenames", ())}
+    if late:
+        items[:] = [item for item in items if item.module.__name__ not in late] + \
+            [item for item in items if item.module.__name__ in late]
+        import llama_cpp_build
+        LLAMA_CPP_BUILD.append(llama_cpp_build.start_in_background(TEST_MODELS / "llama.cpp-build.log"))
+
+
+LLAMA_CPP_BUILD = []
+"""The background build started at collection (None when none was needed)."""
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for build in LLAMA_CPP_BUILD:
+        if build is not None:
+            build.stop()  # a session that ends before it is needed does not leave a compiler running
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """llama.cpp's binaries (llama-mtmd-cli, llama-quantize, llama-tokenize: tests/llama_cpp_build.py), built once per
+    machine and kept; the test is skipped, saying why, where they cannot be built."""
+    import llama_cpp_build
+    if not llama_cpp_build.is_built():
+        reason = llama_cpp_build.why_not_buildable()
+        if reason:
+            pytest.skip(reason)
+        build = next((b for b in LLAMA_CPP_BUILD if b is not None), None)
+        if build is None:  # collected without the hook (a plugin reordered?): build now, in the foreground
+            return llama_cpp_build.build()
+        build.wait()
+    return llama_cpp_build.bin_dir()

@@ -11,40 +11,18 @@ import peft
 import pytest
 from safetensors import safe_open
 
-from conftest import stage2_recipe
+from conftest import SMOLLM2_STEPS as STEPS, smollm2_recipe, stage2_recipe
 from qllava import inference, model as modeling, plan, templates, tiny, train, vision
 from qllava.chat import Chat
 from qllava.data import expand_images, tokenize_conversation
 from qllava.merge import MergeError, merge
 from qllava.tokenizer import adds_bos
 
-STEPS = 4
 # LoRA r8 on q,k,v,o,gate,up,down of SmolLM2's 30 layers (hidden 576, 3 KV heads of 64, MLP 1536) and the
 # projector 128 -> 576 -> 576: nothing else trains (no modules_to_save, as in the 7B recipes).
 SMOLLM2_LORA = 30 * 8 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))
 SMOLLM2_PROJECTOR = 128 * 576 + 576 + 576 * 576 + 576
 SMOLLM2_PARAMS = 134_515_008  # SmolLM2-135M-Instruct as published, its tied embeddings counted once
-
-
-@pytest.fixture(scope="module")
-def siglip_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("towers") / "siglip"
-    tiny.write_vision_tower(folder, seed=0, family="siglip")
-    return folder
-
-
-def smollm2_recipe(tiny_inputs, smollm2_dir, siglip_dir, run_dir, *extra):
-    return stage2_recipe(tiny_inputs, smollm2_dir, siglip_dir, run_dir,
-                               'model.vision_feature_select_strategy="full"', 'stage2.template="vicuna_v1"', *extra)
-
-
-@pytest.fixture(scope="module")
-def smollm2_run(tiny_inputs, smollm2_dir, siglip_dir, tmp_path_factory):
-    run = tmp_path_factory.mktemp("smollm2") / "run"
-    recipe = smollm2_recipe(tiny_inputs, smollm2_dir, siglip_dir, run, f"stage2.max_steps={STEPS}",
-                            "stage2.per_device_train_batch_size=1", "stage2.learning_rate=2e-3",
-                            "stage2.logging_steps=1")
-    return run, train.finetune(recipe, stages=("stage2",), say=lambda _: None)["stage2"]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,604 @@
+"""`qllava plan --trace`: the real training step of a stage, run on fake tensors, its live memory counted.
+
+The model is built as training builds it (the same builder functions, quantization config, LoRA targets and
+dtypes) but from the recipe's configs alone: under torch's FakeTensorMode every tensor has a shape, a dtype and a
+device (a fake `cuda` one by default) and no data, so 7B shapes cost seconds and no memory. The worst-case
+micro-batch the recipe allows (rows packed to max_seq_len, as many of the largest images as fit) goes through
+qllava's collator, then two optimizer steps run through the trainer's own training_step (the first creates the
+optimizer states, the second is the steady state).
+
+Memory is counted by LiveBytes, a TorchDispatchMode that registers every storage an operator returns and sees it
+freed through a weak reference: the peak of live bytes, what was alive at that moment (by category) and the
+operator that reached it. The same tracker runs on real tensors (`trace_stage(..., real=True)`): the tests hold
+the fake trace to real CPU execution. What no trace can see is added as named allowances (ALLOWANCE_SOURCES).
+FLOPs are counted per operator with FlopCounterMode's formulas, split into forward, backward and recomputation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import model as modeling
+from .recipe import Recipe
+
+GIB = 2**30
+MIB = 2**20
+STEPS = 2
+CATEGORIES = ("quantized_weights", "frozen_weights", "trainable_weights", "gradients", "optimizer_states",
+              "batch", "saved_activations", "transient_at_peak")
+# What a trace of tensors cannot see, on a CUDA card. Each value is an allowance, not a measurement.
+CUDA_CONTEXT = 1.0 * GIB
+CUBLAS_WORKSPACE = 2 * 32 * MIB
+FRAGMENTATION = 0.05
+ALLOWANCE_SOURCES = {
+    "cuda_context": "CUDA context and kernel images, outside torch's allocator: 0.3-1 GiB by card and driver "
+                    "(lazy module loading); the plan's 1 GiB",
+    "cublas_workspace": "cuBLAS workspace per handle, 32 MiB on Hopper (torch's CUBLAS_WORKSPACE_CONFIG default "
+                        ":4096:8), one for the forward thread and one for autograd's: 64 MiB",
+    "allocator_rounding": "the caching allocator rounds each block up to 512 bytes: 512 B per storage alive at the "
+                          "peak",
+    "fragmentation": "reserved beyond allocated in the caching allocator's pools: 5% of the traced peak, assumed "
+                     "(not yet measured on a GPU: benchmarks/gpu_check.py prints reserved vs allocated)",
+    "flash_attn_workspace": "flash-attn's varlen backward allocates dq_accum (float32, (tokens + 128 x rows) x heads "
+                            "x head_dim) and softmax_d inside the kernel, once per layer at a time",
+}
+
+
+class TraceError(RuntimeError):
+    """The trace met an operator it cannot run on fake tensors (named in the message)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Counting live storages
+
+@dataclass
+class Counts:
+    """What a tracked run measured."""
+
+    peak_bytes: int = 0
+    peak_op: str = ""
+    peak_phase: str = ""
+    peak_step: int = 0
+    peak_storages: int = 0
+    breakdown: dict = field(default_factory=dict)
+    flops: dict = field(default_factory=lambda: {"forward": 0, "backward": 0, "recompute": 0})
+
+
+class LiveBytes(TorchDispatchMode):
+    """Live bytes of every storage registered (resident tensors) or returned by an operator run under it.
+
+    A storage is alive until its weak reference expires, so views and in-place results are never counted twice.
+    Each storage is tagged with the phase it was born in; at the end, the storages alive at the peak are sorted
+    into CATEGORIES by the sets of known storages (weights, gradients, optimizer states, batch, saved tensors).
+    """
+
+    def __init__(self, scalars=None):
+        super().__init__()
+        self.live: dict[StorageWeakRef, int] = {}
+        self.born: dict[StorageWeakRef, str] = {}
+        self.known: dict[str, set] = {name: set() for name in CATEGORIES}
+        self.current = 0
+        self.phase = "setup"
+        self.step = 0
+        self.counts = Counts()
+        self.at_peak: dict[StorageWeakRef, int] = {}
+        self.scalars = scalars
+        from torch.utils.flop_counter import FlopCounterMode
+        self.flop_registry = FlopCounterMode(display=False).flop_registry
+
+    def register(self, tensor: torch.Tensor, category: str | None = None) -> None:
+        key = _key(tensor)
+        if key is None:
+            return
+        if key not in self.live:
+            self._sweep()
+            self.live[key] = tensor.untyped_storage().nbytes()
+            self.born[key] = self.phase
+            self.current += self.live[key]
+        if category:
+            self.known[category].add(key)
+
+    def mark(self, tensor: torch.Tensor, category: str) -> None:
+        """Remember a storage as belonging to `category` (it is counted once, wherever it was born)."""
+        key = _key(tensor)
+        if key is not None:
+            self.known[category].add(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default and _is_fake(args[0]):
+            return self.scalars(func, args[0], self.step) if self.scalars else _unknown(func)
+        out = func(*args, **kwargs)
+        self._count_flops(func, out, args, kwargs)
+        new = [t for t in _tensors(out) if (k := _key(t)) is not None and k not in self.live]
+        if new:
+            self._sweep()
+            for t in new:
+                self.register(t)
+            if self.current > self.counts.peak_bytes:
+                self._new_peak(func)
+        return out
+
+    def _count_flops(self, func, out, args, kwargs) -> None:
+        packet = func._overloadpacket
+        if packet not in self.flop_registry:
+            return
+        flops = self.flop_registry[packet](*args, **kwargs, out_val=out)
+        if self.step != STEPS:  # the steady step is the one counted
+            return
+        if self.phase == "backward":
+            # checkpointing re-runs the forward inside the backward, with grad mode on; backward kernels run without
+            part = "recompute" if torch.is_grad_enabled() else "backward"
+        elif self.phase == "forward":
+            part = "forward"
+        else:
+            return
+        self.counts.flops[part] += flops
+
+    def _new_peak(self, func) -> None:
+        self.counts.peak_bytes = self.current
+        self.counts.peak_op = str(func)
+        self.counts.peak_phase = self.phase
+        self.counts.peak_step = self.step
+        self.at_peak = dict(self.live)
+
+    def _sweep(self) -> None:
+        dead = [k for k in self.live if k.expired()]
+        for k in dead:
+            self.current -= self.live.pop(k)
+
+    def breakdown(self) -> dict[str, int]:
+        """The storages alive at the peak, by category: a storage goes to the first category that knows it, else to
+        saved activations (born in an earlier phase than the peak's) or transient buffers (born in the peak's)."""
+        parts = dict.fromkeys(CATEGORIES, 0)
+        for key, nbytes in self.at_peak.items():
+            category = next((c for c in CATEGORIES if key in self.known[c]), None)
+            if category is None:
+                same_phase = self.born.get(key) == self.counts.peak_phase
+                category = "transient_at_peak" if same_phase and key not in self.known["saved_activations"] \
+                    else "saved_activations"
+            parts[category] += nbytes
+        return parts
+
+
+def _key(tensor) -> StorageWeakRef | None:
+    if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+        return None
+    try:
+        return StorageWeakRef(tensor.untyped_storage())
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _tensors(out):
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, (tuple, list)):
+        for item in out:
+            yield from _tensors(item)
+
+
+def _is_fake(tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+    return isinstance(tensor, FakeTensor)
+
+
+def _unknown(func):
+    raise TraceError(f"the trace cannot run {func} (a value read from a tensor's data) at {_caller()}")
+
+
+def _caller() -> str:
+    """The innermost frame outside torch: where a data-dependent operator was called from."""
+    frame = sys._getframe(2)
+    while frame and any(part in frame.f_code.co_filename for part in ("/torch/_", "/torch/utils/", "trace.py")):
+        frame = frame.f_back
+    return f"{frame.f_code.co_filename}:{frame.f_lineno} ({frame.f_code.co_name})" if frame else "?"
+
+
+# Where the training step reads a value out of a tensor, and what the trace answers there. Each is a check or a
+# logged metric, never a size: a count check the collator already guarantees, TRL's logged token accuracy and
+# entropy, transformers' "are these rows packed" test (they are: the worst-case batch packs several samples a row).
+SCALAR_SITES = {
+    "torch_compilable_check": True,  # transformers' get_placeholder_mask: image tokens == image features
+    "compute_loss": 1,  # TRL's metrics (num_valid > 0, entropy, token accuracy)
+    "find_packed_sequence_indices": False,  # "(packed_sequence_mask[:, -1] == 0).all()": not all single sequences
+    "clip_grad_norm_": 1.0,
+    "_get_unpad_data": 1,  # flash-attention's max sequence length (the kernel's tiling, no output shape)
+    "prepare_fa_kwargs_from_position_ids": 1,
+    "_is_packed_sequence": True,
+}
+
+
+def scalar_at_site(func, tensor, step: int):
+    """The stand-in value of a data-dependent read at a known site (SCALAR_SITES), else a TraceError naming it.
+    torch's own optimizers read their step count (the optimizer step being traced)."""
+    frame = sys._getframe(1)
+    while frame:
+        if frame.f_code.co_name == "_get_value" and frame.f_code.co_filename.endswith("optim/optimizer.py"):
+            return float(step)
+        name = frame.f_code.co_name
+        if name in SCALAR_SITES and "/torch/" not in frame.f_code.co_filename:
+            value = SCALAR_SITES[name]
+            return type(value)(value) if tensor.dtype != torch.bool else bool(value)
+        frame = frame.f_back
+    raise TraceError(f"the trace cannot run {func} (a value read from a tensor's data) at {_caller()}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model, built from configs on fake tensors
+
+def fake_stage_model(recipe: Recipe, stage: str, device: str, fake):
+    """(model, processor) of a stage as train.build_stage_model makes it, from configs only. The structure is built on
+    the meta device by the builder's own functions (empty_base_model, frozen, attach_lora, the projector made
+    trainable, trainable weights in float32), the decoder's linear layers quantized by bitsandbytes' quantize_4bit
+    (its meta kernels); then, under the fake mode, every tensor becomes an empty fake one on `device`."""
+    from . import train
+    processor = modeling.build_processor(recipe.model)
+    cfg = recipe.model
+    dtype = getattr(torch, cfg.dtype)
+    attn = modeling.attention_implementation(cfg.attn_implementation, dtype) if device == "cpu" else \
+        _cuda_attention(cfg.attn_implementation, dtype)
+    model = modeling.empty_base_model(recipe, processor, cfg.dtype)
+    for module in model.modules():
+        if hasattr(module, "config") and hasattr(module.config, "_attn_implementation"):
+            module.config._attn_implementation = attn
+    if recipe.quantization.load_in_4bit:
+        _quantize(model.model.language_model, recipe.quantization)
+    model = modeling.frozen(model)
+    if stage == "stage2":
+        model = modeling.attach_lora(model, recipe.lora)
+    for parameter in modeling.projector_parameters(model).values():
+        parameter.requires_grad_(True)
+    train._trainable_to_float32(model)
+    with fake:
+        _materialize(model, device)
+    return model, processor
+
+
+def _cuda_attention(requested: str, dtype: torch.dtype) -> str:
+    """What "auto" means on a CUDA card (modeling.attention_implementation asks this machine, which has no card):
+    flash_attention_2 when flash-attn is installed there; the trace assumes the sdpa fallback unless asked."""
+    return "sdpa" if requested == "auto" else requested
+
+
+def _materialize(module: torch.nn.Module, device: str) -> None:
+    """Every meta parameter, buffer and 4-bit quantization state replaced by an empty tensor on `device` (fake under
+    the trace's mode); a parameter shared by two modules (tied embeddings) stays shared."""
+    done = {}
+
+    def empty(t):
+        return torch.empty(t.shape, dtype=t.dtype, device=device)
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is None or p.device.type != "meta":
+                continue
+            if id(p) not in done:
+                new = torch.nn.Parameter(empty(p), requires_grad=p.requires_grad)
+                for attr in ("quant_state", "quant_type", "compress_statistics", "blocksize", "bnb_quantized",
+                             "quant_storage"):
+                    if hasattr(p, attr):
+                        setattr(new, attr, getattr(p, attr))
+                done[id(p)] = new
+            sub._parameters[name] = done[id(p)]
+        for name, b in list(sub._buffers.items()):
+            if b is not None and b.device.type == "meta":
+                sub._buffers[name] = empty(b)
+        state = getattr(sub, "quant_state", None)
+        for s in (state, getattr(state, "state2", None)):
+            for attr, value in list(vars(s).items()) if s is not None else ():
+                if isinstance(value, torch.Tensor) and value.device.type == "meta":
+                    setattr(s, attr, done.setdefault(id(value), empty(value)))  # code tables are shared
+
+
+def _quantize(decoder, q) -> None:
+    """The decoder blocks' linear layers as bitsandbytes Linear4bit, quantized with quantize_4bit as loading does.
+    The packed weight is a plain Parameter carrying quant_state (bitsandbytes' Params4bit cannot wrap a fake tensor);
+    Linear4bit's forward and backward read exactly these."""
+    import bitsandbytes as bnb
+    compute = getattr(torch, q.bnb_4bit_compute_dtype)
+    cached = dict(bnb.functional.name2qmap)  # bitsandbytes caches its code tables on the first device it sees
+    try:
+        _quantize_layers(decoder, q, compute)
+    finally:
+        bnb.functional.name2qmap.clear()
+        bnb.functional.name2qmap.update(cached)
+
+
+def _quantize_layers(decoder, q, compute) -> None:
+    import bitsandbytes as bnb
+    for parent in list(decoder.layers.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear:
+                continue
+            with torch.device("meta"):
+                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=compute, compress_statistics=q.bnb_4bit_use_double_quant,
+                                          quant_type=q.bnb_4bit_quant_type, device="meta")
+            packed, state = bnb.functional.quantize_4bit(child.weight.data.to(compute), blocksize=64,
+                                                         compress_statistics=q.bnb_4bit_use_double_quant,
+                                                         quant_type=q.bnb_4bit_quant_type)
+            weight = torch.nn.Parameter(packed, requires_grad=False)  # on meta: shapes only
+            weight.quant_state, weight.quant_type = state, q.bnb_4bit_quant_type
+            weight.compress_statistics, weight.blocksize, weight.bnb_quantized = q.bnb_4bit_use_double_quant, 64, True
+            weight.quant_storage = torch.uint8
+            layer._parameters["weight"] = weight
+            layer.quant_state = state
+            if child.bias is not None:
+                layer._parameters["bias"] = child.bias
+            setattr(parent, name, layer)
+
+
+def quant_state_tensors(state) -> list[torch.Tensor]:
+    """The tensors a bitsandbytes QuantState holds (absmax, code, offset, and its nested state's)."""
+    if state is None:
+        return []
+    found = [v for v in vars(state).values() if isinstance(v, torch.Tensor)]
+    return found + quant_state_tensors(getattr(state, "state2", None))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The worst-case micro-batch
+
+def worst_case_samples(recipe: Recipe, stage: str, model, processor, folder: Path):
+    """(dataset, image store) of rows that fill max_seq_len, each with as many of the largest images as fit (one per
+    sample, a few text tokens each, every text token trained), the rest of the row one text sample: enough rows for
+    every micro-batch of both steps."""
+    import datasets
+    from PIL import Image
+    from . import vision
+    from .data import FEATURES, ImageStore
+    cfg = getattr(recipe, stage)
+    geometry = modeling.image_geometry(model.config, processor.image_processor)
+    size = max(max(p) for p in geometry.grid_pinpoints) if geometry.varies else \
+        vision.output_size(processor.image_processor)[0]
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), (120, 60, 200)).save(images / "0.png")
+    n_image = geometry.tokens_of((size, size))
+    text = 16
+    per_row = cfg.max_seq_len // (n_image + text) if n_image + 2 <= cfg.max_seq_len else 0
+    rest = cfg.max_seq_len - per_row * (n_image + text)
+    rng = random.Random(0)
+    vocab = min(model.config.text_config.vocab_size, len(processor.tokenizer)) - 1
+    image_id = model.config.image_token_id
+    specials = {image_id, processor.tokenizer.pad_token_id}
+    columns = {name: [] for name in FEATURES}
+
+    def words(n):
+        return [t for t in (rng.randrange(3, vocab) for _ in range(3 * n)) if t not in specials][:n]
+
+    def add(ids, image, image_tokens):
+        labels = [-100 if t == image_id else t for t in ids]
+        length = len(ids) - (1 if image else 0) + image_tokens
+        for key, value in (("id", str(len(columns["id"]))), ("input_ids", ids), ("labels", labels),
+                           ("length", length), ("source", 0), ("image", "0.png" if image else ""),
+                           ("image_tokens", [image_tokens] if image else []), ("image_file", ""), ("image_stamp", 0)):
+            columns[key].append(value)
+
+    rows = cfg.per_device_train_batch_size * (STEPS + 1)
+    for _ in range(rows):
+        for _ in range(per_row):
+            add([image_id] + words(text), True, n_image)
+        if rest >= 2:
+            add(words(rest), False, 0)
+    return datasets.Dataset.from_dict(columns, features=FEATURES), ImageStore([str(images)])
+
+
+def micro_batches(recipe: Recipe, stage: str, model, processor, folder: Path) -> tuple[list[dict], object]:
+    """The collator's batches of the worst-case rows (one per optimizer step) and the collator."""
+    from .packing import Collator, Rows
+    cfg = getattr(recipe, stage)
+    dataset, images = worst_case_samples(recipe, stage, model, processor, folder)
+    rows = Rows(dataset, cfg.max_seq_len, cfg.packing, cfg.seed)
+    collator = Collator(images, processor.image_processor, cfg.image_aspect_ratio, processor.tokenizer.pad_token_id,
+                        model.config.image_token_id, packing=cfg.packing,
+                        flatten=model.config._attn_implementation == "flash_attention_2")
+    order = sorted(range(len(rows)), key=lambda i: -sum(s["length"] for s in rows[i]))
+    size = cfg.per_device_train_batch_size
+    batches = [collator([rows[i] for i in order[k * size:(k + 1) * size]]) for k in range(STEPS)]
+    return batches, (rows, collator)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The trace
+
+def trace_stage(recipe: Recipe, stage: str, device: str = "cuda", real: bool = False) -> dict:
+    """Peak live bytes (with breakdown, operator at the peak), allowances, FLOPs per token and tokens per step of
+    two optimizer steps of `stage`. `real`: load the real model (its weights) and execute on CPU instead, counted by
+    the same tracker (what the tests compare the trace with)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from . import train
+    started = time.perf_counter()
+    cfg = getattr(recipe, stage)
+    fake = None if real else FakeTensorMode(allow_non_fake_inputs=True)
+    if real and device != "cpu":
+        raise ValueError("real execution is on CPU only (device='cpu')")
+    with tempfile.TemporaryDirectory(prefix="qllava_trace_") as work, _quiet(), _trace_patches(real):
+        if real:
+            model, processor = train.build_stage_model(recipe, stage)
+        else:
+            model, processor = fake_stage_model(recipe, stage, device, fake)
+        batches, (rows, collator) = micro_batches(recipe, stage, model, processor, Path(work))
+        tokens = int(batches[0]["qllava_real_tokens"])
+        label_tokens = [int((b["labels"] != -100).sum()) for b in batches]
+        trainer = _trainer(recipe, stage, model, processor, rows, collator, Path(work), device, fake)
+        tracker = LiveBytes(scalars=scalar_at_site)
+        with (fake or contextlib.nullcontext()), tracker:
+            _register_resident(tracker, model)
+            try:
+                _steps(trainer, tracker, batches, label_tokens, device, fake)
+            except TraceError:
+                raise
+            except Exception as e:
+                if type(e).__name__ in ("DataDependentOutputException", "DynamicOutputShapeException",
+                                        "UnsupportedOperatorException"):
+                    raise TraceError(f"the trace cannot run {e.args[0] if e.args else e} at {_caller()}") from None
+                raise
+    counts = tracker.counts
+    counts.breakdown = tracker.breakdown()
+    counts.peak_storages = len(tracker.at_peak)
+    if os.environ.get("QLLAVA_TRACE_DEBUG"):
+        print(sorted(tracker.at_peak.values())[-12:], file=sys.stderr)
+    text = model.config.text_config
+    allowances = allowances_bytes(device, counts, text, batches[0]["input_ids"].shape, model.config._attn_implementation)
+    return {"stage": stage, "device": device, "real": real, "traced_peak_bytes": counts.peak_bytes,
+            "breakdown": counts.breakdown,
+            "op_at_peak": {"op": counts.peak_op, "phase": counts.peak_phase, "step": counts.peak_step},
+            "allowances_bytes": allowances, "allowance_sources": {k: ALLOWANCE_SOURCES[k] for k in allowances},
+            "peak_with_allowances_bytes": counts.peak_bytes + sum(allowances.values()),
+            "flops_per_token": {k: v / tokens for k, v in counts.flops.items()},
+            "flops_per_step_micro_batch": dict(counts.flops),
+            "tokens_per_step": tokens * cfg.gradient_accumulation_steps, "tokens_per_micro_batch": tokens,
+            "label_tokens_per_micro_batch": label_tokens[0], "attn_implementation": model.config._attn_implementation,
+            "trace_seconds": round(time.perf_counter() - started, 2)}
+
+
+def allowances_bytes(device: str, counts: Counts, text, shape, attn: str) -> dict[str, int]:
+    """What a card adds to the traced peak (none on CPU, where the tracker's count is the whole story)."""
+    if device == "cpu":
+        return {}
+    parts = {"cuda_context": int(CUDA_CONTEXT), "cublas_workspace": CUBLAS_WORKSPACE,
+             "allocator_rounding": 512 * counts.peak_storages,
+             "fragmentation": int(FRAGMENTATION * counts.peak_bytes)}
+    if attn == "flash_attention_2":
+        rows, width = shape
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        parts["flash_attn_workspace"] = 4 * (rows * width + 128 * rows) * text.num_attention_heads * \
+            math.ceil(head_dim / 32) * 32 + 4 * rows * text.num_attention_heads * (math.ceil(width / 128) * 128)
+    return parts
+
+
+def _trainer(recipe, stage, model, processor, rows, collator, work: Path, device: str, fake):
+    """The stage's trainer, built by train._build_trainer as training builds it. On a fake CUDA device the optimizer
+    is the one a card gets (fused AdamW) and the model stays where it is (the trainer would move it to this CPU)."""
+    from transformers import Trainer
+    from . import train
+    cfg = getattr(recipe, stage)
+    build = train.build_optimizer
+    cuda = device == "cuda"
+    original = torch.cuda.is_available
+
+    def optimizer_for_device(model, cfg):
+        torch.cuda.is_available = (lambda: True) if cuda else original
+        try:
+            return build(model, cfg)
+        finally:
+            torch.cuda.is_available = original
+    move = Trainer._move_model_to_device
+    train.build_optimizer, Trainer._move_model_to_device = optimizer_for_device, lambda *a, **k: None
+    try:
+        trainer = train._build_trainer(model, processor, rows, collator, cfg, work / "checkpoints", [], 0)
+    finally:
+        train.build_optimizer, Trainer._move_model_to_device = build, move
+    if cfg.gradient_checkpointing:  # what Trainer.train does before its first step
+        trainer.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    train._trainable_to_float32(model)
+    return trainer
+
+
+def _register_resident(tracker: LiveBytes, model) -> None:
+    """Everything the model holds before the first step, in its category."""
+    import bitsandbytes as bnb
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            tracker.register(module.weight, "quantized_weights")
+            for t in quant_state_tensors(module.weight.quant_state):
+                tracker.register(t, "quantized_weights")
+    for p in model.parameters():
+        tracker.register(p, "trainable_weights" if p.requires_grad else "frozen_weights")
+    for b in model.buffers():
+        tracker.register(b, "frozen_weights")
+
+
+def _steps(trainer, tracker: LiveBytes, batches, label_tokens, device: str, fake) -> None:
+    """Two optimizer steps as the trainer's loop takes them: training_step (forward, loss, backward) on the
+    micro-batch, gradient clipping, the optimizer's step, the scheduler's, gradients set to None."""
+    model, optimizer = trainer.model, trainer.optimizer
+    trainer.create_scheduler(num_training_steps=STEPS, optimizer=optimizer)
+    compute_loss = trainer.compute_loss
+
+    def forward_then_backward(*args, **kwargs):
+        tracker.phase = "forward"
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: (tracker.mark(t, "saved_activations"), t)[1],
+                                                      lambda t: t):
+            loss = compute_loss(*args, **kwargs)
+        tracker.phase = "backward"
+        return loss
+    trainer.compute_loss = forward_then_backward
+    trainer._prepare_inputs = lambda inputs: {k: _to(v, device, fake) for k, v in inputs.items()}
+    trainer.token_counter.counts.add = lambda inputs: None  # counted from the real batches (tokens_per_step)
+    for step, (batch, labels) in enumerate(zip(batches, label_tokens), start=1):
+        tracker.step = step
+        tracker.phase = "batch"
+        inputs = {k: v for k, v in batch.items() if k != "qllava_real_tokens"}
+        inputs = trainer._prepare_inputs(inputs)
+        for v in inputs.values():
+            tracker.register(v, "batch")
+        trainer.training_step(model, inputs, torch.tensor(labels))
+        del inputs
+        for p in model.parameters():
+            if p.grad is not None:
+                tracker.mark(p.grad, "gradients")
+        tracker.phase = "optimizer"
+        if trainer.args.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                           trainer.args.max_grad_norm)
+        optimizer.step()
+        for state in optimizer.state.values():
+            for v in state.values():
+                if isinstance(v, torch.Tensor):
+                    tracker.mark(v, "optimizer_states")
+        trainer.lr_scheduler.step()
+        model.zero_grad(set_to_none=True)
+        tracker.phase = "between steps"
+
+
+def _to(value, device: str, fake):
+    if not isinstance(value, torch.Tensor):
+        return value
+    if fake is None:  # real execution: a copy, as the transfer to the card makes one (the host batch is not counted)
+        return value.to(device, copy=True)
+    return fake.from_tensor(value).to(device)
+
+
+@contextlib.contextmanager
+def _trace_patches(real: bool):
+    """transformers reads whether image tokens and features match (an .item()) in get_placeholder_mask; the
+    collator builds both from the same counts, so the trace skips that check (TRANSFORMERS_DISABLE_TORCH_CHECK)."""
+    old = os.environ.get("TRANSFORMERS_DISABLE_TORCH_CHECK")
+    if not real:
+        os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRANSFORMERS_DISABLE_TORCH_CHECK", None)
+        else:
+            os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"] = old
+
+
+@contextlib.contextmanager
+def _quiet():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+def trace(recipe: Recipe, stages, device: str = "cuda") -> dict:
+    """trace_stage of each stage, by name."""
+    return {stage: trace_stage(recipe, stage, device) for stage in stages}
+

@@ -95,8 +95,15 @@ class LiveBytes(TorchDispatchMode):
         self.counts = Counts()
         self.at_peak: dict[StorageWeakRef, int] = {}
         self.scalars = scalars
+        self.label_tokens = 0
+        self.bool_index_sites: set[str] = set()
+        self.autocast = None
+        self.debug_flops = {}
         from torch.utils.flop_counter import FlopCounterMode
-        self.flop_registry = FlopCounterMode(display=False).flop_registry
+        import bitsandbytes  # noqa: F401 (registers its operators)
+        self.flop_registry = dict(FlopCounterMode(display=False).flop_registry)
+        self.flop_registry[torch.ops.bitsandbytes.gemm_4bit] = gemm_4bit_flops
+        self.forward_only = {torch.ops.bitsandbytes.gemm_4bit}
 
     def register(self, tensor: torch.Tensor, category: str | None = None) -> None:
         key = _key(tensor)
@@ -120,7 +127,8 @@ class LiveBytes(TorchDispatchMode):
         kwargs = kwargs or {}
         if func is torch.ops.aten._local_scalar_dense.default and _is_fake(args[0]):
             return self.scalars(func, args[0], self.step) if self.scalars else _unknown(func)
-        out = func(*args, **kwargs)
+        out = self._bool_index(func, args) if func is torch.ops.aten.index.Tensor else None
+        out = func(*args, **kwargs) if out is None else out
         self._count_flops(func, out, args, kwargs)
         new = [t for t in _tensors(out) if (k := _key(t)) is not None and k not in self.live]
         if new:
@@ -131,6 +139,26 @@ class LiveBytes(TorchDispatchMode):
                 self._new_peak(func)
         return out
 
+    def _bool_index(self, func, args):
+        """x[mask] with a fake boolean mask at a known site (bool_index_sites): its size is the micro-batch's label
+        count (the mask is the labels' mask); elsewhere None (the fake mode raises, naming the operator)."""
+        x, indices = args
+        mask = next((i for i in indices if i is not None and i.dtype == torch.bool), None)
+        if mask is None or not _is_fake(mask) or not self.bool_index_sites:
+            return None
+        frame = sys._getframe(2)
+        while frame and frame.f_code.co_name not in self.bool_index_sites:
+            frame = frame.f_back
+        if frame is None:
+            return None
+        return x.new_empty((self.label_tokens, *x.shape[mask.dim():]))
+
+    def add_flops(self, flops: int) -> None:
+        """FLOPs of work done where no operator runs (a kernel the trace stands in for)."""
+        if self.step == STEPS and self.phase in ("forward", "backward"):
+            part = self.phase
+            self.counts.flops[part] += flops
+
     def _count_flops(self, func, out, args, kwargs) -> None:
         packet = func._overloadpacket
         if packet not in self.flop_registry:
@@ -139,13 +167,18 @@ class LiveBytes(TorchDispatchMode):
         if self.step != STEPS:  # the steady step is the one counted
             return
         if self.phase == "backward":
-            # checkpointing re-runs the forward inside the backward, with grad mode on; backward kernels run without
-            part = "recompute" if torch.is_grad_enabled() else "backward"
+            # Checkpointing re-runs a layer's forward inside the backward, with grad mode on (backward kernels run
+            # without); bitsandbytes' fused 4-bit matmul is a forward-only operator, run inside its autograd
+            # Function (grad mode off).
+            part = "recompute" if torch.is_grad_enabled() or packet in self.forward_only else "backward"
         elif self.phase == "forward":
             part = "forward"
         else:
             return
         self.counts.flops[part] += flops
+        if os.environ.get("QLLAVA_TRACE_DEBUG"):
+            key = (part, str(func), torch.is_grad_enabled())
+            self.debug_flops[key] = self.debug_flops.get(key, 0) + flops
 
     def _new_peak(self, func) -> None:
         self.counts.peak_bytes = self.current
@@ -171,6 +204,11 @@ class LiveBytes(TorchDispatchMode):
                     else "saved_activations"
             parts[category] += nbytes
         return parts
+
+
+def gemm_4bit_flops(a, b, shape, *args, out_val=None, **kwargs) -> int:
+    """bitsandbytes' fused 4-bit matmul (forward of a Linear4bit): A (M x K) times the (N x K) weight."""
+    return 2 * (a.numel() // a.shape[-1]) * shape[0] * shape[1]
 
 
 def _key(tensor) -> StorageWeakRef | None:
@@ -245,8 +283,8 @@ def fake_stage_model(recipe: Recipe, stage: str, device: str, fake):
     trainable, trainable weights in float32), the decoder's linear layers quantized by bitsandbytes' quantize_4bit
     (its meta kernels); then, under the fake mode, every tensor becomes an empty fake one on `device`."""
     from . import train
-    processor = modeling.build_processor(recipe.model)
     cfg = recipe.model
+    processor = stage_processor(cfg)
     dtype = getattr(torch, cfg.dtype)
     attn = modeling.attention_implementation(cfg.attn_implementation, dtype) if device == "cpu" else \
         _cuda_attention(cfg.attn_implementation, dtype)
@@ -263,8 +301,38 @@ def fake_stage_model(recipe: Recipe, stage: str, device: str, fake):
         parameter.requires_grad_(True)
     train._trainable_to_float32(model)
     with fake:
-        _materialize(model, device)
+        _materialize(model, "cpu")  # fake tensors on the CPU device: see card_paths for why not a fake "cuda" one
     return model, processor
+
+
+def stage_processor(cfg):
+    """The processor training builds; when the decoder's tokenizer is not on this machine (a plan needs no download),
+    a stand-in with the same vocabulary size, image token id and pad token kind: the trace needs those numbers only."""
+    try:
+        return modeling.build_processor(cfg)
+    except OSError:
+        return offline_processor(cfg)
+
+
+def offline_processor(cfg):
+    """A processor whose tokenizer has the checkpoint's vocabulary size, <unk> (id 0, LLaVA's pad) and the image
+    token where training puts it: appended to the decoder's vocabulary, or at a llava checkpoint's image_token_id."""
+    from tokenizers import Tokenizer, models
+    from transformers import LlavaNextProcessor, LlavaProcessor, PreTrainedTokenizerFast
+    from . import vision
+    config = modeling.load_llava_config(cfg)
+    image_id = config.image_token_id if cfg.llava else config.text_config.vocab_size
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, image_id)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="<unk>")),
+                                        unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>")
+    tokenizer.add_tokens([modeling.IMAGE_TOKEN], special_tokens=True)
+    image_processor = modeling.build_image_processor(cfg)
+    height, width = vision.output_size(image_processor)
+    prefix = vision.prefix_tokens(config.vision_config, height, width, cfg.vision_feature_layer)
+    kind = LlavaNextProcessor if config.model_type == "llava_next" else LlavaProcessor
+    return kind(image_processor=image_processor, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                num_additional_image_tokens=prefix, image_token=modeling.IMAGE_TOKEN)
 
 
 def _cuda_attention(requested: str, dtype: torch.dtype) -> str:
@@ -438,7 +506,8 @@ def trace_stage(recipe: Recipe, stage: str, device: str = "cuda", real: bool = F
         with (fake or contextlib.nullcontext()), tracker:
             _register_resident(tracker, model)
             try:
-                _steps(trainer, tracker, batches, label_tokens, device, fake)
+                with card_paths(device == "cuda", tracker, recipe.model.dtype):
+                    _steps(trainer, tracker, batches, label_tokens, fake)
             except TraceError:
                 raise
             except Exception as e:
@@ -451,6 +520,8 @@ def trace_stage(recipe: Recipe, stage: str, device: str = "cuda", real: bool = F
     counts.peak_storages = len(tracker.at_peak)
     if os.environ.get("QLLAVA_TRACE_DEBUG"):
         print(sorted(tracker.at_peak.values())[-12:], file=sys.stderr)
+        for k, v in sorted(tracker.debug_flops.items(), key=lambda kv: -kv[1])[:15]:
+            print(k, v / 1e12, file=sys.stderr)
     text = model.config.text_config
     allowances = allowances_bytes(device, counts, text, batches[0]["input_ids"].shape, model.config._attn_implementation)
     return {"stage": stage, "device": device, "real": real, "traced_peak_bytes": counts.peak_bytes,
@@ -487,11 +558,11 @@ def _trainer(recipe, stage, model, processor, rows, collator, work: Path, device
     from . import train
     cfg = getattr(recipe, stage)
     build = train.build_optimizer
-    cuda = device == "cuda"
+    card = device == "cuda"
     original = torch.cuda.is_available
 
     def optimizer_for_device(model, cfg):
-        torch.cuda.is_available = (lambda: True) if cuda else original
+        torch.cuda.is_available = (lambda: True) if card else original
         try:
             return build(model, cfg)
         finally:
@@ -522,7 +593,7 @@ def _register_resident(tracker: LiveBytes, model) -> None:
         tracker.register(b, "frozen_weights")
 
 
-def _steps(trainer, tracker: LiveBytes, batches, label_tokens, device: str, fake) -> None:
+def _steps(trainer, tracker: LiveBytes, batches, label_tokens, fake) -> None:
     """Two optimizer steps as the trainer's loop takes them: training_step (forward, loss, backward) on the
     micro-batch, gradient clipping, the optimizer's step, the scheduler's, gradients set to None."""
     model, optimizer = trainer.model, trainer.optimizer
@@ -532,15 +603,15 @@ def _steps(trainer, tracker: LiveBytes, batches, label_tokens, device: str, fake
     def forward_then_backward(*args, **kwargs):
         tracker.phase = "forward"
         with torch.autograd.graph.saved_tensors_hooks(lambda t: (tracker.mark(t, "saved_activations"), t)[1],
-                                                      lambda t: t):
+                                                      lambda t: t), (tracker.autocast or contextlib.nullcontext()):
             loss = compute_loss(*args, **kwargs)
         tracker.phase = "backward"
         return loss
     trainer.compute_loss = forward_then_backward
-    trainer._prepare_inputs = lambda inputs: {k: _to(v, device, fake) for k, v in inputs.items()}
+    trainer._prepare_inputs = lambda inputs: {k: _to(v, fake) for k, v in inputs.items()}
     trainer.token_counter.counts.add = lambda inputs: None  # counted from the real batches (tokens_per_step)
     for step, (batch, labels) in enumerate(zip(batches, label_tokens), start=1):
-        tracker.step = step
+        tracker.step, tracker.label_tokens = step, labels
         tracker.phase = "batch"
         inputs = {k: v for k, v in batch.items() if k != "qllava_real_tokens"}
         inputs = trainer._prepare_inputs(inputs)
@@ -565,12 +636,50 @@ def _steps(trainer, tracker: LiveBytes, batches, label_tokens, device: str, fake
         tracker.phase = "between steps"
 
 
-def _to(value, device: str, fake):
-    if not isinstance(value, torch.Tensor):
+def _to(value, fake):
+    """The batch as the card holds it: a copy (the host batch is not counted)."""
+    if not isinstance(value, torch.Tensor) or _is_fake(value):  # training_step prepares the inputs a second time
         return value
-    if fake is None:  # real execution: a copy, as the transfer to the card makes one (the host batch is not counted)
-        return value.to(device, copy=True)
-    return fake.from_tensor(value).to(device)
+    if fake is None:
+        return value.clone()
+    return torch.empty(value.shape, dtype=value.dtype)  # under the fake mode
+
+
+@contextlib.contextmanager
+def card_paths(card: bool, tracker: LiveBytes, dtype: str):
+    """On a card, the training step takes other paths than on this CPU; the trace takes the card's.
+
+    Fake tensors live on the CPU device: on a CPU-only torch, autograd aborts the process when it makes a view of a
+    fake "cuda" tensor that requires grad (its device guard needs CUDA), so a card's memory is traced on fake CPU
+    tensors with the three paths that depend on the device switched to the card's:
+    - bf16 autocast around the forward and loss, as accelerate wraps the model when training in bf16 on a card;
+    - TRL's fused LM head scores only the labelled positions (its Triton path: `hidden_states[mask]`, whose size is
+      the micro-batch's label count) and its Triton kernels fold each logit tile in place (no float32 copy of a tile;
+      the fp32 gradient accumulation is torch.addmm with out_dtype, no float32 copies of its operands);
+    - the optimizer is built as on a card (fused AdamW).
+    """
+    if not card:
+        yield
+        return
+    from trl.kernels import chunked_logprob
+    from trl.trainer import utils as trl_utils
+    saved = (trl_utils._use_triton, chunked_logprob._forward_tile, chunked_logprob._backward_tile,
+             chunked_logprob._addmm_fp32)
+
+    def addmm_fp32(acc, a, b):  # in place into acc: no memory; its FLOPs counted
+        tracker.add_flops(2 * a.shape[0] * a.shape[1] * b.shape[1])
+    trl_utils._use_triton = lambda device: True
+    chunked_logprob._forward_tile = chunked_logprob._backward_tile = lambda *args, **kwargs: None
+    chunked_logprob._addmm_fp32 = addmm_fp32
+    tracker.bool_index_sites = {"_fused_forward"}
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    try:
+        tracker.autocast = autocast
+        yield
+    finally:
+        (trl_utils._use_triton, chunked_logprob._forward_tile, chunked_logprob._backward_tile,
+         chunked_logprob._addmm_fp32) = saved
+        tracker.bool_index_sites, tracker.autocast = set(), None
 
 
 @contextlib.contextmanager

@@ -252,6 +252,14 @@ def cmd_plan(args) -> int:
     stages = recipe.stages(args.stage)
     result = plan.plan(recipe, args.gpu_memory, stages)
     console.print_plan(result)
+    if args.trace:
+        from . import trace
+        traced = trace.trace(recipe, stages, args.device, args.gpu_memory)
+        console.print_trace(traced, args.gpu_memory)
+        if args.json:
+            print(json.dumps({"recipe": result["recipe"], "gpu_memory_gib": args.gpu_memory, "device": args.device,
+                              "stages": traced}))
+        return 0
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "stages"} |
                          {"stages": {s: {k: v for k, v in e.items() if k != "parts"} | {"parts_gib": {
@@ -408,6 +416,12 @@ def _parser() -> argparse.ArgumentParser:
                     "a card sold as 16 GB has 16GiB); G alone is refused as ambiguous")
     pl.add_argument("--stage", choices=("1", "2", "all"), default="all", help=STAGE_HELP)
     pl.add_argument("--json", action="store_true", help="also print one JSON object, last")
+    pl.add_argument("--trace", action="store_true",
+                    help="run two real training steps of each stage on fake tensors (no weights, no GPU; about a "
+                    "minute a 7B stage) and count their memory and FLOPs")
+    pl.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="with --trace: the device whose training paths are traced (cuda: a card's, with its "
+                    "allowances; cpu: this machine's, as the tests check against real execution)")
     pl.set_defaults(run=cmd_plan)
     return parser
 
@@ -436,8 +450,10 @@ def _user_errors() -> tuple:
     from .serve import ServeError
     from .templates import TemplateError
     from .vision import VisionError
+    from .trace import TraceError
     return (RecipeError, DataError, TemplateError, VisionError, MergeError, BaseMismatchError, ServeError,
-            CheckpointError, ResumeError, FolderError, ContextError, ExportError, FileExistsError, FileNotFoundError)
+            CheckpointError, ResumeError, FolderError, ContextError, ExportError, FileExistsError, FileNotFoundError,
+            TraceError)
 
 
 class _OfflineTrustNotice(logging.Filter):

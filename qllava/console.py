@@ -239,6 +239,41 @@ PLAN_PARTS = {"decoder_4bit": "decoder linears, NF4", "decoder_linear": "decoder
               "one layer's recompute", "logits": "logits + their gradient", "vision_forward": "vision tower forward"}
 
 
+TRACE_PARTS = {"quantized_weights": "quantized weights (NF4 + statistics)", "frozen_weights": "other frozen weights",
+               "trainable_weights": "trainable weights", "gradients": "gradients", "optimizer_states": "optimizer states",
+               "batch": "the micro-batch", "saved_activations": "activations kept for backward",
+               "transient_at_peak": "transient buffers at the peak"}
+
+
+def print_trace(traced: dict, gpu_memory_gib: float) -> None:
+    """`qllava plan --trace`: per stage, the traced peak and what it holds, the allowances, the room left, FLOPs."""
+    table = Table(title=f"traced training step (two optimizer steps on fake tensors) on a {gpu_memory_gib:g} GiB card")
+    table.add_column("")
+    for name, t in traced.items():
+        table.add_column(f"{name} ({t['tokens_per_micro_batch']:,} tokens/micro-batch)", justify="right")
+    for key, label in TRACE_PARTS.items():
+        table.add_row(label, *(f"{t['breakdown'][key] / 2**30:.2f} GiB" for t in traced.values()))
+    table.add_row("[bold]traced peak", *(f"[bold]{t['traced_peak_bytes'] / 2**30:.2f} GiB" for t in traced.values()))
+    table.add_row("operator at the peak", *(f"{t['op_at_peak']['op']} ({t['op_at_peak']['phase']})"
+                                            for t in traced.values()))
+    keys = sorted({k for t in traced.values() for k in t["allowances_bytes"]})
+    for key in keys:
+        table.add_row(f"+ {key.replace('_', ' ')}", *(f"{t['allowances_bytes'].get(key, 0) / 2**30:.2f} GiB"
+                                                      for t in traced.values()))
+    table.add_row("[bold]with allowances", *(f"[bold]{t['peak_with_allowances_bytes'] / 2**30:.2f} GiB"
+                                             for t in traced.values()))
+    table.add_row("free on the card", *((("[green]" if t["free_bytes"] >= 2 * 2**30 else "[red]") +
+                                          f"{t['free_bytes'] / 2**30:+.2f} GiB") for t in traced.values()))
+    table.add_row("GFLOP per token: forward / backward / recompute", *(
+        " / ".join(f"{t['flops_per_token'][k] / 1e9:.1f}" for k in ("forward", "backward", "recompute"))
+        for t in traced.values()))
+    table.add_row("tokens per optimizer step", *(f"{t['tokens_per_step']:,}" for t in traced.values()))
+    table.add_row("trace time", *(f"{t['trace_seconds']:.0f} s" for t in traced.values()))
+    console.print(table)
+    for key in keys:
+        say(f"{key.replace('_', ' ')}: {next(t['allowance_sources'][key] for t in traced.values() if key in t['allowance_sources'])}")
+
+
 def print_plan(result: dict) -> None:
     counts = result["counts"]
     table = Table(title=f"parameters of {result['recipe']}")

@@ -707,7 +707,12 @@ def _quiet():
         yield
 
 
-def trace(recipe: Recipe, stages, device: str = "cuda") -> dict:
-    """trace_stage of each stage, by name."""
-    return {stage: trace_stage(recipe, stage, device) for stage in stages}
+def trace(recipe: Recipe, stages, device: str = "cuda", gpu_memory_gib: float = 24.0) -> dict:
+    """trace_stage of each stage, by name, with the room it leaves on a card of `gpu_memory_gib`."""
+    result = {}
+    for stage in stages:
+        traced = trace_stage(recipe, stage, device)
+        traced["free_bytes"] = int(gpu_memory_gib * GIB) - traced["peak_with_allowances_bytes"]
+        result[stage] = traced
+    return result
 

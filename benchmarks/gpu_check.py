@@ -7,7 +7,9 @@ to NF4 with bitsandbytes; assembles LLaVA with qllava's own code and trains a fe
 and text, through qllava's collator and trainer, with flash_attention_2 when flash-attn is installed, else
 sdpa. Reports per stage: peak allocated and reserved memory, tokens/s, MFU on a 4N basis (N = decoder
 matmul parameters; forward 2N + backward through frozen weights 2N, recomputation not counted), and the
-plan's prediction with its error. Loading from disk is the one path it does not exercise.
+plan's prediction with its error, and the traced peak (`qllava plan --trace`: the same stage's step on fake
+tensors, for the same worst-case rows: as many of the largest images as fit) with its error against
+torch.cuda.max_memory_allocated (reserved beside it). Loading from disk is the one path it does not exercise.
 
   python3 benchmarks/gpu_check.py                 # on a CUDA machine: about 3-5 minutes on one H100
   python3 benchmarks/gpu_check.py --dry-run       # on CPU with tiny shapes: the same code, in `make test`
@@ -22,7 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import random
 import sys
 import tempfile
 import time
@@ -33,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qllava import model as modeling, plan, tiny, train, vision as vision_seam  # noqa: E402
+from qllava import model as modeling, plan, tiny, trace, train  # noqa: E402
 from qllava.packing import Collator, Rows  # noqa: E402
 from qllava.recipe import recipe_from_dict  # noqa: E402
 
@@ -154,7 +155,10 @@ def measure(recipe, stage: str, counts, args, folder: Path, peak_tflops: float |
     for parameter in modeling.projector_parameters(model).values():
         parameter.requires_grad_(True)
     train._trainable_to_float32(model)
-    dataset, images = synthetic_samples(model, processor, folder, cfg.max_seq_len, rows=args.steps + 2)
+    # the rows the trace takes as the worst case (as many of the largest images as fit), so that both count one batch
+    traced = trace.trace_stage(recipe, stage, "cuda")
+    dataset, images = trace.worst_case_samples(recipe, stage, model, processor, folder / f"{stage}_rows",
+                                               rows=cfg.per_device_train_batch_size * (args.steps + 2))
     rows = Rows(dataset, cfg.max_seq_len, packing=True, seed=0)
     collator = Collator(images, processor.image_processor, cfg.image_aspect_ratio, processor.tokenizer.pad_token_id,
                         model.config.image_token_id, flatten=model.config._attn_implementation == "flash_attention_2")
@@ -174,6 +178,9 @@ def measure(recipe, stage: str, counts, args, folder: Path, peak_tflops: float |
     row = {"stage": stage, "tokens_per_micro_batch": cfg.max_seq_len, "steps": trainer.state.global_step,
            "tokens_per_s": round(tokens_per_s, 1), "peak_allocated_gib": _gib(allocated),
            "peak_reserved_gib": _gib(reserved), "plan_gib": _gib(predicted),
+           "traced_gib": _gib(traced["traced_peak_bytes"]), "trace_error": round(traced["traced_peak_bytes"] /
+                                                                             allocated - 1, 4) if allocated else None,
+           "traced_with_allowances_gib": _gib(traced["peak_with_allowances_bytes"]),
            "plan_error": round(predicted / allocated - 1, 4) if allocated else None,
            "mfu": round(tokens_per_s * 4 * n_matmul / (peak_tflops * 1e12), 4) if peak_tflops and allocated else None,
            "attn_implementation": model.config._attn_implementation, "nf4_linears": sum(
@@ -223,36 +230,6 @@ def quantize_(decoder, q, device) -> None:
                 setattr(parent, name, layer.to(device))
 
 
-def synthetic_samples(model, processor, folder: Path, row_tokens: int, rows: int):
-    """Conversations of one image + random text, sized so that two (or one, for LLaVA-NeXT's largest images) fill a
-    row, written as training samples. LLaVA-NeXT's images are square at the largest grid: the most tokens an image
-    can take."""
-    import datasets
-    from PIL import Image
-    from qllava.data import FEATURES, ImageStore
-    images = folder / "images"
-    images.mkdir(exist_ok=True)
-    geometry = modeling.image_geometry(model.config, processor.image_processor)
-    size = max(max(p) for p in geometry.grid_pinpoints) if geometry.varies else \
-        vision_seam.output_size(processor.image_processor)[0]
-    rng = random.Random(0)
-    for k in range(4):
-        Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3))).save(images / f"{k}.png")
-    n_image = geometry.tokens_of((size, size))
-    vocab = min(model.config.text_config.vocab_size, len(processor.tokenizer) - 1)
-    image_id = model.config.image_token_id
-    columns = {name: [] for name in FEATURES}
-    for i in range(2 * rows):
-        text = max(8, row_tokens // (2 if row_tokens >= 2 * (n_image + 16) else 1) - n_image - 1)
-        ids = [1, image_id] + [rng.randrange(3, vocab) for _ in range(text)]  # one placeholder per image
-        labels = [-100] * (2 + text // 2) + ids[2 + text // 2:]
-        for key, value in (("id", str(i)), ("input_ids", ids), ("labels", labels), ("length", len(ids) - 1 + n_image),
-                           ("source", 0), ("image", f"{i % 4}.png"), ("image_tokens", [n_image]), ("image_file", ""),
-                           ("image_stamp", 0)):
-            columns[key].append(value)
-    return datasets.Dataset.from_dict(columns, features=FEATURES), ImageStore([str(images)])
-
-
 class StepTimer(train.TrainerCallback):
     """Tokens per second over the steps after the first (which pays for warm-up and kernel selection)."""
 
@@ -282,12 +259,13 @@ class StepTimer(train.TrainerCallback):
 def report(rows: list[dict], card: str, peak: float | None) -> None:
     print()
     print(f"{'decoder':8s} {'stage':7s} {'tokens/s':>9s} {'MFU':>6s} {'alloc GiB':>10s} {'reserved GiB':>13s} "
-          f"{'plan GiB':>9s} {'plan err':>9s}")
+          f"{'traced GiB':>11s} {'trace err':>10s} {'plan GiB':>9s} {'plan err':>9s}")
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         err = f"{r['plan_error']:+.1%}" if r["plan_error"] is not None else "-"
+        terr = f"{r['trace_error']:+.1%}" if r["trace_error"] is not None else "-"
         print(f"{r['decoder']:8s} {r['stage']:7s} {r['tokens_per_s']:9,.0f} {mfu:>6s} {r['peak_allocated_gib'] or '-':>10} "
-              f"{r['peak_reserved_gib'] or '-':>13} {r['plan_gib']:>9} {err:>9s}")
+              f"{r['peak_reserved_gib'] or '-':>13} {r['traced_gib']:>11} {terr:>10s} {r['plan_gib']:>9} {err:>9s}")
     print(json.dumps({"card": card, "peak_tflops": peak, "rows": rows}))
 
 

@@ -236,7 +236,8 @@ def compare_table(report: dict) -> Table:
 PLAN_PARTS = {"decoder_4bit": "decoder linears, NF4", "decoder_linear": "decoder linears", "frozen_base":
               "vision tower, embeddings, lm_head, norms", "trainable_weights_grads": "trainable weights + grads (fp32)",
               "optimizer_states": "optimizer states", "activations": "saved activations", "layer_recompute":
-              "one layer's recompute", "logits": "logits + their gradient", "vision_forward": "vision tower forward"}
+              "one layer's recompute", "logits": "LM head tile + hidden-state gradient",
+              "vision_forward": "vision tower forward"}
 
 
 TRACE_PARTS = {"quantized_weights": "quantized weights (NF4 + statistics)", "frozen_weights": "other frozen weights",
@@ -270,8 +271,17 @@ def print_trace(traced: dict, gpu_memory_gib: float) -> None:
     table.add_row("tokens per optimizer step", *(f"{t['tokens_per_step']:,}" for t in traced.values()))
     table.add_row("trace time", *(f"{t['trace_seconds']:.0f} s" for t in traced.values()))
     console.print(table)
+    for name, t in traced.items():
+        epoch = t["epoch"]
+        say(f"{name}, one epoch ({epoch['tokens']:,} tokens: {epoch['tokens_source']}), {epoch['label']}: " +
+            ", ".join(f"{card} {_duration(h)}" for card, h in epoch["hours"].items()))
+    sources = {k: v for t in traced.values() for k, v in t["allowance_sources"].items()}
     for key in keys:
-        say(f"{key.replace('_', ' ')}: {next(t['allowance_sources'][key] for t in traced.values() if key in t['allowance_sources'])}")
+        say(f"{key.replace('_', ' ')}: {sources[key]}")
+
+
+def _duration(hours: float) -> str:
+    return f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
 
 
 def print_plan(result: dict) -> None:

@@ -4,7 +4,9 @@ The model is built on the meta device from the recipe's configs (no weights; the
 come with qllava, so they plan offline) and counted per part. Peak memory during a training step is the sum
 of what stays resident (4-bit decoder linears, the rest of the base in its dtype, trainable weights with
 their gradients and optimizer states) and what a micro-batch of T tokens adds (saved activations, one
-layer's recomputation, the LM head's logits and their gradient, the vision tower's forward). The CUDA
+layer's recomputation, the LM head's tile of logits and the hidden states' float32 gradient, the vision tower's
+forward). `qllava plan --trace` (trace.py) runs the real step on fake tensors; benchmarks/plan_accuracy.py holds this
+sum to it. The CUDA
 context is counted apart: torch's peak-allocated figure does not include it, the card's memory does.
 """
 
@@ -24,7 +26,9 @@ GIB = 2**30
 CUDA_CONTEXT = 1.0 * GIB
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZER_BYTES = {"adamw_torch": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}  # per trainable parameter
-LOGIT_CHUNK = 32768  # TRL's fused LM head scores at most this many positions at once
+# TRL's fused LM head never holds the logits: it scores tiles of HEAD_TILE_TOKENS positions x HEAD_TILE_VOCAB
+# vocabulary entries in one reused compute-dtype buffer, and accumulates the hidden states' gradient in float32.
+HEAD_TILE_TOKENS, HEAD_TILE_VOCAB = 4096, 32768
 
 
 @dataclass
@@ -107,7 +111,7 @@ def estimate(recipe: Recipe, stage: str, counts: Counts, tokens: int | None = No
         "optimizer_states": trainable * OPTIMIZER_BYTES[cfg.optim],
         "activations": activations,
         "layer_recompute": recompute,
-        "logits": min(tokens, LOGIT_CHUNK) * text.vocab_size * 10,  # bf16 logits, fp32 log-softmax and gradient
+        "logits": min(tokens, HEAD_TILE_TOKENS) * HEAD_TILE_VOCAB * dtype + tokens * text.hidden_size * (4 + dtype),
         "vision_forward": images * vision_tokens * vision.hidden_size * dtype * 8,
     }
     return {"stage": stage, "tokens_per_micro_batch": tokens, "parts": parts, "trainable_params": trainable,

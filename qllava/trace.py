@@ -17,6 +17,7 @@ FLOPs are counted per operator with FlopCounterMode's formulas, split into forwa
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import random
@@ -54,6 +55,15 @@ ALLOWANCE_SOURCES = {
     "flash_attn_workspace": "flash-attn's varlen backward allocates dq_accum (float32, (tokens + 128 x rows) x heads "
                             "x head_dim) and softmax_d inside the kernel, once per layer at a time",
 }
+
+
+# Epoch time estimates: dense bf16 tensor-core peaks (TFLOP/s) and the share of it a QLoRA step is assumed to reach
+# (4-bit dequantization, recomputation and small LoRA matmuls keep it well below dense training's).
+CARDS_TFLOPS = {"RTX 4090": 165.0, "A100-40GB": 312.0, "H100": 989.0}
+UTILISATION = 0.35
+# When a stage's data are not prepared on this machine: LLaVA-1.5's mixes, per sample, as prepared by qllava
+# (576 image tokens + the text; `qllava data stats` on a 665K-shaped mix: image tokens ~80% of the tokens).
+MIX_AVERAGES = {"stage1": ("LCS-558K", 558_128, 600), "stage2": ("llava_v1_5_mix665k", 665_298, 675)}
 
 
 class TraceError(RuntimeError):
@@ -94,6 +104,7 @@ class LiveBytes(TorchDispatchMode):
         self.step = 0
         self.counts = Counts()
         self.at_peak: dict[StorageWeakRef, int] = {}
+        self.peak_len: int | None = None
         self.scalars = scalars
         self.label_tokens = 0
         self.bool_index_sites: set[str] = set()
@@ -110,7 +121,6 @@ class LiveBytes(TorchDispatchMode):
         if key is None:
             return
         if key not in self.live:
-            self._sweep()
             self.live[key] = tensor.untyped_storage().nbytes()
             self.born[key] = self.phase
             self.current += self.live[key]
@@ -130,11 +140,12 @@ class LiveBytes(TorchDispatchMode):
         out = self._bool_index(func, args) if func is torch.ops.aten.index.Tensor else None
         out = func(*args, **kwargs) if out is None else out
         self._count_flops(func, out, args, kwargs)
-        new = [t for t in _tensors(out) if (k := _key(t)) is not None and k not in self.live]
-        if new:
+        for t in _tensors(out):
+            self.register(t)
+        # `current` counts storages freed since the last sweep too: an upper bound. Only when it passes the peak can
+        # the true count have: then sweep, and a count still above is a new peak.
+        if self.current > self.counts.peak_bytes:
             self._sweep()
-            for t in new:
-                self.register(t)
             if self.current > self.counts.peak_bytes:
                 self._new_peak(func)
         return out
@@ -181,13 +192,19 @@ class LiveBytes(TorchDispatchMode):
             self.debug_flops[key] = self.debug_flops.get(key, 0) + flops
 
     def _new_peak(self, func) -> None:
+        """At a peak, `live` is exact (just swept); nothing leaves it before the next sweep and what comes is appended,
+        so its first `peak_len` entries are the storages alive at the peak, copied out at that sweep (a rising run of
+        peaks costs one copy)."""
         self.counts.peak_bytes = self.current
         self.counts.peak_op = str(func)
         self.counts.peak_phase = self.phase
         self.counts.peak_step = self.step
-        self.at_peak = dict(self.live)
+        self.peak_len = len(self.live)
 
     def _sweep(self) -> None:
+        if self.peak_len is not None:
+            self.at_peak = dict(itertools.islice(self.live.items(), self.peak_len))
+            self.peak_len = None
         dead = [k for k in self.live if k.expired()]
         for k in dead:
             self.current -= self.live.pop(k)
@@ -195,6 +212,7 @@ class LiveBytes(TorchDispatchMode):
     def breakdown(self) -> dict[str, int]:
         """The storages alive at the peak, by category: a storage goes to the first category that knows it, else to
         saved activations (born in an earlier phase than the peak's) or transient buffers (born in the peak's)."""
+        self._sweep()
         parts = dict.fromkeys(CATEGORIES, 0)
         for key, nbytes in self.at_peak.items():
             category = next((c for c in CATEGORIES if key in self.known[c]), None)
@@ -419,10 +437,10 @@ def quant_state_tensors(state) -> list[torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------------------
 # The worst-case micro-batch
 
-def worst_case_samples(recipe: Recipe, stage: str, model, processor, folder: Path):
+def worst_case_samples(recipe: Recipe, stage: str, model, processor, folder: Path, rows: int | None = None):
     """(dataset, image store) of rows that fill max_seq_len, each with as many of the largest images as fit (one per
     sample, a few text tokens each, every text token trained), the rest of the row one text sample: enough rows for
-    every micro-batch of both steps."""
+    every micro-batch of both steps (or `rows`)."""
     import datasets
     from PIL import Image
     from . import vision
@@ -455,8 +473,7 @@ def worst_case_samples(recipe: Recipe, stage: str, model, processor, folder: Pat
                            ("image_tokens", [image_tokens] if image else []), ("image_file", ""), ("image_stamp", 0)):
             columns[key].append(value)
 
-    rows = cfg.per_device_train_batch_size * (STEPS + 1)
-    for _ in range(rows):
+    for _ in range(rows or cfg.per_device_train_batch_size * (STEPS + 1)):
         for _ in range(per_row):
             add([image_id] + words(text), True, n_image)
         if rest >= 2:
@@ -523,7 +540,8 @@ def trace_stage(recipe: Recipe, stage: str, device: str = "cuda", real: bool = F
         for k, v in sorted(tracker.debug_flops.items(), key=lambda kv: -kv[1])[:15]:
             print(k, v / 1e12, file=sys.stderr)
     text = model.config.text_config
-    allowances = allowances_bytes(device, counts, text, batches[0]["input_ids"].shape, model.config._attn_implementation)
+    attn = model.config._attn_implementation
+    allowances = allowances_bytes(device, counts, text, batches[0]["input_ids"].shape, attn)
     return {"stage": stage, "device": device, "real": real, "traced_peak_bytes": counts.peak_bytes,
             "breakdown": counts.breakdown,
             "op_at_peak": {"op": counts.peak_op, "phase": counts.peak_phase, "step": counts.peak_step},
@@ -533,7 +551,43 @@ def trace_stage(recipe: Recipe, stage: str, device: str = "cuda", real: bool = F
             "flops_per_step_micro_batch": dict(counts.flops),
             "tokens_per_step": tokens * cfg.gradient_accumulation_steps, "tokens_per_micro_batch": tokens,
             "label_tokens_per_micro_batch": label_tokens[0], "attn_implementation": model.config._attn_implementation,
+            "epoch": _epoch(recipe, stage, processor, model, counts.flops, tokens),
             "trace_seconds": round(time.perf_counter() - started, 2)}
+
+
+def epoch_tokens(recipe: Recipe, stage: str, processor, geometry) -> tuple[int, str]:
+    """(tokens of one epoch, where the figure comes from): the prepared-data cache's count when the stage's data are
+    prepared on this machine, else LLaVA-1.5's mix at its per-sample average (MIX_AVERAGES)."""
+    try:
+        import json
+        from .data import IMAGE_TOKEN, _cache_key, _cache_still_true, image_source
+        cfg = getattr(recipe, stage)
+        sources = [image_source(path, cfg.image_folder) for path in cfg.data]
+        key = _cache_key(cfg, sources, processor.tokenizer, processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                         geometry)
+        folder = Path(recipe.data.cache_dir or Path.home() / ".cache" / "qllava") / "tokenized" / key
+        if _cache_still_true(folder, sources):
+            return int(json.loads((folder / "report.json").read_text())["tokens"]), f"prepared data ({folder})"
+    except Exception:  # data not on this machine, or not prepared: the mix's averages
+        pass
+    name, samples, per_sample = MIX_AVERAGES[stage]
+    return samples * per_sample * getattr(recipe, stage).num_train_epochs, \
+        f"{name}: {samples:,} samples x ~{per_sample} tokens (not prepared here)"
+
+
+def epoch_hours(tokens: int, flops_per_token: dict) -> dict[str, float]:
+    """Hours for `tokens` at the traced FLOPs per token (forward + backward + recompute), per card, at UTILISATION."""
+    per_token = sum(flops_per_token.values())
+    return {card: round(tokens * per_token / (tflops * 1e12 * UTILISATION) / 3600, 1)
+            for card, tflops in CARDS_TFLOPS.items()}
+
+
+def _epoch(recipe, stage, processor, model, flops: dict, tokens: int) -> dict:
+    total, source = epoch_tokens(recipe, stage, processor, modeling.image_geometry(model.config,
+                                                                                   processor.image_processor))
+    hours = epoch_hours(total, {k: v / tokens for k, v in flops.items()})
+    return {"tokens": total, "tokens_source": source, "utilisation": UTILISATION, "hours": hours,
+            "label": f"estimate at {UTILISATION:.0%} of each card's dense bf16 peak"}
 
 
 def allowances_bytes(device: str, counts: Counts, text, shape, attn: str) -> dict[str, int]:

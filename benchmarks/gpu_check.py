@@ -14,7 +14,7 @@ plan's prediction with its error. Loading from disk is the one path it does not 
   python3 benchmarks/gpu_check.py --llava-next    # llava-v1.6-mistral-7b's shapes, stage 2 at 4,096 tokens:
                                                   # anyres images of 2,928 tokens (the largest), tiles included
 
-The device machines of this workplace lack some packages; carry them as wheels (see README, "GPU check").
+Needs bitsandbytes, TRL, PEFT and datasets besides torch: docs/benchmarks.md says how to add them to a GPU machine.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ intermediate 14336, 32 heads / 8 KV heads, vocab 32000 with the real Mistral tok
 mistral-common; CLIP ViT-L/14-336 vision tower), a stage-2 run folder with a 1024->4096->4096 projector
 and a LoRA r128 adapter on every decoder linear layer (335,544,320 parameters), then runs
 `qllava merge RUN --out OUT --dtype bfloat16 --no-verify` in a child process and reports its peak
-resident memory: the merge streams the base shard by shard, so that is the streamed merge alone.
+resident memory: the merge streams the base weight by weight, so that is the streamed merge alone.
 Verification is left out: it loads the whole model once (a 7B in bfloat16: about 15 GiB, on the GPU when
 there is one) and runs two forward passes of it.
 
@@ -13,7 +13,8 @@ With --check-equal, another child merges the same run the way qllava did before 
 model in memory, peft's merge_and_unload) and checks that every weight written by the stream equals it bit
 for bit (it needs about 17 GiB of RAM itself, and reports its own peak).
 
-Needs ~20 GiB of RAM for --check-equal (8 GiB without) and ~32 GiB of disk; about 10 minutes on 2 cores.
+Needs ~20 GiB of RAM for --check-equal (8 GiB without) and ~32 GiB of disk (~46 with --before); about 10
+minutes on 2 cores.
 
 With --before DIR, the qllava of DIR (a checkout of an earlier commit: `git worktree add DIR COMMIT`) merges
 the same run first, and the files both write are compared byte for byte; --runs N times this checkout's merge
@@ -67,7 +68,7 @@ def main() -> None:
         before = _streamed(work, work / "merged_before", Path(args.before).resolve(), f"streamed ({args.before})")
         figures.update({f"before_{k}": v for k, v in before.items()})
     for _ in range(args.runs):
-        figures.update(_streamed(work, work / "merged", ROOT, "streamed, shard by shard"))
+        figures.update(_streamed(work, work / "merged", ROOT, "streamed, weight by weight"))
         figures.setdefault("merge_seconds_each", []).append(figures["merge_seconds"])
     if args.before:
         figures["same_files_as_before"] = _same_files(work / "merged", work / "merged_before")

@@ -2,8 +2,9 @@
 
 The merge streams: the base checkpoint is read weight by weight in the export dtype (never 4-bit: merging LoRA
 into NF4 re-quantizes, lossy), the run's projector and LoRA deltas are applied as peft applies them, and the
-result is written one shard at a time under the names save_pretrained uses (checkpoint.py). The whole model is
-never in memory, so a 7B merge fits Colab's RAM. The processor, a chat template that renders the run's
+result is written one weight at a time in the shards and under the names save_pretrained uses (checkpoint.py).
+Reading, merging and writing overlap (a thread each). The whole model is never in memory, so a 7B merge fits
+Colab's RAM. The processor, a chat template that renders the run's
 template, the generation config and a model card go beside it.
 
 Verification (before anything is moved to --out) loads the model once, in the export dtype:
@@ -76,7 +77,7 @@ def merge(run_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", ove
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        say(f"merging {stage_dir.name} into the base in {dtype}, shard by shard (not 4-bit: merging into NF4 "
+        say(f"merging {stage_dir.name} into the base in {dtype}, weight by weight (not 4-bit: merging into NF4 "
             "would re-quantize)")
         _write_merged(recipe, processor, stage_dir, partial, dtype, report)
         _write_beside(processor, recipe, stage_dir, run_dir, partial, report)
@@ -100,7 +101,7 @@ def merge(run_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", ove
 
 
 def _write_merged(recipe, processor, stage_dir: Path, folder: Path, dtype: str, report: dict) -> None:
-    """The merged weights, streamed from the base checkpoint(s), written shard by shard with the config."""
+    """The merged weights, streamed from the base checkpoint(s), written weight by weight with the config."""
     model, weights = merged_weights(recipe, processor, stage_dir, dtype)
     checkpoint.write_sharded(folder, model, weights.merged, SHARD_SIZE)
     report["merged_weights"] = weights.merged_count

@@ -67,6 +67,9 @@ def test_the_streamed_merge_writes_what_merging_the_whole_model_in_memory_wrote(
     assert streamed[0] == memory[0] and len(set(streamed[0].values())) > 1  # the same shards
     assert streamed[1].keys() == memory[1].keys()
     assert all(torch.equal(t, memory[1][k]) and t.dtype == getattr(torch, dtype) for k, t in streamed[1].items())
+    # written a weight at a time, each file holds the bytes save_pretrained writes (headers included)
+    assert all((tmp_path / "streamed" / f).read_bytes() == (tmp_path / "memory" / f).read_bytes()
+               for f in set(streamed[0].values()))
     for name in ("config.json", "generation_config.json"):
         assert json.loads((tmp_path / "streamed" / name).read_text()) == \
             json.loads((tmp_path / "memory" / name).read_text())

@@ -164,7 +164,10 @@ class _Weights:
         reads = checkpoint.ahead((self.sources[key].read() for key in read), checkpoint.READ_AHEAD)
         try:
             for key in keys:
-                yield key, self.replaced[key].to(self.dtype) if key in self.replaced else self._changed(key, next(reads))
+                if key in self.replaced:
+                    yield key, self.replaced[key].to(self.dtype)
+                else:
+                    yield key, self._changed(key, next(reads))
         finally:
             reads.close()
 

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qllava import checkpoint, merge
+from qllava import merge
 from qllava.checkpoint import CheckpointError, Files, ahead, file_order, write_file
 
 TENSORS = {

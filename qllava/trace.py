@@ -571,7 +571,7 @@ def epoch_tokens(recipe: Recipe, stage: str, processor, geometry) -> tuple[int, 
     except Exception:  # data not on this machine, or not prepared: the mix's averages
         pass
     name, samples, per_sample = MIX_AVERAGES[stage]
-    return samples * per_sample * getattr(recipe, stage).num_train_epochs, \
+    return int(samples * per_sample * getattr(recipe, stage).num_train_epochs), \
         f"{name}: {samples:,} samples x ~{per_sample} tokens (not prepared here)"
 
 

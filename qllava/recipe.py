@@ -18,6 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .benchmark_names import BENCHMARK_NAMES
 from .templates import TEMPLATES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -203,8 +204,7 @@ class EvalConfig:
     """Score only the first N questions (0: all)."""
 
     def problems(self, path: str) -> list[str]:
-        from .scorers import BENCHMARKS  # the one table of benchmarks (a light module, imported when checked)
-        out = _choice(path, "benchmark", self.benchmark, tuple(BENCHMARKS))
+        out = _choice(path, "benchmark", self.benchmark, BENCHMARK_NAMES)
         for point in self.at:
             out += _choice(path, "at", point, EVAL_POINTS)
         if self.at and not self.data:

@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .benchmark_names import BENCHMARK_NAMES
 from .errors import DataError
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -518,3 +519,6 @@ BENCHMARKS = {
     "mme": Benchmark(_mme_items, score_mme, "llava_mme.jsonl (question_id, image, text, category) + --annotations "
                      "MME_Benchmark_release_version"),
 }
+if tuple(BENCHMARKS) != BENCHMARK_NAMES:  # recipes are checked against the names alone: the two must agree
+    raise RuntimeError(f"scorers.BENCHMARKS {tuple(BENCHMARKS)} and benchmark_names.BENCHMARK_NAMES "
+                       f"{BENCHMARK_NAMES} differ: name each benchmark in both, in the same order")

@@ -192,3 +192,30 @@ def test_changed_values_name_every_key_that_differs_and_which_change_training():
     for key in ("stage2.save_steps", "stage2.report_to", "stage2.gradient_checkpointing", "stage2.enabled",
                 "data.num_proc", "output.dir", "eval.at"):
         assert not trains("stage2", key), key
+
+
+def test_a_mistyped_benchmark_is_named_at_load_time_with_the_closest():
+    assert problems({**MINIMAL, "eval": {"benchmark": "scienceq"}}) == [
+        "eval.benchmark: 'scienceq' is not one of scienceqa, pope, vqa, mme, did you mean \"scienceqa\"?"]
+    assert problems(MINIMAL, ["eval.benchmark='textvqa'"]) == [
+        "eval.benchmark: 'textvqa' is not one of scienceqa, pope, vqa, mme, did you mean \"vqa\"?"]
+
+
+def test_the_recipe_knows_no_benchmark_code():
+    """recipe.py imports the benchmarks' names from a leaf, never qllava.scorers (directly or through another
+    module), and the names are the scorers' table's."""
+    import ast
+    import subprocess
+    import sys
+    from qllava.benchmark_names import BENCHMARK_NAMES
+    from qllava.scorers import BENCHMARKS
+    source = (Path(__file__).resolve().parents[1] / "qllava" / "recipe.py").read_text()
+    imported = {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)} | \
+        {alias.name for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Import) for alias in node.names}
+    assert "scorers" not in imported and "qllava.scorers" not in imported
+    assert tuple(BENCHMARKS) == BENCHMARK_NAMES
+    loaded = subprocess.run([sys.executable, "-c", "import sys; from qllava.recipe import recipe_from_dict; "
+                             f"recipe_from_dict({MINIMAL!r} | {{'eval': {{'benchmark': 'pope'}}}}); "
+                             "print(sorted(m for m in sys.modules if m.startswith('qllava')))"],
+                            capture_output=True, text=True, check=True).stdout
+    assert eval(loaded) == ["qllava", "qllava.benchmark_names", "qllava.recipe", "qllava.templates"]

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Iterator
 
 import datasets
+import ijson
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -59,9 +60,6 @@ LARGE = "image over PIL.Image.MAX_IMAGE_PIXELS"
 """Keys of DataReport.examples for images that are used but worth naming."""
 JOB_SAMPLES = 1000
 """Samples per tokenizing job: enough to make handing a job to a process cheap, few enough to bound memory."""
-JSON_WINDOW_CHARS = 1 << 22
-MAX_SAMPLE_CHARS = 1 << 26
-"""A JSON list item still undecoded after this many characters is a syntax error, not a long sample."""
 
 
 @dataclass
@@ -596,81 +594,70 @@ def _batched(items, size: int) -> Iterator[list]:
 
 
 def _json_samples(path: Path) -> Iterator:
-    """The items of a JSON list (.json) or the lines of a .jsonl file, read as a stream: memory holds a window of
+    """The items of a JSON list (.json) or the lines of a .jsonl file, read as a stream: memory holds a buffer of
     the file and one sample, never the whole file or all of its samples."""
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
+    if path.suffix.lower() != ".jsonl":
+        with path.open("rb") as f:
+            yield from _json_list_items(f, path)
+        return
     try:
         with path.open(encoding="utf-8") as f:
-            if path.suffix.lower() == ".jsonl":
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            yield json.loads(line)
-                        except ValueError as e:
-                            raise DataError(f"{path}: not valid JSON (line {n}: {e})") from None
-            else:
-                yield from _json_list_items(f, path)
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except ValueError as e:
+                        raise DataError(f"{path}: not valid JSON (line {n}: {e})") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
 
 
-_WHITESPACE = re.compile(r"[ \t\n\r]*")
-_JSON_KINDS = {"{": "dict", '"': "str", "t": "bool", "f": "bool", "n": "NoneType"}
+_JSON_KINDS = {b"{": "dict", b'"': "str", b"t": "bool", b"f": "bool", b"n": "NoneType"}
 
 
 def _json_list_items(f, path: Path) -> Iterator:
-    decoder = json.JSONDecoder()
-    window, at, eof = "", 0, False
-
-    def read_more() -> None:
-        nonlocal window, at, eof
-        chunk = f.read(JSON_WINDOW_CHARS)
-        eof = not chunk
-        window, at = window[at:] + chunk, 0
-
-    def next_char() -> str:
-        """The next character that is not whitespace ("" at the end of the file); `at` points at it."""
-        nonlocal at
-        while True:
-            at = _WHITESPACE.match(window, at).end()
-            if at < len(window) or eof:
-                return window[at:at + 1]
-            read_more()
-
-    read_more()
-    first = next_char()
-    if first != "[":
-        kind = _JSON_KINDS.get(first) or ("float" if first and first in "-0123456789" else None)
+    """The items of the JSON list that binary file `f` holds, one at a time, parsed by ijson's C backend (yajl);
+    a file that is not a list, or not valid JSON, is an error naming the file and the sample."""
+    first = _first_json_byte(f)
+    if first != b"[":
+        kind = _JSON_KINDS.get(first) or ("float" if first and first in b"-0123456789" else None)
         if kind is None:
             raise DataError(f"{path}: not valid JSON (expected a list at its start)")
         raise DataError(f"{path}: expected a JSON list of LLaVA samples "
                         f'({{"id", "image", "conversations"}}), got a {kind}')
-    at += 1
-    if next_char() == "]":
-        return
     n = 0
-    while True:
-        if not next_char():
-            raise DataError(f"{path}: not valid JSON (the list is not closed)")
-        while True:  # decode the next item; an item cut by the window's end is decoded again with more text
-            try:
-                item, end = decoder.raw_decode(window, at)
-                if end < len(window) or eof:
-                    break
-            except json.JSONDecodeError as e:
-                if eof or len(window) - at > MAX_SAMPLE_CHARS:
-                    raise DataError(f"{path}: not valid JSON (sample {n}: {e.msg})") from None
-            read_more()
-        yield item
-        n, at = n + 1, end
-        sep = next_char()
-        if sep == "]":
-            return
-        if sep != ",":
-            raise DataError(f"{path}: not valid JSON (after sample {n}: expected ',' or ']', "
-                            f"found {sep!r})" if sep else f"{path}: not valid JSON (the list is not closed)")
-        at += 1
+    try:
+        for n, item in enumerate(ijson.items(f, "item", use_float=True), 1):
+            yield item
+    except ijson.JSONError as e:
+        raise DataError(f"{path}: not valid JSON ({_json_problem(e, n)})") from None
+
+
+def _first_json_byte(f) -> bytes:
+    """The first byte of the file that is not JSON whitespace (b"" for none); the file is left at its start."""
+    first = b""
+    while chunk := f.read(1 << 16):
+        if first := chunk.lstrip(b" \t\n\r")[:1]:
+            break
+    f.seek(0)
+    return first
+
+
+def _json_problem(error: Exception, samples: int) -> str:
+    """Where yajl found the file not valid JSON and why, after `samples` complete samples: in the next sample (its
+    index is `samples`), between two samples, or at the file's end."""
+    message = error.args[0] if error.args else ""
+    message = message.decode("utf-8", "replace") if isinstance(message, bytes) else str(message)
+    reason = message.split("\n")[0].removeprefix("parse error: ").removeprefix("lexical error: ").rstrip(".")
+    if reason == "premature EOF":
+        return f"the list is not closed: the file ends after {samples} complete samples"
+    if reason.startswith("after array element"):
+        return f"after sample {samples}: expected ',' or ']'"
+    if reason == "trailing garbage":
+        return "text after the end of the list"
+    return f"sample {samples}: {reason}"
 
 
 def _llava_sample_problem(sample) -> str | None:

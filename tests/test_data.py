@@ -184,48 +184,72 @@ def test_max_seq_len_shorter_than_an_image(tmp_path, tokenizer):
 ADVERSARIAL = [
     {"id": "a,]", "conversations": [{"from": "human", "value": "brackets ] [ } { and \"quotes\", commas,"}]},
     {"id": "ü", "conversations": [{"from": "gpt", "value": "日本語 😀 \\u00e9 \\\\ \n\t"}], "n": [1.5e3, -0, None, True]},
-    12345678901234567890, "a string item", [], {},
+    9223372036854775807, -9223372036854775807, 0.1, 1e-300, "a string item", [], {},
 ]
 
 
-@pytest.mark.parametrize("window", [1, 2, 7, 64, 1 << 22])
 @pytest.mark.parametrize("spacing", ["compact", "indented"])
-def test_json_list_is_streamed_exactly_whatever_the_window(tmp_path, monkeypatch, window, spacing):
-    """Items cut anywhere by the read window (inside strings, escapes, numbers) decode as json.loads does."""
+def test_json_list_is_streamed_exactly(tmp_path, spacing):
+    """Items decode as json.loads decodes them (strings, escapes, numbers, nesting), whatever the spacing."""
     import qllava.data as data
-    monkeypatch.setattr(data, "JSON_WINDOW_CHARS", window)
     path = tmp_path / "data.json"
     path.write_text(json.dumps(ADVERSARIAL, ensure_ascii=False, indent=2 if spacing == "indented" else None))
     assert list(data._json_samples(path)) == json.loads(path.read_text())
 
 
+def test_json_items_cut_by_the_read_buffer_decode_whole(tmp_path):
+    """Items longer than the parser's 64 KB buffer, and items cut by it anywhere, decode as json.loads does."""
+    import qllava.data as data
+    long = [{"id": str(i), "conversations": [{"from": "gpt", "value": "é" * (i * 997 % 90_000)}]} for i in range(40)]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(long, ensure_ascii=False))
+    assert list(data._json_samples(path)) == long
+
+
 @pytest.mark.parametrize("text,message", [
-    ('[{"id": 1},]', "not valid JSON (sample 1: Expecting value)"),
-    ('[{"id": 1} {"id": 2}]', "not valid JSON (after sample 1: expected ',' or ']', found '{')"),
-    ('[{"id": 1}, {"id": 2}', "not valid JSON (the list is not closed)"),
-    ('[{"id": 1}, {"id": ', "not valid JSON (sample 1: Expecting value)"),
-    ('{"id": 1}', "expected a JSON list of LLaVA samples"),
-    ('"text"', "expected a JSON list of LLaVA samples"),
+    ('[{"id": 1},]', "not valid JSON (sample 1: unallowed token at this point in JSON text)"),
+    ('[{"id": 1} {"id": 2}]', "not valid JSON (after sample 1: expected ',' or ']')"),
+    ('[{"id": 1}, {"id": 2}', "not valid JSON (the list is not closed: the file ends after 2 complete samples)"),
+    ('[{"id": 1}, {"id": ', "not valid JSON (the list is not closed: the file ends after 1 complete samples)"),
+    ("[", "not valid JSON (the list is not closed: the file ends after 0 complete samples)"),
+    ('[{"id": 1}, {"id": 2, "x": NaN}]', "not valid JSON (sample 1: invalid char in json text)"),
+    ('[{"id": 1}] [{"id": 2}]', "not valid JSON (text after the end of the list)"),
+    ('[{"id": 1}, {"id": 9223372036854775808}]', "not valid JSON (sample 1: integer overflow)"),
+    (b'[{"id": 1}, {"id": "\xc3("}]', "not valid JSON (sample 1: invalid bytes in UTF8 string)"),
+    ('{"id": 1}', 'expected a JSON list of LLaVA samples ({"id", "image", "conversations"}), got a dict'),
+    ('"text"', 'expected a JSON list of LLaVA samples ({"id", "image", "conversations"}), got a str'),
+    (" \n -1", 'expected a JSON list of LLaVA samples ({"id", "image", "conversations"}), got a float'),
     ("hello", "not valid JSON (expected a list at its start)"),
     ("", "not valid JSON (expected a list at its start)"),
 ])
-def test_json_errors_name_the_file_and_the_place(tmp_path, monkeypatch, text, message):
+def test_json_errors_name_the_file_and_the_place(tmp_path, text, message):
     import qllava.data as data
-    monkeypatch.setattr(data, "JSON_WINDOW_CHARS", 4)
     path = tmp_path / "bad.json"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(DataError) as e:
         list(data._json_samples(path))
-    assert str(e.value).startswith(f"{path}: {message}")
+    assert str(e.value) == f"{path}: {message}"
 
 
-def test_json_is_read_as_a_stream_not_whole(tmp_path, monkeypatch):
+def test_a_bad_sample_far_into_the_file_is_named_by_its_index(tmp_path):
     import qllava.data as data
-    monkeypatch.setattr(data, "JSON_WINDOW_CHARS", 1000)
-    path = write(tmp_path, [chat(f"q{i}", "a" * 200, None, str(i)) for i in range(500)])
+    samples = [json.dumps(chat(f"q{i}", "a" * 100, None, str(i))) for i in range(5000)]
+    samples[4321] = samples[4321].replace('"from"', "'from'")
+    path = tmp_path / "data.json"
+    path.write_text("[" + ",\n".join(samples) + "]")
+    read = []
+    with pytest.raises(DataError, match=r"data.json: not valid JSON \(sample 4321: invalid char in json text\)$"):
+        for sample in data._json_samples(path):
+            read.append(sample["id"])
+    assert read == [str(i) for i in range(4321)]
+
+
+def test_json_is_read_as_a_stream_not_whole(tmp_path):
+    import qllava.data as data
+    path = write(tmp_path, [chat(f"q{i}", "a" * 200, None, str(i)) for i in range(2000)])
     items = data._json_samples(Path(path))
     assert next(items)["id"] == "0"
-    assert items.gi_frame.f_locals["f"].tell() < 5000 < Path(path).stat().st_size  # only the first windows were read
+    assert items.gi_frame.f_locals["f"].tell() <= 1 << 16 < Path(path).stat().st_size // 4  # one 64 KB buffer read
 
 
 def mix(tmp_path, n=23):

@@ -58,6 +58,8 @@ SAVED_DATASET_FILES = ("state.json", "dataset_info.json", "dataset_dict.json")
 ORIENTED = "image with an EXIF orientation"
 LARGE = "image over PIL.Image.MAX_IMAGE_PIXELS"
 """Keys of DataReport.examples for images that are used but worth naming."""
+SEVERAL_IMAGES = "more than one image (one image per sample)"
+"""Why a sample with several images is skipped, in both formats: LLaVA-1.5 trains on one image per sample."""
 JOB_SAMPLES = 1000
 """Samples per tokenizing job: enough to make handing a job to a process cheap, few enough to bound memory."""
 
@@ -570,7 +572,7 @@ class _DataFile:
             report.skip(sample_id, "a role is not user/assistant/system")
             return None
         if n_images > 1:
-            report.skip(sample_id, "more than one image (one image per sample)")
+            report.skip(sample_id, SEVERAL_IMAGES)
             return None
         if n_images and (header is None or header.problem):
             report.skip(sample_id, header.problem if header else "an empty image in the dataset")
@@ -670,6 +672,8 @@ def _llava_sample_problem(sample) -> str | None:
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLES:
             return 'a turn is not {"from": "human"|"gpt", "value": text}'
     image = sample.get("image")
+    if isinstance(image, list) and len(image) > 1:  # LLaVA-NeXT-Interleave's and LLaVA-OneVision's multi-image samples
+        return SEVERAL_IMAGES
     if image is not None and not isinstance(image, str):
         return "\"image\" is not one path (one image per sample)"
     return None

@@ -48,6 +48,26 @@ def stats_on(samples, *extra):
     return setup
 
 
+def stats_on_dataset(images_per_row: list[int]):
+    """`qllava data stats` on stage-2 data saved as a Hugging Face dataset: one question per row about that many
+    images (each an image part of the question, each image stored in the row)."""
+    def setup(tmp, tiny, _run):
+        import datasets
+        picture = {"bytes": (tiny / "shapes" / "images" / "eval-0.png").read_bytes(), "path": None}
+        question = {"type": "text", "text": "What color is the shape?"}
+        messages = [[{"role": "user", "content": [{"type": "image", "text": None}] * n + [question]},
+                     {"role": "assistant", "content": [{"type": "text", "text": "red"}]}] for n in images_per_row]
+        features = datasets.Features({
+            "messages": [{"role": datasets.Value("string"),
+                          "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
+            "images": datasets.List(datasets.Image())})
+        datasets.Dataset.from_dict({"messages": messages, "images": [[picture] * n for n in images_per_row]},
+                                   features=features).save_to_disk(str(tmp / "dataset"))
+        return ["data", "stats", str(TINY_RECIPE), "--stage", "2", *tiny_overrides(tiny, tmp / "run"),
+                f'stage2.data=["{tmp / "dataset"}"]']
+    return setup
+
+
 def recipe_with(*extra):
     def setup(tmp, tiny, _run):
         return ["finetune", str(TINY_RECIPE), *tiny_overrides(tiny, tmp / "run"), *extra]
@@ -145,6 +165,11 @@ CASES = [
          "mistralai/Mistral-7B-v0.1`), or set model.decoder to a local folder that holds it"),
     Case("no assistant turn", stats_on([{"id": "q-only", "conversations": [{"from": "human", "value": "Hi"}]}]),
          "skipped 1: the conversation has no assistant turn to train on (e.g. q-only)", 0),
+    Case("two images in a LLaVA JSON sample", stats_on([chat("two-images", "<image>\nand <image>", "red",
+                                                             ["eval-0.png", "eval-0.png"])]),
+         "skipped 1: more than one image (one image per sample) (e.g. two-images)", 0),
+    Case("two images in a Hugging Face dataset's row", stats_on_dataset([2, 1, 3]),
+         "skipped 2: more than one image (one image per sample) (e.g. dataset[0], dataset[2])", 0),
     Case("two <image> tags", stats_on([chat("two-tags", "<image> and <image>")]),
          "skipped 1: more than one <image> tag (one image per sample) (e.g. two-tags)", 0),
     Case("<image> in an assistant turn", stats_on([chat("tag-answer", a="red <image>")]),

@@ -113,6 +113,29 @@ def test_hugging_face_dataset_with_messages_and_images(tmp_path):
     assert ImageStore([where]).open(0, "row:0").getpixel((0, 0)) == (255, 0, 0)
 
 
+def test_several_images_skip_a_sample_for_one_reason_in_both_formats(tmp_path):
+    """LLaVA-1.5 trains on one image per sample: a LLaVA JSON list of paths (LLaVA-OneVision's multi-image samples)
+    and a dataset row with several images are skipped for the same reason, counted with their ids."""
+    name = image_file(tmp_path / "img")
+    samples = [chat("<image>\nq", "a", [name, name], "two"), chat("<image>\nq", "a", [name], "list-of-one"),
+               chat("<image>\nq", "a", name, "one")]
+    report = DataReport()
+    convs = read_conversations(write(tmp_path, samples), str(tmp_path / "img"), 0, report)
+    assert [c.id for c in convs] == ["one"]
+    assert report.skipped == {"more than one image (one image per sample)": 1,
+                              '"image" is not one path (one image per sample)': 1}
+    assert report.examples["more than one image (one image per sample)"] == ["two"]
+    red = Image.new("RGB", (4, 4), (255, 0, 0))
+    turns = [{"role": "user", "content": parts(None, None, "Which is red?")},
+             {"role": "assistant", "content": parts("The first.")}]
+    folder = hf_dataset(tmp_path, {"messages": [turns, turns[:1] + [turns[1]]], "images": [[red, red], [red] * 3]})
+    from qllava.data import image_source
+    report = DataReport()
+    assert read_conversations(folder, image_source(folder, ""), 0, report) == []
+    assert report.skipped == {"more than one image (one image per sample)": 2}
+    assert report.examples["more than one image (one image per sample)"] == ["hf[0]", "hf[1]"]
+
+
 def test_hugging_face_dataset_needs_a_messages_column(tmp_path):
     folder = hf_dataset(tmp_path, {"text": ["hello"]})
     from qllava.data import image_source

@@ -2,7 +2,7 @@
 
 Writes the mix of benchmarks/data_scale.py at the real mix's size (665,298 samples, about 433 MB; deterministic)
 unless --data names a file, then reads it --repeat times, each in a child process, through qllava's LLaVA JSON
-reader (`qllava.data._json_samples`, what `data stats` and training read with) and, for reference, with
+reader (`qllava.data.formats._json_samples`, what `data stats` and training read with) and, for reference, with
 `json.load` (the whole list in memory at once, as official LLaVA reads it). Each read counts the samples and
 touches every one (its "conversations"), as preparation does. Per reader: the best and median wall time of the
 read alone (imports excluded), samples/s, MB/s, and the child's peak RSS during the read (its peak is reset after
@@ -35,7 +35,10 @@ import json, sys, time
 sys.path.insert(0, sys.argv[1])
 reader, path = sys.argv[2], sys.argv[3]
 from pathlib import Path
-from qllava.data import _json_samples
+try:
+    from qllava.data.formats import _json_samples  # the package qllava.data
+except ImportError:
+    from qllava.data import _json_samples  # the module of a checkout from before it
 import qllava.data
 
 

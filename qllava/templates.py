@@ -4,7 +4,7 @@ The reference is LLaVA's llava/conversation.py (get_prompt) and the preprocess_*
 llava/train/train.py. A template turns a conversation into one string plus the character spans that
 are trained on (each assistant message, with the separator space before it and the end token LLaVA appends
 to it). Tokenization and the
-token-level labels are data.py's job; spans keep this module free of any tokenizer.
+token-level labels are data/samples.py's job; spans keep this module free of any tokenizer.
 
 Rules reproduced from LLaVA:
 - `plain` (stage 1): "<image>" + caption + "\\n"; the human text is dropped, the caption and newline are trained.

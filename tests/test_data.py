@@ -214,19 +214,19 @@ ADVERSARIAL = [
 @pytest.mark.parametrize("spacing", ["compact", "indented"])
 def test_json_list_is_streamed_exactly(tmp_path, spacing):
     """Items decode as json.loads decodes them (strings, escapes, numbers, nesting), whatever the spacing."""
-    import qllava.data as data
+    import qllava.data.formats as formats
     path = tmp_path / "data.json"
     path.write_text(json.dumps(ADVERSARIAL, ensure_ascii=False, indent=2 if spacing == "indented" else None))
-    assert list(data._json_samples(path)) == json.loads(path.read_text())
+    assert list(formats._json_samples(path)) == json.loads(path.read_text())
 
 
 def test_json_items_cut_by_the_read_buffer_decode_whole(tmp_path):
     """Items longer than the parser's 64 KB buffer, and items cut by it anywhere, decode as json.loads does."""
-    import qllava.data as data
+    import qllava.data.formats as formats
     long = [{"id": str(i), "conversations": [{"from": "gpt", "value": "é" * (i * 997 % 90_000)}]} for i in range(40)]
     path = tmp_path / "data.json"
     path.write_text(json.dumps(long, ensure_ascii=False))
-    assert list(data._json_samples(path)) == long
+    assert list(formats._json_samples(path)) == long
 
 
 @pytest.mark.parametrize("text,message", [
@@ -246,31 +246,31 @@ def test_json_items_cut_by_the_read_buffer_decode_whole(tmp_path):
     ("", "not valid JSON (expected a list at its start)"),
 ])
 def test_json_errors_name_the_file_and_the_place(tmp_path, text, message):
-    import qllava.data as data
+    import qllava.data.formats as formats
     path = tmp_path / "bad.json"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(DataError) as e:
-        list(data._json_samples(path))
+        list(formats._json_samples(path))
     assert str(e.value) == f"{path}: {message}"
 
 
 def test_a_bad_sample_far_into_the_file_is_named_by_its_index(tmp_path):
-    import qllava.data as data
+    import qllava.data.formats as formats
     samples = [json.dumps(chat(f"q{i}", "a" * 100, None, str(i))) for i in range(5000)]
     samples[4321] = samples[4321].replace('"from"', "'from'")
     path = tmp_path / "data.json"
     path.write_text("[" + ",\n".join(samples) + "]")
     read = []
     with pytest.raises(DataError, match=r"data.json: not valid JSON \(sample 4321: invalid char in json text\)$"):
-        for sample in data._json_samples(path):
+        for sample in formats._json_samples(path):
             read.append(sample["id"])
     assert read == [str(i) for i in range(4321)]
 
 
 def test_json_is_read_as_a_stream_not_whole(tmp_path):
-    import qllava.data as data
+    import qllava.data.formats as formats
     path = write(tmp_path, [chat(f"q{i}", "a" * 200, None, str(i)) for i in range(2000)])
-    items = data._json_samples(Path(path))
+    items = formats._json_samples(Path(path))
     assert next(items)["id"] == "0"
     assert items.gi_frame.f_locals["f"].tell() <= 1 << 16 < Path(path).stat().st_size // 4  # one 64 KB buffer read
 
@@ -292,8 +292,8 @@ def mix(tmp_path, n=23):
 
 def test_parallel_preparation_equals_one_process(tmp_path, tokenizer, monkeypatch):
     """Jobs of 4 samples in 2 processes give the same samples, in file order, and the same report as 1 process."""
-    import qllava.data as data
-    monkeypatch.setattr(data, "JOB_SAMPLES", 4)
+    import qllava.data.formats as formats
+    monkeypatch.setattr(formats, "JOB_SAMPLES", 4)
     stage = StageConfig(data=[mix(tmp_path)], image_folder=str(tmp_path / "img"), template="vicuna_v1",
                         max_seq_len=256)
     image_id = tokenizer.convert_tokens_to_ids("<image>")

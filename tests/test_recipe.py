@@ -165,7 +165,8 @@ def test_a_table_keeps_its_own_close_keys_first():
 
 @pytest.mark.parametrize("name", ["DATA.JSON", "Data.Json", "DATA.JSONL"])
 def test_a_data_file_with_an_upper_case_extension_is_llava_json(tmp_path, name):
-    from qllava.data import _json_samples, is_llava_json
+    from qllava.data import is_llava_json
+    from qllava.data.formats import _json_samples
     from qllava.preflight import data_problem
     samples = [{"id": "a", "conversations": []}, {"id": "b", "conversations": []}]
     path = tmp_path / name

@@ -9,12 +9,12 @@ sdpa. Reports per stage: peak allocated and reserved memory, tokens/s, MFU on a 
 matmul parameters; forward 2N + backward through frozen weights 2N, recomputation not counted), and the
 plan's prediction with its error. Loading from disk is the one path it does not exercise.
 
-  python3 benchmarks/gpu_check.py                 # on a CUDA machine: about 3-5 minutes on one H100
+  python3 benchmarks/gpu_check.py                 # on a CUDA machine (its time: not yet measured on a GPU)
   python3 benchmarks/gpu_check.py --dry-run       # on CPU with tiny shapes: the same code, in `make test`
   python3 benchmarks/gpu_check.py --llava-next    # llava-v1.6-mistral-7b's shapes, stage 2 at 4,096 tokens:
                                                   # anyres images of 2,928 tokens (the largest), tiles included
 
-The device machines of this workplace lack some packages; carry them as wheels (see README, "GPU check").
+Needs bitsandbytes, TRL, PEFT and datasets besides torch: docs/benchmarks.md says how to add them to a GPU machine.
 """
 
 from __future__ import annotations

@@ -338,7 +338,7 @@ def _parser() -> argparse.ArgumentParser:
 
     exp = commands.add_parser("export", help="write a run or merged model as GGUF files for llama.cpp (also Ollama, "
                               "LM Studio): the text model and mmproj-*.gguf")
-    exp.add_argument("model", metavar="RUN_OR_MERGED", help="a run folder (merged on the fly) or a merged folder")
+    exp.add_argument("model", metavar="MODEL_OR_RUN", help="a run folder (merged on the fly) or a folder qllava merge wrote")
     exp.add_argument("--gguf", required=True, metavar="OUT_DIR", help="folder to write NAME-TYPE.gguf and "
                      "mmproj-NAME-F16.gguf to (F32 with --type f32)")
     exp.add_argument("--type", choices=GGUF_TYPES, default="f16",

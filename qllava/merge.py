@@ -12,7 +12,7 @@ Verification (before anything is moved to --out) loads the model once, in the ex
 - the written folder, loaded as users load it: in float32 its logits on a few held-out samples must equal the
   unmerged base + adapter's. In bfloat16/float16 they are compared for information only: storing base + adapter
   rounds away every weight change under half a step of the dtype, and across a real model's depth that alone can
-  move logits as far as a merge that dropped or doubled the adapter (SmolLM2, 30 layers: README, `qllava merge`).
+  move logits as far as a merge that dropped or doubled the adapter (SmolLM2, 30 layers: docs/merge-export.md).
 When no sample can be read, or the model does not fit the machine, the report says why verification did not run.
 """
 

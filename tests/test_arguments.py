@@ -87,7 +87,8 @@ def test_one_name_for_the_model_argument_and_its_help():
         for action in parser._actions:
             if not action.option_strings and action.dest in ("model", "run_path"):
                 names[parser.prog.split()[-1]] = action.metavar
-    assert names == {"chat": "MODEL_OR_RUN", "serve": "MODEL_OR_RUN", "eval": "MODEL_OR_RUN", "merge": "RUN"}
+    both = "MODEL_OR_RUN"
+    assert names == {"chat": both, "serve": both, "eval": both, "export": both, "merge": "RUN"}
     usage = " ".join(_subparser("chat").format_usage().split())
     assert "MODEL_OR_RUN" in usage and "model" not in usage.replace("MODEL_OR_RUN", "")
 

@@ -147,18 +147,18 @@ def test_requires_python_is_what_the_code_needs():
     assert "3.11" in supported and "3.10" not in supported  # recipes are read with tomllib, new in 3.11
 
 
-def test_the_readme_names_every_recipe_key():
+def test_the_recipe_docs_name_every_recipe_key():
     import dataclasses
     from qllava.recipe import TABLES
-    readme = (ROOT / "README.md").read_text()
-    rows = {line.split("|")[1].strip(): line for line in readme.splitlines() if line.startswith("| `[")}
+    docs = (ROOT / "docs" / "recipes.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in docs.splitlines() if line.startswith("| `[")}
     for table, cls in TABLES.items():
         if table == "synthetic":  # demo and tests only
             continue
         row = next(line for header, line in rows.items() if f"`[{table}]`" in header)
         cls = [c for c in getattr(cls, "__args__", (cls,)) if c is not type(None)][0]
         missing = [f.name for f in dataclasses.fields(cls) if f"`{f.name}`" not in row]
-        assert not missing, f"README's [{table}] row lacks {missing}"
+        assert not missing, f"docs/recipes.md's [{table}] row lacks {missing}"
 
 
 def test_stage_2_alone_scores_before_on_the_first_stages_starting_model(trained_run, tiny_inputs, tmp_path, capsys):

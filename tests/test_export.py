@@ -468,7 +468,7 @@ def test_llava_next_exports_its_grid_and_newline_and_llama_cpp_tiles_images_its_
     loaded = load_for_inference(next_run)
     images = {}
     for image, question in held_out(next_inputs, 24):
-        images.setdefault(vision.image_size(image), image)
+        images.setdefault(vision.image_header(image).size, image)
     counts = {}
     for size, image in sorted(images.items()):
         _, log = llama_answer(llama_cpp, tmp_path / "next", image, "What color is the shape?", 1, debug_graph=True)

@@ -32,7 +32,7 @@ EXPECTED = json.loads((Path(__file__).parent / "fixtures" / "llava_parity.json")
 LLAVA_IMAGE_INDEX = -200
 TEMPLATES = ("vicuna_v1", "mistral_instruct", "llava_llama_2", "plain")
 
-# Where qllava departs from LLaVA on purpose (README, "Parity with official LLaVA"):
+# Where qllava departs from LLaVA on purpose (docs/parity.md, "Tokens and labels"):
 # - a sample with an image but no <image> tag: qllava opens its first turn with the tag; LLaVA trains it
 #   without image tokens, its image silently unused;
 # - the tokenizer's special tokens written as text ("<s>", "</s>", "<unk>"): qllava skips the sample; LLaVA

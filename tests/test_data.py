@@ -233,7 +233,7 @@ def test_json_items_cut_by_the_read_buffer_decode_whole(tmp_path):
     ('[{"id": 1},]', "not valid JSON (sample 1: unallowed token at this point in JSON text)"),
     ('[{"id": 1} {"id": 2}]', "not valid JSON (after sample 1: expected ',' or ']')"),
     ('[{"id": 1}, {"id": 2}', "not valid JSON (the list is not closed: the file ends after 2 complete samples)"),
-    ('[{"id": 1}, {"id": ', "not valid JSON (the list is not closed: the file ends after 1 complete samples)"),
+    ('[{"id": 1}, {"id": ', "not valid JSON (the list is not closed: the file ends after 1 complete sample)"),
     ("[", "not valid JSON (the list is not closed: the file ends after 0 complete samples)"),
     ('[{"id": 1}, {"id": 2, "x": NaN}]', "not valid JSON (sample 1: invalid char in json text)"),
     ('[{"id": 1}] [{"id": 2}]', "not valid JSON (text after the end of the list)"),

@@ -371,7 +371,7 @@ def _json_problem(error: Exception, samples: int) -> str:
     message = message.decode("utf-8", "replace") if isinstance(message, bytes) else str(message)
     reason = message.split("\n")[0].removeprefix("parse error: ").removeprefix("lexical error: ").rstrip(".")
     if reason == "premature EOF":
-        return f"the list is not closed: the file ends after {samples} complete samples"
+        return f"the list is not closed: the file ends after {samples} complete sample{'s' * (samples != 1)}"
     if reason.startswith("after array element"):
         return f"after sample {samples}: expected ',' or ']'"
     if reason == "trailing garbage":

@@ -5,7 +5,7 @@ intermediate 14336, 32 heads / 8 KV heads, vocab 32000 with the real Mistral tok
 mistral-common; CLIP ViT-L/14-336 vision tower), a stage-2 run folder with a 1024->4096->4096 projector
 and a LoRA r128 adapter on every decoder linear layer (335,544,320 parameters), then runs
 `qllava merge RUN --out OUT --dtype bfloat16 --no-verify` in a child process and reports its peak
-resident memory: the merge streams the base shard by shard, so that is the streamed merge alone.
+resident memory: the merge streams the base weight by weight, so that is the streamed merge alone.
 Verification is left out: it loads the whole model once (a 7B in bfloat16: about 15 GiB, on the GPU when
 there is one) and runs two forward passes of it.
 
@@ -13,9 +13,15 @@ With --check-equal, another child merges the same run the way qllava did before 
 model in memory, peft's merge_and_unload) and checks that every weight written by the stream equals it bit
 for bit (it needs about 17 GiB of RAM itself, and reports its own peak).
 
-Needs ~20 GiB of RAM for --check-equal (8 GiB without) and ~32 GiB of disk; about 10 minutes on 2 cores.
+Needs ~20 GiB of RAM for --check-equal (8 GiB without) and ~32 GiB of disk (~46 with --before); about 10
+minutes on 2 cores.
 
-  .venv/bin/python benchmarks/merge_7b.py [--work /tmp/qllava_merge7b] [--check-equal] [--keep]
+With --before DIR, the qllava of DIR (a checkout of an earlier commit: `git worktree add DIR COMMIT`) merges
+the same run first, and the files both write are compared byte for byte; --runs N times this checkout's merge
+N times.
+
+  .venv/bin/python benchmarks/merge_7b.py [--work /tmp/qllava_merge7b] [--check-equal] [--keep] [--before DIR]
+      [--runs N]
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the written checkpoints")
     parser.add_argument("--check-equal", action="store_true",
                         help="check the output against merging the whole model in memory (needs ~17 GiB)")
+    parser.add_argument("--before", metavar="DIR",
+                        help="also merge with the qllava of DIR (a checkout of an earlier commit), in the same run")
+    parser.add_argument("--runs", type=int, default=1, help="how many times to time the streamed merge")
     args = parser.parse_args()
     work = Path(args.work)
     if not (work / "run" / "stage2" / "adapter_model.safetensors").exists():
@@ -53,22 +62,18 @@ def main() -> None:
             started = time.perf_counter()
             _child(step, work)
             print(f"wrote the {step} in {time.perf_counter() - started:.0f}s", flush=True)
-    out = work / "merged"
-    code = ("import json, resource, sys; from qllava.merge import merge; "
-            f"r = merge({str(work / 'run')!r}, {str(out)!r}, dtype='bfloat16', overwrite=True, verify=False, say=lambda m: None); "
-            "print(json.dumps(r))")
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    seconds = time.perf_counter() - started
-    if done.returncode:
-        raise SystemExit(done.stderr[-3000:])
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    peak = report["peak_ram_gib"]  # the merging process's own peak (not the checkpoint writers')
     print(f"{'merge (bf16, 7B-shaped, CPU)':32s} {'wall s':>8s} {'peak RAM GiB':>13s} {'output GiB':>11s}")
-    print(f"{'':32s} {seconds:8.0f} {peak:13.1f} {report['output_bytes'] / 2**30:11.1f}")
-    figures = {"merge_seconds": round(seconds, 1), "peak_ram_gib": round(peak, 2),
-               "output_gib": round(report["output_bytes"] / 2**30, 2)}
+    figures = {}
+    if args.before:  # the same merge by the earlier checkout, in the same run
+        before = _streamed(work, work / "merged_before", Path(args.before).resolve(), f"streamed ({args.before})")
+        figures.update({f"before_{k}": v for k, v in before.items()})
+    for _ in range(args.runs):
+        figures.update(_streamed(work, work / "merged", ROOT, "streamed, weight by weight"))
+        figures.setdefault("merge_seconds_each", []).append(figures["merge_seconds"])
+    if args.before:
+        figures["same_files_as_before"] = _same_files(work / "merged", work / "merged_before")
+        print(f"the files written are byte for byte those {args.before} wrote: {figures['same_files_as_before']}")
+        shutil.rmtree(work / "merged_before")
     if args.check_equal:
         figures.update(_check_equal(work))
         print(f"every weight equals merging in memory: {figures['equal_to_in_memory_merge']} (that merge: "
@@ -76,6 +81,32 @@ def main() -> None:
     print(json.dumps(figures))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _streamed(work: Path, out: Path, root: Path, label: str) -> dict:
+    """`qllava merge` run by the qllava in `root`, in a process of its own: its wall time and peak RAM."""
+    code = ("import json; from qllava.merge import merge; "
+            f"r = merge({str(work / 'run')!r}, {str(out)!r}, dtype='bfloat16', overwrite=True, verify=False, "
+            "say=lambda m: None); print(json.dumps(r))")
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    seconds = time.perf_counter() - started
+    if done.returncode:
+        raise SystemExit(done.stderr[-3000:])
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    peak = report["peak_ram_gib"]  # the merging process's own peak (not the checkpoint writers')
+    print(f"{label:32s} {seconds:8.0f} {peak:13.1f} {report['output_bytes'] / 2**30:11.1f}", flush=True)
+    return {"merge_seconds": round(seconds, 1), "peak_ram_gib": round(peak, 2),
+            "output_gib": round(report["output_bytes"] / 2**30, 2)}
+
+
+def _same_files(one: Path, other: Path) -> bool:
+    """Whether both folders hold the same weight files and index, byte for byte."""
+    import filecmp
+    names = sorted(p.name for p in one.iterdir() if p.name.startswith("model."))
+    return names == sorted(p.name for p in other.iterdir() if p.name.startswith("model.")) and \
+        all(filecmp.cmp(one / name, other / name, shallow=False) for name in names)
 
 
 def _check_equal(work: Path) -> dict:

@@ -2,8 +2,9 @@
 
 The merge streams: the base checkpoint is read weight by weight in the export dtype (never 4-bit: merging LoRA
 into NF4 re-quantizes, lossy), the run's projector and LoRA deltas are applied as peft applies them, and the
-result is written one shard at a time under the names save_pretrained uses (checkpoint.py). The whole model is
-never in memory, so a 7B merge fits Colab's RAM. The processor, a chat template that renders the run's
+result is written one weight at a time in the shards and under the names save_pretrained uses (checkpoint.py).
+Reading, merging and writing overlap (a thread each). The whole model is never in memory, so a 7B merge fits
+Colab's RAM. The processor, a chat template that renders the run's
 template, the generation config and a model card go beside it.
 
 Verification (before anything is moved to --out) loads the model once, in the export dtype:
@@ -46,6 +47,10 @@ FLOAT32_TOLERANCE = 1e-4
 # in the last place of that dtype: 0 when the merge rounds once, as peft's does; 1 leaves room for another rounding.
 MAX_ULPS = 1.0
 SHARD_SIZE = "2GB"
+# elements of a weight merged at a time: a block of its float32 delta stays in the CPU's cache while it is summed,
+# and is no larger than torch's grain size, so one thread works on it: handing each small operation to several
+# threads costs more than the work when other processes hold the cores (benchmarks/merge_7b.py: 4 times slower)
+BLOCK = 2**15
 PEFT_PREFIX = "base_model.model."
 
 
@@ -72,7 +77,7 @@ def merge(run_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", ove
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        say(f"merging {stage_dir.name} into the base in {dtype}, shard by shard (not 4-bit: merging into NF4 "
+        say(f"merging {stage_dir.name} into the base in {dtype}, weight by weight (not 4-bit: merging into NF4 "
             "would re-quantize)")
         _write_merged(recipe, processor, stage_dir, partial, dtype, report)
         _write_beside(processor, recipe, stage_dir, run_dir, partial, report)
@@ -96,7 +101,7 @@ def merge(run_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", ove
 
 
 def _write_merged(recipe, processor, stage_dir: Path, folder: Path, dtype: str, report: dict) -> None:
-    """The merged weights, streamed from the base checkpoint(s), written shard by shard with the config."""
+    """The merged weights, streamed from the base checkpoint(s), written weight by weight with the config."""
     model, weights = merged_weights(recipe, processor, stage_dir, dtype)
     checkpoint.write_sharded(folder, model, weights.merged, SHARD_SIZE)
     report["merged_weights"] = weights.merged_count
@@ -128,7 +133,7 @@ class _Weights:
         self.lora, self.scaling = {}, {}
         if (stage_dir / "adapter_config.json").exists():
             self._read_adapter(stage_dir)
-        self.merged_count, self.error, self.change = 0, 0.0, 0.0
+        self.merged_count, self.error, self.change, self._delta = 0, 0.0, 0.0, torch.empty(0)
         for key in [*self.replaced, *self.lora]:
             if key not in self.shapes:
                 raise MergeError(f"{stage_dir}: trained weight {key} is not a weight of the base model its recipe "
@@ -152,15 +157,33 @@ class _Weights:
             pair["scaling"] = config["lora_alpha"] / pair["A"].shape[0]
 
     def merged(self, keys: list[str]):
-        for key in keys:
-            yield key, self.weight(key)
+        """(key, weight) for each of `keys`, the base weights read by a thread a few weights ahead."""
+        read = [key for key in keys if key not in self.replaced]
+        for key in read:
+            self._check_stored(key)
+        reads = checkpoint.ahead((self.sources[key].read() for key in read), checkpoint.READ_AHEAD)
+        try:
+            for key in keys:
+                if key in self.replaced:
+                    yield key, self.replaced[key].to(self.dtype)
+                else:
+                    yield key, self._changed(key, next(reads))
+        finally:
+            reads.close()
 
     def weight(self, key: str) -> torch.Tensor:
         if key in self.replaced:
             return self.replaced[key].to(self.dtype)
+        self._check_stored(key)
+        return self._changed(key, self.sources[key].read())
+
+    def _check_stored(self, key: str) -> None:
         if key not in self.sources:
             raise MergeError(f"weight {key} is in none of the base checkpoints the run's recipe names")
-        tensor = self.sources[key].read().to(self.dtype)
+
+    def _changed(self, key: str, stored: torch.Tensor) -> torch.Tensor:
+        """The base weight `key` as stored, in the export dtype, grown and with the LoRA delta merged in."""
+        tensor = stored.to(self.dtype)
         if tensor.shape != self.shapes[key]:
             tensor = self._grown(key, tensor)
         if key in self.lora:
@@ -178,13 +201,21 @@ class _Weights:
         return modeling.fill_new_rows(grown, tensor.shape[0])
 
     def _with_delta(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """base + delta computed in float32 and rounded once, in place, as peft merges; the rounding error and the
+        change are summed on the way, a cache-sized block at a time, so the weight is gone through once."""
         pair = self.lora[key]
-        delta = merged_delta(pair["A"], pair["B"], pair["scaling"])
-        exact = tensor.float() + delta
-        tensor += delta  # in place, as peft merges: the sum is computed in float32 and rounded once
+        if self._delta.numel() < tensor.numel():  # one buffer for every delta: fresh memory is slow to first touch
+            self._delta = torch.empty(tensor.numel())
+        delta = merged_delta(pair["A"], pair["B"], pair["scaling"], out=self._delta[:tensor.numel()].view(tensor.shape))
+        delta, flat = delta.view(-1), tensor.view(-1)
+        for start in range(0, flat.numel(), BLOCK):
+            change, weight = delta[start:start + BLOCK], flat[start:start + BLOCK]
+            self.change += torch.dot(change, change).item()
+            exact = change.add_(weight)  # base + delta in float32, as `tensor += delta` computes it
+            weight.copy_(exact)  # ... and rounds it once to the export dtype
+            exact.sub_(weight)
+            self.error += torch.dot(exact, exact).item()
         self.merged_count += 1
-        self.error += torch.linalg.vector_norm(tensor.float() - exact).item() ** 2
-        self.change += torch.linalg.vector_norm(delta).item() ** 2
         return tensor
 
     def rounding_error(self) -> float:
@@ -192,9 +223,9 @@ class _Weights:
         return (self.error / self.change) ** 0.5 if self.change else 0.0
 
 
-def merged_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """LoRA's weight change, computed as peft computes it (B @ A in float32, then scaled)."""
-    return (lora_b.float() @ lora_a.float()) * scaling
+def merged_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, out: torch.Tensor | None = None):
+    """LoRA's weight change, computed as peft computes it (B @ A in float32, then scaled), in `out` if given."""
+    return torch.matmul(lora_b.float(), lora_a.float(), out=out).mul_(scaling)
 
 
 def _load(build, recipe):

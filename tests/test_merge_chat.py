@@ -67,6 +67,9 @@ def test_the_streamed_merge_writes_what_merging_the_whole_model_in_memory_wrote(
     assert streamed[0] == memory[0] and len(set(streamed[0].values())) > 1  # the same shards
     assert streamed[1].keys() == memory[1].keys()
     assert all(torch.equal(t, memory[1][k]) and t.dtype == getattr(torch, dtype) for k, t in streamed[1].items())
+    # written a weight at a time, each file holds the bytes save_pretrained writes (headers included)
+    assert all((tmp_path / "streamed" / f).read_bytes() == (tmp_path / "memory" / f).read_bytes()
+               for f in set(streamed[0].values()))
     for name in ("config.json", "generation_config.json"):
         assert json.loads((tmp_path / "streamed" / name).read_text()) == \
             json.loads((tmp_path / "memory" / name).read_text())
@@ -78,7 +81,7 @@ def test_the_streamed_merge_writes_what_merging_the_whole_model_in_memory_wrote(
 def test_verification_refuses_a_streamed_merge_that_loses_or_doubles_the_adapter(fault, trained_run, tmp_path,
                                                                                  monkeypatch):
     right = merging.merged_delta
-    monkeypatch.setattr(merging, "merged_delta", lambda a, b, scaling: right(a, b, scaling) * (
+    monkeypatch.setattr(merging, "merged_delta", lambda a, b, scaling, out=None: right(a, b, scaling, out).mul_(
         0 if fault == "left out" else 2))
     refusal = r"merged weight model\.language_model\.layers\.\d\.\S+ as written differs from base \+ adapter merged by peft"
     with pytest.raises(MergeError, match=refusal):
@@ -179,6 +182,25 @@ def test_a_base_without_safetensors_is_refused_naming_the_folder(trained_run, tm
     (run / "stage2" / "base.json").unlink()
     assert main(["merge", str(run), "--out", str(tmp_path / "out")]) == 2
     assert f"{tmp_path}/decoder: no safetensors weights" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_a_base_weight_cut_short_is_refused_naming_its_file_from_the_reader_thread(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    recipe = run / "stage2" / "recipe.toml"
+    decoder = re.search(r'(?m)^decoder = "(.*)"$', recipe.read_text()).group(1)
+    shutil.copytree(decoder, tmp_path / "decoder")
+    weights = tmp_path / "decoder" / "model.safetensors"
+    with safe_open(weights, "pt") as f:  # an index, as a sharded checkpoint has: the files are listed unread
+        index = {"metadata": {}, "weight_map": dict.fromkeys(f.keys(), weights.name)}
+    (tmp_path / "decoder" / "model.safetensors.index.json").write_text(json.dumps(index))
+    weights.write_bytes(weights.read_bytes()[:-100])
+    recipe.write_text(recipe.read_text().replace(f'decoder = "{decoder}"', f'decoder = "{tmp_path}/decoder"'))
+    (run / "stage2" / "base.json").unlink()
+    assert main(["merge", str(run), "--out", str(tmp_path / "out"), "--no-verify"]) == 2
+    assert re.search(rf"{weights}: weight \S+ is cut short \(\d+ of its \d+ bytes are in the file\)",
+                     capsys.readouterr().out)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 

@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the written mix")
     args = parser.parse_args()
     import data_scale
+
     path = Path(args.data) if args.data else None
     if path is None:
         work = Path(args.work)
@@ -90,14 +91,17 @@ def main() -> None:
     size_mb = path.stat().st_size / 1e6
     print(f"{path}: {size_mb:.1f} MB", flush=True)
     summary = {"file": str(path), "file_mb": round(size_mb, 1)}
-    for reader in ("qllava", "json.load")[:1 if args.no_json_load else 2]:
+    for reader in ("qllava", "json.load")[: 1 if args.no_json_load else 2]:
         runs = [read_once(args.code, reader, path) for _ in range(args.repeat)]
         result = summarize(runs, size_mb)
         summary[reader] = result
-        print(f"{reader:>9}: {result['samples']:,} samples in {result['best_s']:.2f} s best, "
-              f"{result['median_s']:.2f} s median ({result['samples_per_s']:,.0f} samples/s, "
-              f"{result['mb_per_s']:.0f} MB/s); peak RSS {result['peak_rss_mb']:.0f} MB, "
-              f"{result['read_rss_mb']:.1f} MB above the RSS before the read", flush=True)
+        print(
+            f"{reader:>9}: {result['samples']:,} samples in {result['best_s']:.2f} s best, "
+            f"{result['median_s']:.2f} s median ({result['samples_per_s']:,.0f} samples/s, "
+            f"{result['mb_per_s']:.0f} MB/s); peak RSS {result['peak_rss_mb']:.0f} MB, "
+            f"{result['read_rss_mb']:.1f} MB above the RSS before the read",
+            flush=True,
+        )
     summary["code"] = runs[0]["module"]
     if not args.data and not args.keep:
         path.unlink()
@@ -114,10 +118,16 @@ def read_once(code: str, reader: str, path: Path) -> dict:
 def summarize(runs: list[dict], size_mb: float) -> dict:
     seconds = [r["seconds"] for r in runs]
     best = min(seconds)
-    return {"samples": runs[0]["samples"], "best_s": round(best, 2), "median_s": round(statistics.median(seconds), 2),
-            "runs_s": [round(s, 2) for s in seconds], "samples_per_s": round(runs[0]["samples"] / best),
-            "mb_per_s": round(size_mb / best, 1), "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs)),
-            "read_rss_mb": round(max(r["peak_rss_mb"] - r["rss_before_mb"] for r in runs), 1)}
+    return {
+        "samples": runs[0]["samples"],
+        "best_s": round(best, 2),
+        "median_s": round(statistics.median(seconds), 2),
+        "runs_s": [round(s, 2) for s in seconds],
+        "samples_per_s": round(runs[0]["samples"] / best),
+        "mb_per_s": round(size_mb / best, 1),
+        "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs)),
+        "read_rss_mb": round(max(r["peak_rss_mb"] - r["rss_before_mb"] for r in runs), 1),
+    }
 
 
 if __name__ == "__main__":

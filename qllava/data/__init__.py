@@ -13,15 +13,69 @@ Every public name is importable from qllava.data, as before the package was spli
 """
 
 from ..errors import DataError
-from .formats import (JOB_SAMPLES, LARGE, ORIENTED, ROLES, SEVERAL_IMAGES, Conversation, DataReport, ImageChanged,
-                      ImageStore, image_source, image_stamp, is_llava_json, read_conversations)
-from .prepare import (CACHE_VERSION, IMAGES_FILE, SAMPLES_FILE, SAVED_DATASET_FILES, available_cores,
-                      build_stage_dataset, default_num_proc, stage_dataset)
-from .samples import (FEATURES, Tokenization, encode, expand_images, expand_sample, tokenize_conversation,
-                      tokenize_dataset)
+from .formats import (
+    JOB_SAMPLES,
+    LARGE,
+    ORIENTED,
+    ROLES,
+    SEVERAL_IMAGES,
+    Conversation,
+    DataReport,
+    ImageChanged,
+    ImageStore,
+    image_source,
+    image_stamp,
+    is_llava_json,
+    read_conversations,
+)
+from .prepare import (
+    CACHE_VERSION,
+    IMAGES_FILE,
+    SAMPLES_FILE,
+    SAVED_DATASET_FILES,
+    available_cores,
+    build_stage_dataset,
+    default_num_proc,
+    stage_dataset,
+)
+from .samples import (
+    FEATURES,
+    Tokenization,
+    encode,
+    expand_images,
+    expand_sample,
+    tokenize_conversation,
+    tokenize_dataset,
+)
 
-__all__ = ["CACHE_VERSION", "FEATURES", "IMAGES_FILE", "JOB_SAMPLES", "LARGE", "ORIENTED", "ROLES", "SAMPLES_FILE",
-           "SAVED_DATASET_FILES", "SEVERAL_IMAGES", "Conversation", "DataError", "DataReport", "ImageChanged",
-           "ImageStore", "Tokenization", "available_cores", "build_stage_dataset", "default_num_proc", "encode",
-           "expand_images", "expand_sample", "image_source", "image_stamp", "is_llava_json", "read_conversations",
-           "stage_dataset", "tokenize_conversation", "tokenize_dataset"]
+__all__ = [
+    "CACHE_VERSION",
+    "FEATURES",
+    "IMAGES_FILE",
+    "JOB_SAMPLES",
+    "LARGE",
+    "ORIENTED",
+    "ROLES",
+    "SAMPLES_FILE",
+    "SAVED_DATASET_FILES",
+    "SEVERAL_IMAGES",
+    "Conversation",
+    "DataError",
+    "DataReport",
+    "ImageChanged",
+    "ImageStore",
+    "Tokenization",
+    "available_cores",
+    "build_stage_dataset",
+    "default_num_proc",
+    "encode",
+    "expand_images",
+    "expand_sample",
+    "image_source",
+    "image_stamp",
+    "is_llava_json",
+    "read_conversations",
+    "stage_dataset",
+    "tokenize_conversation",
+    "tokenize_dataset",
+]

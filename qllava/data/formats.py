@@ -126,20 +126,42 @@ class DataReport:
         self.left_out.update(other.left_out)
         for reason, ids in other.examples.items():
             kept = self.examples.setdefault(reason, [])
-            kept += ids[:3 - len(kept)]
+            kept += ids[: 3 - len(kept)]
 
     def to_dict(self) -> dict:
-        return {"used": self.used, "skipped": dict(self.skipped), "examples": self.examples,
-                "tokens": self.tokens, "label_tokens": self.label_tokens, "with_image": self.with_image,
-                "left_out": dict(self.left_out), "named_images": self.named_images,
-                "unusable_images": self.unusable_images, "oriented_images": self.oriented_images,
-                "large_images": self.large_images, "preparation": self.preparation, "cached": self.cached}
+        return {
+            "used": self.used,
+            "skipped": dict(self.skipped),
+            "examples": self.examples,
+            "tokens": self.tokens,
+            "label_tokens": self.label_tokens,
+            "with_image": self.with_image,
+            "left_out": dict(self.left_out),
+            "named_images": self.named_images,
+            "unusable_images": self.unusable_images,
+            "oriented_images": self.oriented_images,
+            "large_images": self.large_images,
+            "preparation": self.preparation,
+            "cached": self.cached,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataReport":
-        return cls(d["used"], Counter(d["skipped"]), d["examples"], d["tokens"], d["label_tokens"], d["with_image"],
-                   Counter(d["left_out"]), d["named_images"], d["unusable_images"], d["oriented_images"],
-                   d["large_images"], d["preparation"], d.get("cached", False))
+        return cls(
+            d["used"],
+            Counter(d["skipped"]),
+            d["examples"],
+            d["tokens"],
+            d["label_tokens"],
+            d["with_image"],
+            Counter(d["left_out"]),
+            d["named_images"],
+            d["unusable_images"],
+            d["oriented_images"],
+            d["large_images"],
+            d["preparation"],
+            d.get("cached", False),
+        )
 
 
 class ImageStore:
@@ -172,11 +194,15 @@ class ImageStore:
         try:
             return self.checked_image(sample)
         except ImageChanged as e:
-            raise DataError(f"{e}: run the same command again with --resume: the data are prepared again from the "
-                            "images as they are now") from None
+            raise DataError(
+                f"{e}: run the same command again with --resume: the data are prepared again from the "
+                "images as they are now"
+            ) from None
         except VisionError as e:
-            raise DataError(f"{e}: remove or fix the file, then run the same command with --resume (a sample whose "
-                            "image is missing is skipped and counted)") from None
+            raise DataError(
+                f"{e}: remove or fix the file, then run the same command with --resume (a sample whose "
+                "image is missing is skipped and counted)"
+            ) from None
 
     def checked_image(self, sample: dict) -> Image.Image:
         """The image of a prepared sample, decoded; with the geometry the samples were prepared for, checked against
@@ -192,7 +218,8 @@ class ImageStore:
                 raise ImageChanged(
                     f"image {self.name(sample['source'], sample['image'])}: its {image.size[0]}x{image.size[1]} "
                     f"pixels (upright) make {tokens} image tokens, but sample {sample['id']} was prepared for "
-                    f"{', '.join(map(str, sample['image_tokens']))}: the file changed after the data were prepared")
+                    f"{', '.join(map(str, sample['image_tokens']))}: the file changed after the data were prepared"
+                )
         return image
 
 
@@ -205,8 +232,9 @@ def image_source(path: str, image_folder: str):
     return image_folder if is_llava_json(path) else _load_hf_dataset(path)
 
 
-def read_conversations(path: str, where, source: int, report: DataReport, limit: int | None = None
-                       ) -> list[Conversation]:
+def read_conversations(
+    path: str, where, source: int, report: DataReport, limit: int | None = None
+) -> list[Conversation]:
     """The usable conversations of one data file, all or the first `limit` (for small files: evaluation; merge
     checks); unusable samples are counted in `report`. Training reads through build_stage_dataset, which never
     holds them all."""
@@ -242,8 +270,14 @@ class _DataFile:
         messages = where.select_columns(["messages"])
         for start in range(0, len(where), JOB_SAMPLES):
             end = min(start + JOB_SAMPLES, len(where))
-            yield list(zip(range(start, end), messages[start:end]["messages"], _image_counts(where, start, end),
-                           _first_images(where, start, end)))
+            yield list(
+                zip(
+                    range(start, end),
+                    messages[start:end]["messages"],
+                    _image_counts(where, start, end),
+                    _first_images(where, start, end),
+                )
+            )
 
     def conversation(self, record, report: DataReport, images: _ImageFiles) -> Conversation | None:
         """The record as a conversation, or None (counted in report; its image file noted in `images`)."""
@@ -277,8 +311,9 @@ class _DataFile:
             conv.image_header, conv.image_file, conv.image_stamp = header, file, stamp
         return conv
 
-    def _hf_conversation(self, row: int, messages, n_images: int, header: ImageHeader | None, report: DataReport
-                         ) -> Conversation | None:
+    def _hf_conversation(
+        self, row: int, messages, n_images: int, header: ImageHeader | None, report: DataReport
+    ) -> Conversation | None:
         sample_id = f"{Path(self.path).name}[{row}]"
         try:
             turns = [(m["role"], _content_text(m["content"])) for m in messages]
@@ -344,8 +379,9 @@ def _json_list_items(f, path: Path) -> Iterator:
         kind = _JSON_KINDS.get(first) or ("float" if first and first in b"-0123456789" else None)
         if kind is None:
             raise DataError(f"{path}: not valid JSON (expected a list at its start)")
-        raise DataError(f"{path}: expected a JSON list of LLaVA samples "
-                        f'({{"id", "image", "conversations"}}), got a {kind}')
+        raise DataError(
+            f'{path}: expected a JSON list of LLaVA samples ({{"id", "image", "conversations"}}), got a {kind}'
+        )
     n = 0
     try:
         for n, item in enumerate(ijson.items(f, "item", use_float=True), 1):
@@ -384,7 +420,7 @@ def _llava_sample_problem(sample) -> str | None:
         return "not a JSON object"
     turns = sample.get("conversations")
     if not isinstance(turns, list) or not turns:
-        return "no \"conversations\" list"
+        return 'no "conversations" list'
     for turn in turns:
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLES:
             return 'a turn is not {"from": "human"|"gpt", "value": text}'
@@ -392,7 +428,7 @@ def _llava_sample_problem(sample) -> str | None:
     if isinstance(image, list) and len(image) > 1:  # LLaVA-NeXT-Interleave's and LLaVA-OneVision's multi-image samples
         return SEVERAL_IMAGES
     if image is not None and not isinstance(image, str):
-        return "\"image\" is not one path (one image per sample)"
+        return '"image" is not one path (one image per sample)'
     return None
 
 
@@ -467,8 +503,9 @@ def _load_hf_dataset(path: str) -> datasets.Dataset:
         dataset = dataset["train"]
     missing = {"messages"} - set(dataset.column_names)
     if missing:
-        raise DataError(f"{path}: a Hugging Face dataset needs a \"messages\" column (and \"images\"), "
-                        f"has {dataset.column_names}")
+        raise DataError(
+            f'{path}: a Hugging Face dataset needs a "messages" column (and "images"), has {dataset.column_names}'
+        )
     return dataset
 
 
@@ -493,8 +530,9 @@ def _first_images(dataset: datasets.Dataset, start: int, end: int) -> list[Image
     stored = _stored_images(dataset)
     if stored is None:
         return [None] * (end - start)
-    return [None if (first := _first_stored(row)) is None else image_header(first)
-            for row in stored[start:end]["images"]]
+    return [
+        None if (first := _first_stored(row)) is None else image_header(first) for row in stored[start:end]["images"]
+    ]
 
 
 def _image_counts(dataset: datasets.Dataset, start: int, end: int) -> list[int]:

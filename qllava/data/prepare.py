@@ -39,36 +39,57 @@ IMAGES_FILE = "images.json"
 SAVED_DATASET_FILES = ("state.json", "dataset_info.json", "dataset_dict.json")
 
 
-def stage_dataset(recipe, name: str, tokenizer, geometry: ImageGeometry | AnyresGeometry
-                  ) -> tuple[datasets.Dataset, ImageStore, DataReport]:
+def stage_dataset(
+    recipe, name: str, tokenizer, geometry: ImageGeometry | AnyresGeometry
+) -> tuple[datasets.Dataset, ImageStore, DataReport]:
     """Stage `name`'s samples at the recipe's settings (build_stage_dataset)."""
     aspect_ratio = getattr(recipe, name).image_aspect_ratio
     if geometry.varies != (aspect_ratio == "anyres"):
-        raise DataError(f"{name}.image_aspect_ratio: {aspect_ratio!r} with a "
-                        f"{'LLaVA-NeXT' if geometry.varies else 'LLaVA-1.5'} model: set "
-                        f"{'anyres (it tiles each image by its size)' if geometry.varies else 'pad or crop'}")
-    return build_stage_dataset(getattr(recipe, name), tokenizer, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                               geometry, recipe.data.cache_dir, name, recipe.data.num_proc,
-                               recipe.data.max_missing_image_fraction)
+        raise DataError(
+            f"{name}.image_aspect_ratio: {aspect_ratio!r} with a "
+            f"{'LLaVA-NeXT' if geometry.varies else 'LLaVA-1.5'} model: set "
+            f"{'anyres (it tiles each image by its size)' if geometry.varies else 'pad or crop'}"
+        )
+    return build_stage_dataset(
+        getattr(recipe, name),
+        tokenizer,
+        tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        geometry,
+        recipe.data.cache_dir,
+        name,
+        recipe.data.num_proc,
+        recipe.data.max_missing_image_fraction,
+    )
 
 
-def build_stage_dataset(stage, tokenizer, image_token_id: int, geometry: ImageGeometry | AnyresGeometry,
-                        cache_dir: str, stage_name: str, num_proc: int | None = None,
-                        max_missing_image_fraction: float = 1.0) -> tuple[datasets.Dataset, ImageStore, DataReport]:
+def build_stage_dataset(
+    stage,
+    tokenizer,
+    image_token_id: int,
+    geometry: ImageGeometry | AnyresGeometry,
+    cache_dir: str,
+    stage_name: str,
+    num_proc: int | None = None,
+    max_missing_image_fraction: float = 1.0,
+) -> tuple[datasets.Dataset, ImageStore, DataReport]:
     """A stage's samples, prepared with its template (once: cached), filtered and counted, memory-mapped. More
     missing or unreadable images than `max_missing_image_fraction` of the samples that name one is an error: a
     wrong image folder must not become a silently tiny run."""
     if stage.max_seq_len < geometry.tokens_of() + 2:
-        raise DataError(f"{stage_name}.max_seq_len: {stage.max_seq_len} is shorter than one image's "
-                        f"{geometry.tokens_of()} tokens plus text; raise it (LLaVA-1.5 uses 2048)")
+        raise DataError(
+            f"{stage_name}.max_seq_len: {stage.max_seq_len} is shorter than one image's "
+            f"{geometry.tokens_of()} tokens plus text; raise it (LLaVA-1.5 uses 2048)"
+        )
     sources = [image_source(path, stage.image_folder) for path in stage.data]
     key = _cache_key(stage, sources, tokenizer, image_token_id, geometry)
     folder = Path(cache_dir or Path.home() / ".cache" / "qllava") / "tokenized" / key
     how = Tokenization(tokenizer, stage.template, image_token_id, geometry, stage.max_seq_len)
     cached = _cache_still_true(folder, sources)
     if not cached:
-        files = [_DataFile(path, i, stage.image_folder if is_llava_json(path) else "", image_stamps=geometry.varies)
-                 for i, path in enumerate(stage.data)]
+        files = [
+            _DataFile(path, i, stage.image_folder if is_llava_json(path) else "", image_stamps=geometry.varies)
+            for i, path in enumerate(stage.data)
+        ]
         _prepare(folder, files, sources, how, num_proc or default_num_proc())
     report = DataReport.from_dict(json.loads((folder / "report.json").read_text()))
     report.cached = cached
@@ -81,12 +102,17 @@ def build_stage_dataset(stage, tokenizer, image_token_id: int, geometry: ImageGe
 
 
 def _missing_images_message(report: DataReport, stage_name: str, limit: float) -> str:
-    reasons = "; ".join(f"{n:,} {reason} (e.g. {', '.join(report.examples[reason])})"
-                        for reason, n in report.skipped.most_common() if reason.startswith("image "))
-    return (f"{stage_name}: the images of {report.unusable_images:,} of the {report.named_images:,} samples that name "
-            f"one are missing or unreadable ({report.unusable_images / report.named_images:.1%}, more than "
-            f"data.max_missing_image_fraction = {limit:g}): {reasons}. Check {stage_name}.image_folder and the "
-            "images, or raise data.max_missing_image_fraction to train without them")
+    reasons = "; ".join(
+        f"{n:,} {reason} (e.g. {', '.join(report.examples[reason])})"
+        for reason, n in report.skipped.most_common()
+        if reason.startswith("image ")
+    )
+    return (
+        f"{stage_name}: the images of {report.unusable_images:,} of the {report.named_images:,} samples that name "
+        f"one are missing or unreadable ({report.unusable_images / report.named_images:.1%}, more than "
+        f"data.max_missing_image_fraction = {limit:g}): {reasons}. Check {stage_name}.image_folder and the "
+        "images, or raise data.max_missing_image_fraction to train without them"
+    )
 
 
 def default_num_proc() -> int:
@@ -116,9 +142,12 @@ def _prepare(folder: Path, files: list["_DataFile"], sources: list, how: Tokeniz
         report.add(part)
         images.add(part_images)
     writer.finalize()
-    report.preparation = {"seconds": round(time.perf_counter() - started, 2), "processes": processes,
-                          "peak_rss_gb": _peak_rss_gb(resource.RUSAGE_SELF),
-                          "peak_worker_rss_gb": _peak_rss_gb(resource.RUSAGE_CHILDREN) if processes > 1 else 0.0}
+    report.preparation = {
+        "seconds": round(time.perf_counter() - started, 2),
+        "processes": processes,
+        "peak_rss_gb": _peak_rss_gb(resource.RUSAGE_SELF),
+        "peak_worker_rss_gb": _peak_rss_gb(resource.RUSAGE_CHILDREN) if processes > 1 else 0.0,
+    }
     (partial / IMAGES_FILE).write_text(json.dumps(images.record()))
     (partial / "report.json").write_text(json.dumps(report.to_dict()))
     shutil.rmtree(folder, ignore_errors=True)
@@ -185,11 +214,18 @@ def _cache_key(stage, sources: list, tokenizer, image_token_id: int, geometry: I
     geometry. Which images exist is checked apart (_cache_still_true): it changes without any file changing."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    key = {"version": CACHE_VERSION, "files": [_file_identity(path, where) for path, where in zip(stage.data, sources)],
-           "image_folder": str(Path(stage.image_folder).resolve()), "template": stage.template,
-           "max_seq_len": stage.max_seq_len, "image_token_id": image_token_id, "geometry": asdict(geometry),
-           "tokenizer": hashlib.sha256(vocab.encode()).hexdigest(), "bos": tokenizer.bos_token,
-           "eos": tokenizer.eos_token}
+    key = {
+        "version": CACHE_VERSION,
+        "files": [_file_identity(path, where) for path, where in zip(stage.data, sources)],
+        "image_folder": str(Path(stage.image_folder).resolve()),
+        "template": stage.template,
+        "max_seq_len": stage.max_seq_len,
+        "image_token_id": image_token_id,
+        "geometry": asdict(geometry),
+        "tokenizer": hashlib.sha256(vocab.encode()).hexdigest(),
+        "bos": tokenizer.bos_token,
+        "eos": tokenizer.eos_token,
+    }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -200,8 +236,11 @@ def _file_identity(path: str, where) -> list:
     if isinstance(where, str):
         stat = p.stat() if p.exists() else None
         return [str(p.resolve()), stat.st_size if stat else None, stat.st_mtime_ns if stat else None]
-    saved = [f for f in p.rglob("*") if f.name in SAVED_DATASET_FILES or re.fullmatch(r"data-.*\.arrow", f.name)] \
-        if p.is_dir() else []  # what save_to_disk writes; not cache files that transforms may add beside them
+    saved = (
+        [f for f in p.rglob("*") if f.name in SAVED_DATASET_FILES or re.fullmatch(r"data-.*\.arrow", f.name)]
+        if p.is_dir()
+        else []
+    )  # what save_to_disk writes; not cache files that transforms may add beside them
     files = sorted((str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns) for f in saved)
     return [str(p.resolve()) if p.exists() else path, where._fingerprint, files]
 
@@ -224,7 +263,7 @@ def _cache_still_true(folder: Path, sources: list) -> bool:
         return True
     samples = datasets.Dataset.from_file(str(folder / SAMPLES_FILE)).select_columns(["source", "image"])
     for start in range(0, len(samples), 100_000):
-        batch = samples[start:start + 100_000]
+        batch = samples[start : start + 100_000]
         for source, image in zip(batch["source"], batch["image"]):
             if image and isinstance(sources[source], str):
                 path = os.path.abspath(os.path.join(sources[source], image))
@@ -241,5 +280,7 @@ def _stamps_still_true(folder: Path) -> bool:
     table = datasets.Dataset.from_file(str(folder / SAMPLES_FILE)).select_columns(["image_file", "image_stamp"])
     table = table.with_format("arrow")[:]
     stamped = table.filter(pc.not_equal(table["image_stamp"], 0))
-    return all(image_stamp(file) == stamp for file, stamp in
-               zip(stamped["image_file"].to_pylist(), stamped["image_stamp"].to_pylist()))
+    return all(
+        image_stamp(file) == stamp
+        for file, stamp in zip(stamped["image_file"].to_pylist(), stamped["image_stamp"].to_pylist())
+    )

@@ -22,12 +22,19 @@ from ..vision import AnyresGeometry, ImageGeometry
 from .formats import Conversation, DataReport
 
 
-FEATURES = datasets.Features({
-    "id": datasets.Value("string"), "input_ids": datasets.List(datasets.Value("int32")),
-    "labels": datasets.List(datasets.Value("int32")), "length": datasets.Value("int32"),
-    "source": datasets.Value("int32"), "image": datasets.Value("string"),
-    "image_tokens": datasets.List(datasets.Value("int32")), "image_file": datasets.Value("string"),
-    "image_stamp": datasets.Value("int64")})
+FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "labels": datasets.List(datasets.Value("int32")),
+        "length": datasets.Value("int32"),
+        "source": datasets.Value("int32"),
+        "image": datasets.Value("string"),
+        "image_tokens": datasets.List(datasets.Value("int32")),
+        "image_file": datasets.Value("string"),
+        "image_stamp": datasets.Value("int64"),
+    }
+)
 
 
 def encode(rendered: templates.Rendered, tokenizer, image_token_id: int) -> tuple[list[int], list[int]]:
@@ -55,13 +62,20 @@ def encode(rendered: templates.Rendered, tokenizer, image_token_id: int) -> tupl
     return ids, labels
 
 
-def tokenize_conversation(turns: list[tuple[str, str]], template: str, tokenizer, image_token_id: int,
-                          system: str | None = None) -> tuple[list[int], list[int]]:
+def tokenize_conversation(
+    turns: list[tuple[str, str]], template: str, tokenizer, image_token_id: int, system: str | None = None
+) -> tuple[list[int], list[int]]:
     """input_ids (one placeholder per image) and labels of one conversation to train on, as official LLaVA's
     preprocessing makes them (TemplateError for one LLaVA would not train on: see templates.render). `system`
     replaces the template's system prompt."""
-    rendered = templates.render(template, turns, tokenizer.bos_token or "", tokenizer.eos_token,
-                                special_tokens=tuple(tokenizer.all_special_tokens), system=system)
+    rendered = templates.render(
+        template,
+        turns,
+        tokenizer.bos_token or "",
+        tokenizer.eos_token,
+        special_tokens=tuple(tokenizer.all_special_tokens),
+        system=system,
+    )
     return encode(rendered, tokenizer, image_token_id)
 
 
@@ -83,12 +97,16 @@ def expand_sample(sample: dict, image_token_id: int):
     ids = torch.tensor(sample["input_ids"])
     placeholders = int((ids == image_token_id).sum())
     if placeholders != len(sample["image_tokens"]):
-        raise DataError(f"sample {sample['id']}: {placeholders} image placeholders for {len(sample['image_tokens'])} "
-                        "images (prepared with another tokenizer?): delete its folder in the tokenized-data cache")
+        raise DataError(
+            f"sample {sample['id']}: {placeholders} image placeholders for {len(sample['image_tokens'])} "
+            "images (prepared with another tokenizer?): delete its folder in the tokenized-data cache"
+        )
     wide = expand_images(ids, image_token_id, sample["image_tokens"])
     if len(wide) != sample["length"]:
-        raise DataError(f"sample {sample['id']}: {len(wide)} tokens once its images are widened, its length says "
-                        f"{sample['length']}: delete its folder in the tokenized-data cache")
+        raise DataError(
+            f"sample {sample['id']}: {len(wide)} tokens once its images are widened, its length says "
+            f"{sample['length']}: delete its folder in the tokenized-data cache"
+        )
     return wide, expand_images(ids, image_token_id, sample["image_tokens"], values=sample["labels"])
 
 
@@ -104,8 +122,15 @@ class Tokenization:
     max_seq_len: int
 
 
-def tokenize_dataset(conversations: list[Conversation], template: str, tokenizer, image_token_id: int,
-                     geometry: ImageGeometry | AnyresGeometry, max_seq_len: int, report: DataReport) -> datasets.Dataset:
+def tokenize_dataset(
+    conversations: list[Conversation],
+    template: str,
+    tokenizer,
+    image_token_id: int,
+    geometry: ImageGeometry | AnyresGeometry,
+    max_seq_len: int,
+    report: DataReport,
+) -> datasets.Dataset:
     """Samples of a few conversations, in memory (evaluation, merge checks, tests)."""
     how = Tokenization(tokenizer, template, image_token_id, geometry, max_seq_len)
     return datasets.Dataset.from_dict(_sample_columns(conversations, how, report), features=FEATURES)
@@ -139,8 +164,16 @@ def _sample_columns(conversations: list[Conversation], how: Tokenization, report
         report.label_tokens += n_labels
         if conv.image_header:
             report.count_image(conv.id, conv.image_header)
-        for key, value in (("id", conv.id), ("input_ids", ids), ("labels", labels), ("length", length),
-                           ("source", conv.source), ("image", conv.image), ("image_tokens", image_tokens),
-                           ("image_file", conv.image_file), ("image_stamp", conv.image_stamp)):
+        for key, value in (
+            ("id", conv.id),
+            ("input_ids", ids),
+            ("labels", labels),
+            ("length", length),
+            ("source", conv.source),
+            ("image", conv.image),
+            ("image_tokens", image_tokens),
+            ("image_file", conv.image_file),
+            ("image_stamp", conv.image_stamp),
+        ):
             columns[key].append(value)
     return columns

@@ -42,17 +42,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 REAL_MIX = 665_298
-WORDS = ("the a an of to and in is are was on with for at by from this that these those it its there here "
-         "man woman person people child dog cat horse bird car bus train truck bicycle street road sign light "
-         "table chair plate cup bowl pizza sandwich food kitchen room window door wall floor bed couch picture "
-         "image photo scene background foreground left right top bottom middle front behind near next above "
-         "below red blue green yellow white black brown orange gray small large tall short old young two three "
-         "four several many some one sitting standing walking holding wearing looking riding eating playing "
-         "parked open closed bright dark wooden metal glass clear cloudy sunny because which while however also "
-         "likely appears seems suggests possibly various different important typically usually describe explain "
-         "what where why how who when could would should can will may might number color shape text written "
-         "reads says shows contains include including between during after before water grass tree trees sky "
-         "building buildings city field beach snow mountain ocean river boat plane airport station market").split()
+WORDS = (
+    "the a an of to and in is are was on with for at by from this that these those it its there here "
+    "man woman person people child dog cat horse bird car bus train truck bicycle street road sign light "
+    "table chair plate cup bowl pizza sandwich food kitchen room window door wall floor bed couch picture "
+    "image photo scene background foreground left right top bottom middle front behind near next above "
+    "below red blue green yellow white black brown orange gray small large tall short old young two three "
+    "four several many some one sitting standing walking holding wearing looking riding eating playing "
+    "parked open closed bright dark wooden metal glass clear cloudy sunny because which while however also "
+    "likely appears seems suggests possibly various different important typically usually describe explain "
+    "what where why how who when could would should can will may might number color shape text written "
+    "reads says shows contains include including between during after before water grass tree trees sky "
+    "building buildings city field beach snow mountain ocean river boat plane airport station market"
+).split()
 PUNCT = [".", ",", "?", "!", ";", ":"]
 TINY = 2  # images written for real; the rest are hard links to them (distinct paths, one decode cost)
 
@@ -75,9 +77,12 @@ def main() -> None:
         recipe = write_recipe(work, assets, data, n)
         result = measure_stats(recipe, work / f"cache_{n}", n)
         results.append(result)
-        print(f"{n:>9,} samples: {result['wall_s']:6.1f} s wall, peak RSS {result['peak_rss_gb']:5.2f} GB "
-              f"(PSS {result['peak_pss_gb']:5.2f} GB, main process {result['main_rss_gb']:5.2f} GB), "
-              f"cache {result['cache_gb']:.3f} GB, {result['samples_used']:,} used", flush=True)
+        print(
+            f"{n:>9,} samples: {result['wall_s']:6.1f} s wall, peak RSS {result['peak_rss_gb']:5.2f} GB "
+            f"(PSS {result['peak_pss_gb']:5.2f} GB, main process {result['main_rss_gb']:5.2f} GB), "
+            f"cache {result['cache_gb']:.3f} GB, {result['samples_used']:,} used",
+            flush=True,
+        )
     summary = extrapolate(results) if len(results) > 1 else {"sizes": args.sizes}
     if len(results) > 1:
         print_table(results, summary)
@@ -87,14 +92,18 @@ def main() -> None:
         for workers in (0, 2):
             rate = collator_throughput(recipe, work / f"cache_{smallest}", workers, args.collator_seconds)
             summary[f"collator_samples_per_s_{workers}_workers"] = rate["samples_per_s"]
-            print(f"collator, {workers} workers: {rate['samples_per_s']:.1f} samples/s "
-                  f"({rate['images_per_s']:.1f} images/s, {rate['batches']} batches)", flush=True)
+            print(
+                f"collator, {workers} workers: {rate['samples_per_s']:.1f} samples/s "
+                f"({rate['images_per_s']:.1f} images/s, {rate['batches']} batches)",
+                flush=True,
+            )
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(summary))
 
 
 # ---- the mix ----------------------------------------------------------------------------------------------
+
 
 def prose(rng: random.Random, words: int) -> str:
     out = []
@@ -119,8 +128,10 @@ def sample(i: int, seed: int) -> dict:
         conversation = []
         for _ in range(turns):
             share = words // turns
-            conversation += [{"from": "human", "value": prose(rng, max(4, share // 5))},
-                             {"from": "gpt", "value": prose(rng, max(8, share - share // 5))}]
+            conversation += [
+                {"from": "human", "value": prose(rng, max(4, share // 5))},
+                {"from": "gpt", "value": prose(rng, max(8, share - share // 5))},
+            ]
         return {"id": f"sharegpt_{i}", "model": "", "conversations": conversation}
     turns = 1 + min(7, int(rng.expovariate(0.6)))
     vqa = rng.random() < 0.6
@@ -131,8 +142,10 @@ def sample(i: int, seed: int) -> dict:
             answer = prose(rng, rng.randint(1, 3)).rstrip(".")
         else:
             answer = prose(rng, int(min(300, max(3, rng.lognormvariate(2.4, 0.8)))))
-        conversation += [{"from": "human", "value": ("<image>\n" if t == 0 else "") + question},
-                         {"from": "gpt", "value": answer}]
+        conversation += [
+            {"from": "human", "value": ("<image>\n" if t == 0 else "") + question},
+            {"from": "gpt", "value": answer},
+        ]
     return {"id": f"{i:09d}", "image": image_path(i), "conversations": conversation}
 
 
@@ -154,6 +167,7 @@ def coco_like_jpegs(folder: Path, seed: int) -> list[Path]:
     """640x480 JPEGs with photo-like detail (smooth colour fields plus grain), ~100-150 KB each, like COCO's."""
     import numpy as np
     from PIL import Image
+
     rng = np.random.default_rng(seed)
     paths = []
     for k in range(TINY):
@@ -171,13 +185,24 @@ def write_assets(work: Path, n_max: int, seed: int) -> dict:
     """Tokenizer + Mistral-7B config, CLIP ViT-L/14-336 config + image processor, and the image folder."""
     import mistral_common
     from transformers import CLIPImageProcessor
+
     decoder, vision, images = work / "mistral-7b-v0.1", work / "clip-vit-large-patch14-336", work / "images"
     for folder in (decoder, vision, images / "coco" / "train2017"):
         folder.mkdir(parents=True)
     shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", decoder / "tokenizer.model")
-    (decoder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False, "legacy": True}))
+    (decoder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "legacy": True,
+            }
+        )
+    )
     configs = ROOT / "qllava" / "configs"
     shutil.copy(configs / "mistral-7b-v0.1.json", decoder / "config.json")
     shutil.copy(configs / "clip-vit-large-patch14-336.json", vision / "config.json")
@@ -192,34 +217,42 @@ def write_recipe(work: Path, assets: dict, data: Path, n: int) -> Path:
     path = work / f"recipe_{n}.toml"
     path.write_text(f"""
 [model]
-vision_tower = "{assets['vision']}"
-decoder = "{assets['decoder']}"
+vision_tower = "{assets["vision"]}"
+decoder = "{assets["decoder"]}"
 [stage1]
 data = ["{data}"]
-image_folder = "{assets['images']}"
+image_folder = "{assets["images"]}"
 [stage2]
 data = ["{data}"]
-image_folder = "{assets['images']}"
+image_folder = "{assets["images"]}"
 template = "mistral_instruct"
 max_seq_len = 2048
 per_device_train_batch_size = 4
 [data]
-cache_dir = "{work / f'cache_{n}'}"
+cache_dir = "{work / f"cache_{n}"}"
 [output]
-dir = "{work / 'run'}"
+dir = "{work / "run"}"
 """)
     return path
 
 
 # ---- measuring --------------------------------------------------------------------------------------------
 
+
 def measure_stats(recipe: Path, cache: Path, n: int) -> dict:
     """`qllava data stats --stage 2` in a child process with an empty cache: wall time, peak memory, cache size."""
     import psutil
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     started = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "qllava", "data", "stats", str(recipe), "--stage", "2"],
-                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "qllava", "data", "stats", str(recipe), "--stage", "2"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     peaks = {"rss": 0, "pss": 0}
     stop = threading.Event()
 
@@ -239,6 +272,7 @@ def measure_stats(recipe: Path, cache: Path, n: int) -> dict:
             except psutil.Error:
                 return
             stop.wait(0.1)
+
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     output = child.stdout.read()
@@ -252,10 +286,17 @@ def measure_stats(recipe: Path, cache: Path, n: int) -> dict:
     cache_bytes = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
     prepared = [line for line in output.splitlines() if "prepar" in line.lower()]
     seconds = re.search(r"data prepared in ([\d.]+) s", output)
-    return {"samples": n, "samples_used": int(used[1].replace(",", "")) if used else 0, "wall_s": round(wall, 2),
-            "peak_rss_gb": round(peaks["rss"] / 1e9, 3), "peak_pss_gb": round(peaks["pss"] / 1e9, 3),
-            "main_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 3), "cache_gb": round(cache_bytes / 1e9, 4),
-            "prepare_s": float(seconds[1]) if seconds else None, "printed": prepared}
+    return {
+        "samples": n,
+        "samples_used": int(used[1].replace(",", "")) if used else 0,
+        "wall_s": round(wall, 2),
+        "peak_rss_gb": round(peaks["rss"] / 1e9, 3),
+        "peak_pss_gb": round(peaks["pss"] / 1e9, 3),
+        "main_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 3),
+        "cache_gb": round(cache_bytes / 1e9, 4),
+        "prepare_s": float(seconds[1]) if seconds else None,
+        "printed": prepared,
+    }
 
 
 def extrapolate(results: list[dict]) -> dict:
@@ -265,8 +306,14 @@ def extrapolate(results: list[dict]) -> dict:
     out = {"sizes": [r["samples"] for r in results]}
     for r in results:
         k = r["samples"] // 1000
-        out.update({f"wall_s_{k}k": r["wall_s"], f"peak_rss_gb_{k}k": r["peak_rss_gb"],
-                    f"peak_pss_gb_{k}k": r["peak_pss_gb"], f"cache_gb_{k}k": r["cache_gb"]})
+        out.update(
+            {
+                f"wall_s_{k}k": r["wall_s"],
+                f"peak_rss_gb_{k}k": r["peak_rss_gb"],
+                f"peak_pss_gb_{k}k": r["peak_pss_gb"],
+                f"cache_gb_{k}k": r["cache_gb"],
+            }
+        )
     per = {key: (large[key] - small[key]) / added for key in ("wall_s", "peak_rss_gb", "peak_pss_gb", "cache_gb")}
     if large["prepare_s"] is not None:  # what `qllava data stats` itself reports (imports and start-up excluded)
         out["prepare_ms_per_sample"] = round(large["prepare_s"] / large["samples"] * 1e3, 3)
@@ -281,15 +328,23 @@ def extrapolate(results: list[dict]) -> dict:
 def print_table(results: list[dict], summary: dict) -> None:
     print(f"{'samples':>9s} {'wall s':>8s} {'peak RSS GB':>12s} {'peak PSS GB':>12s} {'cache GB':>9s}")
     for r in results:
-        print(f"{r['samples']:>9,} {r['wall_s']:8.1f} {r['peak_rss_gb']:12.2f} {r['peak_pss_gb']:12.2f} "
-              f"{r['cache_gb']:9.3f}")
-    print(f"{REAL_MIX:>9,} {summary['wall_s_665k']:8.0f} {summary['peak_rss_gb_665k']:12.2f} "
-          f"{summary['peak_pss_gb_665k']:12.2f} {summary['cache_gb_665k']:9.3f}  (extrapolated)")
-    print(f"per added sample: {summary['ms_per_sample']:.3f} ms, {summary['rss_kb_per_sample']:.1f} KB RSS, "
-          f"{summary['pss_kb_per_sample']:.1f} KB PSS")
+        print(
+            f"{r['samples']:>9,} {r['wall_s']:8.1f} {r['peak_rss_gb']:12.2f} {r['peak_pss_gb']:12.2f} "
+            f"{r['cache_gb']:9.3f}"
+        )
+    print(
+        f"{REAL_MIX:>9,} {summary['wall_s_665k']:8.0f} {summary['peak_rss_gb_665k']:12.2f} "
+        f"{summary['peak_pss_gb_665k']:12.2f} {summary['cache_gb_665k']:9.3f}  (extrapolated)"
+    )
+    print(
+        f"per added sample: {summary['ms_per_sample']:.3f} ms, {summary['rss_kb_per_sample']:.1f} KB RSS, "
+        f"{summary['pss_kb_per_sample']:.1f} KB PSS"
+    )
     if "prepare_ms_per_sample" in summary:
-        print(f"preparation alone (as data stats reports it), largest mix: {summary['prepare_ms_per_sample']:.3f} ms "
-              "per sample")
+        print(
+            f"preparation alone (as data stats reports it), largest mix: {summary['prepare_ms_per_sample']:.3f} ms "
+            "per sample"
+        )
     for r in results:
         for line in r["printed"]:
             print(f"  {r['samples']:,}: {line.strip()}")
@@ -302,22 +357,31 @@ def collator_throughput(recipe_path: Path, cache: Path, workers: int, seconds: f
     from qllava.data import build_stage_dataset
     from qllava.packing import Collator, Rows
     from qllava.recipe import load_recipe
+
     recipe = load_recipe(recipe_path)
     cfg = recipe.stage2
     processor = modeling.build_processor(recipe.model)
     config = modeling.load_llava_config(recipe.model)
     image_token_id = processor.tokenizer.convert_tokens_to_ids(modeling.IMAGE_TOKEN)
-    samples, images, _ = build_stage_dataset(cfg, processor.tokenizer, image_token_id,
-                                             modeling.image_geometry(config, processor.image_processor), str(cache),
-                                             "stage2")
+    samples, images, _ = build_stage_dataset(
+        cfg,
+        processor.tokenizer,
+        image_token_id,
+        modeling.image_geometry(config, processor.image_processor),
+        str(cache),
+        "stage2",
+    )
     rows = Rows(samples, cfg.max_seq_len, packing=True, seed=cfg.seed)
-    collator = Collator(images, processor.image_processor, cfg.image_aspect_ratio, processor.tokenizer.pad_token_id,
-                        image_token_id)
+    collator = Collator(
+        images, processor.image_processor, cfg.image_aspect_ratio, processor.tokenizer.pad_token_id, image_token_id
+    )
 
     def collate(batch_rows):  # the training collator, plus how many samples the batch holds
         return collator(batch_rows), sum(len(row) for row in batch_rows)
-    loader = torch.utils.data.DataLoader(rows, batch_size=cfg.per_device_train_batch_size, collate_fn=collate,
-                                         num_workers=workers, shuffle=False)
+
+    loader = torch.utils.data.DataLoader(
+        rows, batch_size=cfg.per_device_train_batch_size, collate_fn=collate, num_workers=workers, shuffle=False
+    )
     n_samples = n_images = batches = 0
     started = None
     for batch, n in loader:

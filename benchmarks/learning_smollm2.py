@@ -26,17 +26,25 @@ sys.path.insert(0, str(ROOT))
 
 RUN = "runs/learning_smollm2"
 SETTINGS = [
-    'synthetic.decoder_family="smollm2"', 'model.decoder="checkpoints/smollm2"',
+    'synthetic.decoder_family="smollm2"',
+    'model.decoder="checkpoints/smollm2"',
     "lora.modules_to_save=[]",  # the 7B recipes' setting: the decoder's embeddings and head stay frozen
-    f'output.dir="{RUN}"', 'eval.at=["stage2", "blank_images"]', "eval.max_new_tokens=4",
-    "stage1.max_steps=30", "stage1.logging_steps=10",
-    "stage2.max_steps=240", "stage2.learning_rate=1e-3", "stage2.projector_lr=1e-3", "stage2.logging_steps=10",
+    f'output.dir="{RUN}"',
+    'eval.at=["stage2", "blank_images"]',
+    "eval.max_new_tokens=4",
+    "stage1.max_steps=30",
+    "stage1.logging_steps=10",
+    "stage2.max_steps=240",
+    "stage2.learning_rate=1e-3",
+    "stage2.projector_lr=1e-3",
+    "stage2.logging_steps=10",
 ]
 
 
 def main(overrides: list[str]) -> dict:
     from qllava import merge, train
     from qllava.recipe import load_recipe
+
     os.chdir(ROOT)
     recipe = load_recipe(ROOT / "recipes" / "tiny_demo.toml", SETTINGS + overrides)
     started = time.perf_counter()
@@ -53,14 +61,25 @@ def collected(settings: list[str], run: str = RUN, wall: float | None = None) ->
     metrics = json.loads((ROOT / run / "metrics.json").read_text())
     result = {"settings": settings, "wall_s": None if wall is None else round(wall, 1), "chance": metrics["chance"]}
     for stage in ("stage1", "stage2"):
-        result[stage] = {k: metrics[stage][k] for k in ("steps", "first_loss", "final_loss", "train_seconds",
-                                                        "tokens_per_s", "trainable_params")}
-    result["held_out"] = {point: {"accuracy": metrics[f"accuracy_{point}"], **metrics[f"by_category_{point}"]}
-                          for point in ("stage2", "blank_images")}
+        result[stage] = {
+            k: metrics[stage][k]
+            for k in ("steps", "first_loss", "final_loss", "train_seconds", "tokens_per_s", "trainable_params")
+        }
+    result["held_out"] = {
+        point: {"accuracy": metrics[f"accuracy_{point}"], **metrics[f"by_category_{point}"]}
+        for point in ("stage2", "blank_images")
+    }
     for name in ("bf16", "fp32"):
         report = json.loads((ROOT / f"{run}-{name}" / "merge_report.json").read_text())
-        result[f"merge_{name}"] = {k: report.get(k) for k in ("max_ulps_vs_float32_merge", "adapter_change_rounding_error",
-                                                             "max_abs_diff_vs_unmerged", "seconds")}
+        result[f"merge_{name}"] = {
+            k: report.get(k)
+            for k in (
+                "max_ulps_vs_float32_merge",
+                "adapter_change_rounding_error",
+                "max_abs_diff_vs_unmerged",
+                "seconds",
+            )
+        }
     return result
 
 
@@ -73,13 +92,17 @@ def table(result: dict) -> str:
     lines.append(f"{'chance':<35}{result['chance']:>8.3f}")
     for stage in ("stage1", "stage2"):
         s = result[stage]
-        lines.append(f"{stage}: {s['steps']} steps in {s['train_seconds']:.0f} s ({s['tokens_per_s']:.0f} tokens/s), "
-                     f"loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}, {s['trainable_params']:,} trainable")
+        lines.append(
+            f"{stage}: {s['steps']} steps in {s['train_seconds']:.0f} s ({s['tokens_per_s']:.0f} tokens/s), "
+            f"loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}, {s['trainable_params']:,} trainable"
+        )
     for name in ("bf16", "fp32"):
         m = result[f"merge_{name}"]
-        lines.append(f"merge {name}: weights {m['max_ulps_vs_float32_merge']:g} ulp from the float32 merge, adapter "
-                     f"change stored with error {m['adapter_change_rounding_error']:.3g}, logits "
-                     f"{m['max_abs_diff_vs_unmerged']:.3g} from base + adapter, {m['seconds']:.0f} s")
+        lines.append(
+            f"merge {name}: weights {m['max_ulps_vs_float32_merge']:g} ulp from the float32 merge, adapter "
+            f"change stored with error {m['adapter_change_rounding_error']:.3g}, logits "
+            f"{m['max_abs_diff_vs_unmerged']:.3g} from base + adapter, {m['seconds']:.0f} s"
+        )
     if result["wall_s"] is not None:
         lines.append(f"finetune wall time {result['wall_s']:.0f} s")
     return "\n".join(lines)

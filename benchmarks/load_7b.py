@@ -47,15 +47,25 @@ def main() -> None:
         _run(f"from benchmarks.load_7b import write_checkpoint; write_checkpoint({str(folder)!r})")
         print(f"wrote a {checkpoint_gb(folder):.1f} GB checkpoint in {time.perf_counter() - started:.0f} s", flush=True)
     results = {way: measure(way, folder) for way in args.ways}
-    print(f"{'load NF4, 7B-shaped, CPU':26s} {'wall s':>7s} {'peak RSS GB':>12s} {'anonymous GB':>13s} "
-          f"{'file-mapped GB':>15s} {'model GB':>9s}")
+    print(
+        f"{'load NF4, 7B-shaped, CPU':26s} {'wall s':>7s} {'peak RSS GB':>12s} {'anonymous GB':>13s} "
+        f"{'file-mapped GB':>15s} {'model GB':>9s}"
+    )
     for way, r in results.items():
-        print(f"{way:26s} {r['seconds']:7.0f} {r['peak_rss_gb']:12.1f} {r['peak_anonymous_gb']:13.1f} "
-              f"{r['peak_file_mapped_gb']:15.1f} {r['model_gb']:9.2f}")
+        print(
+            f"{way:26s} {r['seconds']:7.0f} {r['peak_rss_gb']:12.1f} {r['peak_anonymous_gb']:13.1f} "
+            f"{r['peak_file_mapped_gb']:15.1f} {r['model_gb']:9.2f}"
+        )
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)
-    print(json.dumps({"checkpoint_gb": results[args.ways[0]]["checkpoint_gb"],
-                      **{f"{way}_{k}": v for way, r in results.items() for k, v in r.items() if k != "checkpoint_gb"}}))
+    print(
+        json.dumps(
+            {
+                "checkpoint_gb": results[args.ways[0]]["checkpoint_gb"],
+                **{f"{way}_{k}": v for way, r in results.items() for k, v in r.items() if k != "checkpoint_gb"},
+            }
+        )
+    )
 
 
 def write_checkpoint(folder: str) -> None:
@@ -63,6 +73,7 @@ def write_checkpoint(folder: str) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import MistralConfig, MistralForCausalLM
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = MistralConfig(**MISTRAL_7B, dtype="bfloat16")
@@ -84,8 +95,9 @@ def write_checkpoint(folder: str) -> None:
         weight_map.update({n: file for n in names})
         del tensors
     total = sum(2 * s.numel() for s in shapes.values())
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                      "weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     config.save_pretrained(folder)
 
 
@@ -114,8 +126,14 @@ print(json.dumps({"seconds": seconds, "model_gb": size / 1e9,
 
 def measure(way: str, folder: Path) -> dict:
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false"}
-    child = subprocess.Popen([sys.executable, "-c", LOAD, str(folder), way], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", LOAD, str(folder), way],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     peaks = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
     stop = threading.Event()
 
@@ -131,6 +149,7 @@ def measure(way: str, folder: Path) -> dict:
             for key in peaks:
                 peaks[key] = max(peaks[key], int(fields[key].split()[0]) * 1024)
             stop.wait(0.1)
+
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     out, err = child.communicate()
@@ -140,15 +159,23 @@ def measure(way: str, folder: Path) -> dict:
         raise SystemExit(f"loading ({way}) failed:\n{err[-3000:]}")
     report = json.loads(out.strip().splitlines()[-1])
     rss = max(peaks["VmRSS"] / 1e9, report["max_rss_gb"])
-    return {"seconds": round(report["seconds"], 1), "peak_rss_gb": round(rss, 2),
-            "peak_anonymous_gb": round(peaks["RssAnon"] / 1e9, 2), "peak_file_mapped_gb": round(peaks["RssFile"] / 1e9, 2),
-            "model_gb": round(report["model_gb"], 2),
-            "checkpoint_gb": round(checkpoint_gb(folder), 2)}
+    return {
+        "seconds": round(report["seconds"], 1),
+        "peak_rss_gb": round(rss, 2),
+        "peak_anonymous_gb": round(peaks["RssAnon"] / 1e9, 2),
+        "peak_file_mapped_gb": round(peaks["RssFile"] / 1e9, 2),
+        "model_gb": round(report["model_gb"], 2),
+        "checkpoint_gb": round(checkpoint_gb(folder), 2),
+    }
 
 
 def _run(code: str) -> None:
-    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); {code}"], check=True,
-                   cwd=ROOT, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    subprocess.run(
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); {code}"],
+        check=True,
+        cwd=ROOT,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
 
 
 if __name__ == "__main__":

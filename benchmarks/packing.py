@@ -55,27 +55,38 @@ from qllava import model as modeling, tiny, train  # noqa: E402
 from qllava.packing import Collator, packed_vs_unpacked_error  # noqa: E402
 from qllava.recipe import recipe_from_dict  # noqa: E402
 
-WORDS = ("the a red blue green small large cat dog tree car sign road sky water person table chair window "
-         "left right top bottom near far behind front holding wearing sitting standing looking what where which "
-         "color shape many how is are there this image picture shows answer question word phrase number two three "
-         "four five one yes no bus train plane boat street building house grass snow food plate cup").split()
-VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=168,
-              patch_size=14)
-DECODER = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
-               num_key_value_heads=4, max_position_embeddings=2048)
+WORDS = (
+    "the a red blue green small large cat dog tree car sign road sky water person table chair window "
+    "left right top bottom near far behind front holding wearing sitting standing looking what where which "
+    "color shape many how is are there this image picture shows answer question word phrase number two three "
+    "four five one yes no bus train plane boat street building house grass snow food plate cup"
+).split()
+VISION = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=168, patch_size=14
+)
+DECODER = dict(
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+)
 CHAT_TEMPLATE = (  # mistral_instruct, with generation markers so TRL can train on the assistant turns only
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
     "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
     " [/INST]{% else %} {% generation %}{% for c in m['content'] %}{{ c['text'] }}{% endfor %} </s>"
-    "{% endgeneration %}{% endif %}{% endfor %}")
+    "{% endgeneration %}{% endif %}{% endfor %}"
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=384)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=16,
-                        help="samples per step in TRL's padded run (LLaVA-1.5's per-device batch)")
+    parser.add_argument(
+        "--batch", type=int, default=16, help="samples per step in TRL's padded run (LLaVA-1.5's per-device batch)"
+    )
     parser.add_argument("--max-seq-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true", help="both runs under bf16 autocast (default: both float32)")
@@ -91,9 +102,11 @@ def main() -> None:
     lengths = token_lengths(checkpoint, work, args)
     rows_per_step = max(1, round(args.batch * statistics.mean(lengths) / args.max_seq_len))
     print(f"precision in both runs: {precision}")
-    print(f"{args.samples} samples, {sum(lengths):,} tokens (mean {statistics.mean(lengths):.0f}, "
-          f"max {max(lengths)}); TRL: {args.batch} samples per step; qllava: {rows_per_step} rows of "
-          f"{args.max_seq_len} tokens per step")
+    print(
+        f"{args.samples} samples, {sum(lengths):,} tokens (mean {statistics.mean(lengths):.0f}, "
+        f"max {max(lengths)}); TRL: {args.batch} samples per step; qllava: {rows_per_step} rows of "
+        f"{args.max_seq_len} tokens per step"
+    )
 
     runs = {"trl": [], "qllava": []}
     for repeat in range(args.repeats):
@@ -101,8 +114,10 @@ def main() -> None:
             gc.collect()  # the previous run's trainer, model and data must not weigh on this one
             result = run(checkpoint, work, samples, args, rows_per_step, repeat)
             runs[name].append(result)
-            print(f"  repeat {repeat + 1} {name:6s}: {result['seconds']:6.1f} s  {result['tokens'] / result['seconds']:8,.0f} "
-                  f"tokens/s  pad {result['pad_fraction']:.1%}  steps {result['steps']}  label tokens {result['label_tokens']:,}")
+            print(
+                f"  repeat {repeat + 1} {name:6s}: {result['seconds']:6.1f} s  {result['tokens'] / result['seconds']:8,.0f} "
+                f"tokens/s  pad {result['pad_fraction']:.1%}  steps {result['steps']}  label tokens {result['label_tokens']:,}"
+            )
     err = exactness(checkpoint, work, args)
     report(runs, err, precision)
 
@@ -123,8 +138,10 @@ def write_dataset(work: Path, n: int, seed: int) -> list[dict]:
             share = words // turns
             question = " ".join(rng.choice(WORDS) for _ in range(max(2, share // 4))) + "?"
             answer = " ".join(rng.choice(WORDS) for _ in range(max(1, share - share // 4)))
-            conversation += [{"from": "human", "value": ("<image>\n" if has_image and t == 0 else "") + question},
-                             {"from": "gpt", "value": answer}]
+            conversation += [
+                {"from": "human", "value": ("<image>\n" if has_image and t == 0 else "") + question},
+                {"from": "gpt", "value": answer},
+            ]
         sample = {"id": f"s{i}", "conversations": conversation}
         if has_image:
             sample["image"] = f"{i}.png"
@@ -151,29 +168,50 @@ def write_llava_checkpoint(work: Path, samples: list[dict], seed: int) -> Path:
 
 
 def bench_recipe(work: Path, model_table: dict, rows: int, max_seq_len: int, repeat: int):
-    return recipe_from_dict({
-        "model": {**model_table, "dtype": "float32", "attn_implementation": "sdpa"},
-        "quantization": {"load_in_4bit": False},
-        "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0},
-        "stage1": {"data": [str(work / "data.json")], "image_folder": str(work / "images")},
-        "stage2": {"data": [str(work / "data.json")], "image_folder": str(work / "images"), "template": "mistral_instruct",
-                   "max_seq_len": max_seq_len, "packing": True, "learning_rate": 1e-4, "projector_lr": 1e-4,
-                   "projector": "model" if "llava" in model_table else "fresh", "num_train_epochs": 1, "per_device_train_batch_size": rows,
-                   "gradient_checkpointing": False, "logging_steps": 1000, "save_steps": 0, "warmup_ratio": 0.0,
-                   "lr_scheduler_type": "constant"},
-        "data": {"cache_dir": str(work / f"cache-{repeat}")},
-        "output": {"dir": str(work / f"run-{repeat}")}})
+    return recipe_from_dict(
+        {
+            "model": {**model_table, "dtype": "float32", "attn_implementation": "sdpa"},
+            "quantization": {"load_in_4bit": False},
+            "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0},
+            "stage1": {"data": [str(work / "data.json")], "image_folder": str(work / "images")},
+            "stage2": {
+                "data": [str(work / "data.json")],
+                "image_folder": str(work / "images"),
+                "template": "mistral_instruct",
+                "max_seq_len": max_seq_len,
+                "packing": True,
+                "learning_rate": 1e-4,
+                "projector_lr": 1e-4,
+                "projector": "model" if "llava" in model_table else "fresh",
+                "num_train_epochs": 1,
+                "per_device_train_batch_size": rows,
+                "gradient_checkpointing": False,
+                "logging_steps": 1000,
+                "save_steps": 0,
+                "warmup_ratio": 0.0,
+                "lr_scheduler_type": "constant",
+            },
+            "data": {"cache_dir": str(work / f"cache-{repeat}")},
+            "output": {"dir": str(work / f"run-{repeat}")},
+        }
+    )
 
 
 def token_lengths(checkpoint: Path, work: Path, args) -> list[int]:
     from qllava.data import build_stage_dataset
+
     recipe = bench_recipe(work, {"llava": str(checkpoint)}, 1, args.max_seq_len, "lengths")
     processor = modeling.build_processor(recipe.model)
     tokenizer = processor.tokenizer
     config = modeling.load_llava_config(recipe.model)
-    dataset, _, report = build_stage_dataset(recipe.stage2, tokenizer, config.image_token_id,
-                                             modeling.image_geometry(config, processor.image_processor),
-                                             recipe.data.cache_dir, "stage2")
+    dataset, _, report = build_stage_dataset(
+        recipe.stage2,
+        tokenizer,
+        config.image_token_id,
+        modeling.image_geometry(config, processor.image_processor),
+        recipe.data.cache_dir,
+        "stage2",
+    )
     if report.skipped:
         raise SystemExit(f"benchmark data lost samples: {dict(report.skipped)}")
     return list(dataset["length"])
@@ -185,26 +223,51 @@ def run_trl(checkpoint: Path, work: Path, samples: list[dict], args, rows_per_st
     from peft import LoraConfig
     from transformers import AutoProcessor, LlavaForConditionalGeneration, PrinterCallback
     from trl import SFTConfig, SFTTrainer
+
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="sdpa")
     processor = AutoProcessor.from_pretrained(checkpoint)
     dataset = datasets.Dataset.from_list([trl_example(s, work) for s in samples])
-    config = SFTConfig(output_dir=str(work / f"trl-{repeat}"), per_device_train_batch_size=args.batch,
-                       num_train_epochs=1, learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=1000,
-                       save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, max_length=None,
-                       assistant_only_loss=True, activation_checkpointing=False, bf16=args.bf16,
-                       dataloader_num_workers=0, seed=args.seed)
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=r".*language_model\..*\.(q_proj|k_proj|v_proj|"
-                      r"o_proj|gate_proj|up_proj|down_proj)", modules_to_save=["multi_modal_projector"])
+    config = SFTConfig(
+        output_dir=str(work / f"trl-{repeat}"),
+        per_device_train_batch_size=args.batch,
+        num_train_epochs=1,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        logging_steps=1000,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        max_length=None,
+        assistant_only_loss=True,
+        activation_checkpointing=False,
+        bf16=args.bf16,
+        dataloader_num_workers=0,
+        seed=args.seed,
+    )
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        target_modules=r".*language_model\..*\.(q_proj|k_proj|v_proj|"
+        r"o_proj|gate_proj|up_proj|down_proj)",
+        modules_to_save=["multi_modal_projector"],
+    )
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=processor, peft_config=lora)
     trainer.remove_callback(PrinterCallback)
     counter = PadCounter(trainer.data_collator)
     trainer.data_collator = counter
     trainer.train()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens": counter.tokens, "label_tokens": counter.label_tokens,
-            "pad_fraction": 1 - counter.tokens / counter.slots, "steps": trainer.state.global_step}
+    return {
+        "seconds": seconds,
+        "tokens": counter.tokens,
+        "label_tokens": counter.label_tokens,
+        "pad_fraction": 1 - counter.tokens / counter.slots,
+        "steps": trainer.state.global_step,
+    }
 
 
 def trl_example(sample: dict, work: Path) -> dict:
@@ -238,8 +301,13 @@ def run_qllava(checkpoint: Path, work: Path, samples: list[dict], args, rows_per
     seconds = time.perf_counter() - start
     m = result.metrics
     tokens = m["data"]["tokens"]
-    return {"seconds": seconds, "tokens": tokens, "label_tokens": m["data"]["label_tokens"],
-            "pad_fraction": m["pad_fraction"], "steps": m["steps"]}
+    return {
+        "seconds": seconds,
+        "tokens": tokens,
+        "label_tokens": m["data"]["label_tokens"],
+        "pad_fraction": m["pad_fraction"],
+        "steps": m["steps"],
+    }
 
 
 def bf16_autocast_for_qllava() -> None:
@@ -251,12 +319,18 @@ def bf16_autocast_for_qllava() -> None:
 def exactness(checkpoint: Path, work: Path, args) -> float:
     """Packed vs unpacked loss and gradients on this benchmark's model and data (float32)."""
     from qllava.data import build_stage_dataset
+
     recipe = bench_recipe(work, {"llava": str(checkpoint)}, 1, args.max_seq_len, "lengths")
     processor = modeling.build_processor(recipe.model)
     config = modeling.load_llava_config(recipe.model)
-    dataset, images, _ = build_stage_dataset(recipe.stage2, processor.tokenizer, config.image_token_id,
-                                             modeling.image_geometry(config, processor.image_processor),
-                                             recipe.data.cache_dir, "stage2")
+    dataset, images, _ = build_stage_dataset(
+        recipe.stage2,
+        processor.tokenizer,
+        config.image_token_id,
+        modeling.image_geometry(config, processor.image_processor),
+        recipe.data.cache_dir,
+        "stage2",
+    )
     items = [dataset[i] for i in range(6)]
     model = modeling.attach_lora(modeling.load_base_model(recipe, processor, quantized=False), recipe.lora)
     torch.manual_seed(0)
@@ -265,8 +339,17 @@ def exactness(checkpoint: Path, work: Path, args) -> float:
             p.data.normal_(std=0.02)
     modeling.projector(model).requires_grad_(True)
     model.train()
-    collators = [Collator(images, processor.image_processor, "pad", processor.tokenizer.pad_token_id,
-                          config.image_token_id, packing=packing) for packing in (True, False)]
+    collators = [
+        Collator(
+            images,
+            processor.image_processor,
+            "pad",
+            processor.tokenizer.pad_token_id,
+            config.image_token_id,
+            packing=packing,
+        )
+        for packing in (True, False)
+    ]
     return packed_vs_unpacked_error(model, *collators, [[items[:3]], [items[3:5], items[5:]]])
 
 
@@ -278,15 +361,27 @@ def report(runs: dict, err: float, precision: str) -> None:
     print()
     print(f"{'run':28s} {'wall s':>8s} {'tokens/s':>10s} {'pad':>7s} {'label tokens':>13s}")
     for name, label in (("trl", "A  TRL stock VLM (padded)"), ("qllava", "B  qllava packed")):
-        print(f"{label:28s} {total[name]:8.1f} {tokens[name] / total[name]:10,.0f} {pad[name]:7.1%} "
-              f"{runs[name][0]['label_tokens']:13,}")
-    print(f"speedup (A wall / B wall): {total['trl'] / total['qllava']:.2f}x  (per repeat: "
-          f"{', '.join(f'{p:.2f}x' for p in pairs)});  packed vs unpacked max relative error {err:.1e}")
-    print(json.dumps({"trl_tokens_per_s": round(tokens["trl"] / total["trl"], 1),
-                      "qllava_tokens_per_s": round(tokens["qllava"] / total["qllava"], 1),
-                      "speedup": round(total["trl"] / total["qllava"], 3),
-                      "trl_pad_fraction": round(pad["trl"], 4), "qllava_pad_fraction": round(pad["qllava"], 4),
-                      "packed_vs_unpacked_max_rel_err": err, "precision": precision}))
+        print(
+            f"{label:28s} {total[name]:8.1f} {tokens[name] / total[name]:10,.0f} {pad[name]:7.1%} "
+            f"{runs[name][0]['label_tokens']:13,}"
+        )
+    print(
+        f"speedup (A wall / B wall): {total['trl'] / total['qllava']:.2f}x  (per repeat: "
+        f"{', '.join(f'{p:.2f}x' for p in pairs)});  packed vs unpacked max relative error {err:.1e}"
+    )
+    print(
+        json.dumps(
+            {
+                "trl_tokens_per_s": round(tokens["trl"] / total["trl"], 1),
+                "qllava_tokens_per_s": round(tokens["qllava"] / total["qllava"], 1),
+                "speedup": round(total["trl"] / total["qllava"], 3),
+                "trl_pad_fraction": round(pad["trl"], 4),
+                "qllava_pad_fraction": round(pad["qllava"], 4),
+                "packed_vs_unpacked_max_rel_err": err,
+                "precision": precision,
+            }
+        )
+    )
 
 
 def quiet() -> None:
@@ -294,6 +389,7 @@ def quiet() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import datasets
     import transformers
+
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()

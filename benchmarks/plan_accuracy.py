@@ -41,21 +41,33 @@ def main() -> None:
         traced = trace.trace(recipe, stages, "cuda", args.gpu_memory)
         for stage, t in traced.items():
             a = analytic["stages"][stage]["peak_bytes"]
-            rows.append({"recipe": name, "stage": stage, "tokens_per_micro_batch": t["tokens_per_micro_batch"],
-                         "analytic_gib": round(a / GIB, 3), "traced_gib": round(t["traced_peak_bytes"] / GIB, 3),
-                         "difference": round(a / t["traced_peak_bytes"] - 1, 4),
-                         "with_allowances_gib": round(t["peak_with_allowances_bytes"] / GIB, 3),
-                         "free_gib": round(t["free_bytes"] / GIB, 3), "op_at_peak": t["op_at_peak"]["op"],
-                         "trace_seconds": t["trace_seconds"]})
+            rows.append(
+                {
+                    "recipe": name,
+                    "stage": stage,
+                    "tokens_per_micro_batch": t["tokens_per_micro_batch"],
+                    "analytic_gib": round(a / GIB, 3),
+                    "traced_gib": round(t["traced_peak_bytes"] / GIB, 3),
+                    "difference": round(a / t["traced_peak_bytes"] - 1, 4),
+                    "with_allowances_gib": round(t["peak_with_allowances_bytes"] / GIB, 3),
+                    "free_gib": round(t["free_bytes"] / GIB, 3),
+                    "op_at_peak": t["op_at_peak"]["op"],
+                    "trace_seconds": t["trace_seconds"],
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     print()
-    print(f"| recipe | stage | tokens/micro-batch | analytic GiB | traced GiB | difference | with allowances GiB | "
-          f"free on {args.gpu_memory:g} GiB | trace time |")
+    print(
+        f"| recipe | stage | tokens/micro-batch | analytic GiB | traced GiB | difference | with allowances GiB | "
+        f"free on {args.gpu_memory:g} GiB | trace time |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['recipe']} | {r['stage']} | {r['tokens_per_micro_batch']:,} | {r['analytic_gib']:.2f} | "
-              f"{r['traced_gib']:.2f} | {r['difference']:+.1%} | {r['with_allowances_gib']:.2f} | "
-              f"{r['free_gib']:.2f} | {r['trace_seconds']:.0f} s |")
+        print(
+            f"| {r['recipe']} | {r['stage']} | {r['tokens_per_micro_batch']:,} | {r['analytic_gib']:.2f} | "
+            f"{r['traced_gib']:.2f} | {r['difference']:+.1%} | {r['with_allowances_gib']:.2f} | "
+            f"{r['free_gib']:.2f} | {r['trace_seconds']:.0f} s |"
+        )
     print(json.dumps({"gpu_memory_gib": args.gpu_memory, "rows": rows}))
 
 

@@ -25,10 +25,23 @@ from safetensors import SafetensorError, safe_open
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 # safetensors' dtype names, in the order of its dtype enum: a file stores the higher ones first, then by name
-DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E5M2": torch.float8_e5m2,
-          "F8_E4M3": torch.float8_e4m3fn, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
-          "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
-          "F64": torch.float64, "I64": torch.int64, "U64": torch.uint64}
+DTYPES = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 RANK = {name: i for i, name in enumerate(DTYPES)}
 # weights read ahead of the one being merged, and merged ahead of the one being written: a few hundred MB at 7B
@@ -77,8 +90,10 @@ class Files:
         except OSError as e:
             raise CheckpointError(f"{path}: weight {key} cannot be read: {e}") from None
         if got != end - begin:
-            raise CheckpointError(f"{path}: weight {key} is cut short ({got} of its {end - begin} bytes are in the "
-                                  "file): the checkpoint is incomplete, download it again")
+            raise CheckpointError(
+                f"{path}: weight {key} is cut short ({got} of its {end - begin} bytes are in the "
+                "file): the checkpoint is incomplete, download it again"
+            )
         return data.view(DTYPES[dtype]).reshape(shape)
 
     def _header(self, path: Path) -> tuple[int, dict]:
@@ -93,8 +108,10 @@ class Files:
                     header = None
             if not isinstance(header, dict):
                 raise CheckpointError(f"{path}: not a safetensors file (its header does not read)")
-            self._headers[path] = 8 + size, {k: (v["dtype"], v["shape"], v["data_offsets"])
-                                             for k, v in header.items() if k != "__metadata__"}
+            self._headers[path] = (
+                8 + size,
+                {k: (v["dtype"], v["shape"], v["data_offsets"]) for k, v in header.items() if k != "__metadata__"},
+            )
         return self._headers[path]
 
 
@@ -125,6 +142,7 @@ def module_sources(module, files: Files, place) -> dict[str, Source]:
     checkpoint that needs more than renaming (weights split or fused on loading) is refused."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, rename_source_key
+
     state = module.state_dict()
     transforms = get_model_conversion_mapping(module)
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
@@ -133,8 +151,10 @@ def module_sources(module, files: Files, place) -> dict[str, Source]:
     for key in files.where:
         name, converted = rename_source_key(key, renamings, converters, module.base_model_prefix, state)
         if converted is not None:
-            raise CheckpointError(f"{files.folder}: weight {key} is converted on loading ({converted}), which "
-                                  "qllava merge cannot stream; merge with a checkpoint that stores weights as loaded")
+            raise CheckpointError(
+                f"{files.folder}: weight {key} is converted on loading ({converted}), which "
+                "qllava merge cannot stream; merge with a checkpoint that stores weights as loaded"
+            )
         if name in state:
             sources[place(name)] = Source(files, key)
     return sources
@@ -146,6 +166,7 @@ def saved_names(model) -> dict[str, str]:
     `language_model.model.*` keys)."""
     from transformers.core_model_loading import dot_natural_key, revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
     keys = sorted(remove_tied_weights_from_state_dict(model.state_dict(), model), key=dot_natural_key)
     names = {}
     for key in keys:
@@ -159,14 +180,18 @@ def write_sharded(folder: Path, model, tensors, max_shard_size: str) -> int:
     with `tensors(keys)` (an iterator of (key, tensor), model keys, called once with every key in the order the
     files store them) in a thread a few weights ahead of the one being written; returns the bytes written."""
     from huggingface_hub import split_torch_state_dict_into_shards
+
     names = saved_names(model)
     state = model.state_dict()
     by_name = {name: state[key] for key, name in names.items()}
-    split = split_torch_state_dict_into_shards(by_name, filename_pattern="model{suffix}.safetensors",
-                                               max_shard_size=max_shard_size)
+    split = split_torch_state_dict_into_shards(
+        by_name, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
     model_key = {name: key for key, name in names.items()}
-    files = {filename: file_order({n: by_name[n] for n in shard_names})
-             for filename, shard_names in split.filename_to_tensors.items()}
+    files = {
+        filename: file_order({n: by_name[n] for n in shard_names})
+        for filename, shard_names in split.filename_to_tensors.items()
+    }
     computed = ahead(tensors([model_key[n] for order in files.values() for n in order]), WRITE_BEHIND)
     try:
         for filename, order in files.items():
@@ -174,8 +199,10 @@ def write_sharded(folder: Path, model, tensors, max_shard_size: str) -> int:
     finally:
         computed.close()
     if split.is_sharded:
-        index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
-                 "weight_map": split.tensor_to_filename}
+        index = {
+            "metadata": {"total_parameters": model.num_parameters(), **split.metadata},
+            "weight_map": split.tensor_to_filename,
+        }
         (folder / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return sum(t.numel() * t.element_size() for t in by_name.values())
 
@@ -185,8 +212,12 @@ def file_order(layout: dict[str, torch.Tensor]) -> list[str]:
     return sorted(layout, key=lambda name: (-RANK[DTYPE_NAMES[layout[name].dtype]], name))
 
 
-def write_file(path: Path, layout: dict[str, torch.Tensor], tensors: Iterator[tuple[str, torch.Tensor]],
-               metadata: dict | None = None) -> None:
+def write_file(
+    path: Path,
+    layout: dict[str, torch.Tensor],
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    metadata: dict | None = None,
+) -> None:
     """Write a safetensors file holding the tensors `layout` describes (dtype and shape, as meta tensors), taking
     each from `tensors` (name, tensor) as it comes, in file_order: the bytes `save_file` writes, without holding
     the file in memory."""
@@ -194,8 +225,11 @@ def write_file(path: Path, layout: dict[str, torch.Tensor], tensors: Iterator[tu
     header, offset = {"__metadata__": metadata or {"format": "pt"}}, 0
     for name in order:
         size = layout[name].numel() * layout[name].element_size()
-        header[name] = {"dtype": DTYPE_NAMES[layout[name].dtype], "shape": list(layout[name].shape),
-                        "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": DTYPE_NAMES[layout[name].dtype],
+            "shape": list(layout[name].shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
@@ -205,8 +239,10 @@ def write_file(path: Path, layout: dict[str, torch.Tensor], tensors: Iterator[tu
             name, tensor = next(tensors, (None, None))
             if name != expected or tensor.dtype != layout[name].dtype or tensor.shape != layout[name].shape:
                 got = "nothing" if name is None else f"{name} {tensor.dtype} {tuple(tensor.shape)}"
-                raise CheckpointError(f"{path}: expected weight {expected} {layout[expected].dtype} "
-                                      f"{tuple(layout[expected].shape)} next, got {got}")
+                raise CheckpointError(
+                    f"{path}: expected weight {expected} {layout[expected].dtype} "
+                    f"{tuple(layout[expected].shape)} next, got {got}"
+                )
             f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 

@@ -22,7 +22,7 @@ def load_result(path: str | Path) -> dict:
         result = json.loads(path.read_text())
         result["metrics"], result["per_question"]
     except (ValueError, KeyError, TypeError):
-        raise DataError(f"{path}: not a qllava eval result (needs \"metrics\" and \"per_question\")") from None
+        raise DataError(f'{path}: not a qllava eval result (needs "metrics" and "per_question")') from None
     result["file"] = str(path)
     return result
 
@@ -38,12 +38,16 @@ def result_file(path: Path) -> Path:
             raise DataError(f"{path}: no such answers file")
         scores = metrics_file(path)
         if not scores.is_file():
-            raise DataError(f"{path}: answers without their scores ({scores.name} is missing): run the qllava eval "
-                            "that wrote them again; it scores them without asking any question again")
+            raise DataError(
+                f"{path}: answers without their scores ({scores.name} is missing): run the qllava eval "
+                "that wrote them again; it scores them without asking any question again"
+            )
         return scores
     if not path.is_file():
-        raise DataError(f"{path}: no such file (a result is the FILE.metrics.json that qllava eval writes beside its "
-                        "answers FILE.jsonl)")
+        raise DataError(
+            f"{path}: no such file (a result is the FILE.metrics.json that qllava eval writes beside its "
+            "answers FILE.jsonl)"
+        )
     return path
 
 
@@ -53,10 +57,14 @@ def _only_result(folder: Path) -> Path:
     if len(found) == 1:
         return found[0]
     if not found:
-        raise DataError(f"{folder}: no evaluation result in {results_dir} (run qllava eval {folder} first; it writes "
-                        "eval/BENCHMARK-DATA.metrics.json)")
-    raise DataError(f"{folder}: {results_dir} holds {len(found)} evaluation results; name the one to compare: "
-                    f"{', '.join(str(f) for f in found)}")
+        raise DataError(
+            f"{folder}: no evaluation result in {results_dir} (run qllava eval {folder} first; it writes "
+            "eval/BENCHMARK-DATA.metrics.json)"
+        )
+    raise DataError(
+        f"{folder}: {results_dir} holds {len(found)} evaluation results; name the one to compare: "
+        f"{', '.join(str(f) for f in found)}"
+    )
 
 
 def compare(paths: list[str | Path], out_dir: str | Path | None = None, seed: int = 0) -> dict:
@@ -67,9 +75,14 @@ def compare(paths: list[str | Path], out_dir: str | Path | None = None, seed: in
         names += [m for m in r["metrics"] if m not in names]
     table = {name: [r["metrics"].get(name) for r in results] for name in names}
     differences = {label: difference(results[0], r, seed) for r, label in zip(results[1:], labels[1:])}
-    report = {"runs": [{"label": label, "benchmark": r["benchmark"], "data": r["data"], **r["model"]}
-                       for label, r in zip(labels, results)],
-              "metrics": table, "difference_vs_first": differences}
+    report = {
+        "runs": [
+            {"label": label, "benchmark": r["benchmark"], "data": r["data"], **r["model"]}
+            for label, r in zip(labels, results)
+        ],
+        "metrics": table,
+        "difference_vs_first": differences,
+    }
     if out_dir:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -92,8 +105,10 @@ def unpaired_reason(first: dict, second: dict) -> str | None:
         return f"different benchmarks ({first['benchmark']} and {second['benchmark']})"
     ours, theirs = set(first["per_question"]), set(second["per_question"])
     if ours != theirs:
-        return (f"different question sets ({len(ours & theirs)} questions in both, {len(ours - theirs)} only in the "
-                f"first, {len(theirs - ours)} only in this one)")
+        return (
+            f"different question sets ({len(ours & theirs)} questions in both, {len(ours - theirs)} only in the "
+            f"first, {len(theirs - ours)} only in this one)"
+        )
     if first.get("question_set") and second.get("question_set") and first["question_set"] != second["question_set"]:
         return "the same question ids with other questions or references (another question file)"
     return None
@@ -107,24 +122,32 @@ def paired_bootstrap(first: dict, second: dict, seed: int = 0) -> dict:
     diffs = [second[q] - first[q] for q in shared]
     rng = random.Random(seed)
     means = sorted(sum(rng.choices(diffs, k=len(diffs))) / len(diffs) for _ in range(BOOTSTRAP_SAMPLES))
-    return {"questions": len(shared), "mean": sum(diffs) / len(diffs),
-            "ci95": [means[int(0.025 * BOOTSTRAP_SAMPLES)], means[int(0.975 * BOOTSTRAP_SAMPLES) - 1]]}
+    return {
+        "questions": len(shared),
+        "mean": sum(diffs) / len(diffs),
+        "ci95": [means[int(0.025 * BOOTSTRAP_SAMPLES)], means[int(0.975 * BOOTSTRAP_SAMPLES) - 1]],
+    }
 
 
 def markdown(report: dict) -> str:
     runs = report["runs"]
-    lines = ["# qllava compare", "", "| | " + " | ".join(r["label"] for r in runs) + " |",
-             "|---|" + "---|" * len(runs)]
+    lines = ["# qllava compare", "", "| | " + " | ".join(r["label"] for r in runs) + " |", "|---|" + "---|" * len(runs)]
     for key in ("backbone", "template", "recipe", "benchmark", "data", "steps"):
         lines.append(f"| {key} | " + " | ".join(cell(r.get(key)) for r in runs) + " |")
     for name, cells in metric_rows(report):
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Differences are to the first column, for runs on the same questions. Paired bootstrap "
-              f"({BOOTSTRAP_SAMPLES} resamples), per-question score of the second minus the first:", ""]
+    lines += [
+        "",
+        "Differences are to the first column, for runs on the same questions. Paired bootstrap "
+        f"({BOOTSTRAP_SAMPLES} resamples), per-question score of the second minus the first:",
+        "",
+    ]
     for label, d in report["difference_vs_first"].items():
         if d["paired"]:
-            lines.append(f"- {label} - {runs[0]['label']}: {d['mean']:+.4f}, 95% CI [{d['ci95'][0]:+.4f}, "
-                         f"{d['ci95'][1]:+.4f}] over {d['questions']} questions")
+            lines.append(
+                f"- {label} - {runs[0]['label']}: {d['mean']:+.4f}, 95% CI [{d['ci95'][0]:+.4f}, "
+                f"{d['ci95'][1]:+.4f}] over {d['questions']} questions"
+            )
         else:
             lines.append(f"- {label} vs {runs[0]['label']}: not paired, {d['reason']}; no difference computed")
     return "\n".join(lines) + "\n"
@@ -151,8 +174,12 @@ def chart(report: dict):
     """Each run's scores as bars and, beside them, each paired run's difference to the first with its paired
     bootstrap 95% interval (the figure that says whether the difference is more than noise)."""
     from matplotlib.figure import Figure
-    names = [n for n, v in report["metrics"].items() if all(isinstance(x, (int, float)) for x in v)
-             and all(0 <= x <= 1 for x in v)][:12]
+
+    names = [
+        n
+        for n, v in report["metrics"].items()
+        if all(isinstance(x, (int, float)) for x in v) and all(0 <= x <= 1 for x in v)
+    ][:12]
     runs = report["runs"]
     paired = {label: d for label, d in report["difference_vs_first"].items() if d["paired"] and d.get("questions")}
     fig = Figure(figsize=(max(5, 1.1 * len(names) * len(runs)) + (3 if paired else 0), 3.8))

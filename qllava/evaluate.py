@@ -21,15 +21,37 @@ from pathlib import Path
 from . import scorers
 from .errors import DataError
 from .folders import check_model_folder
-from .inference import (CHAT_TEMPLATE, QLLAVA_FILE, ContextError, Loaded, blank_image, check_context, context_length,
-                        generate, load_for_inference, prompt_ids, prompt_settings)
+from .inference import (
+    CHAT_TEMPLATE,
+    QLLAVA_FILE,
+    ContextError,
+    Loaded,
+    blank_image,
+    check_context,
+    context_length,
+    generate,
+    load_for_inference,
+    prompt_ids,
+    prompt_settings,
+)
 from .run import RunFolder
 from .vision import image_header, open_image
 
 
-def evaluate(model_path: str | Path, benchmark: str, data: str, images: str = "", out: str | Path | None = None,
-             annotations: str | None = None, batch_size: int = 16, limit: int = 0, max_new_tokens: int = 128,
-             loaded: Loaded | None = None, blank_images: bool = False, progress=None) -> dict:
+def evaluate(
+    model_path: str | Path,
+    benchmark: str,
+    data: str,
+    images: str = "",
+    out: str | Path | None = None,
+    annotations: str | None = None,
+    batch_size: int = 16,
+    limit: int = 0,
+    max_new_tokens: int = 128,
+    loaded: Loaded | None = None,
+    blank_images: bool = False,
+    progress=None,
+) -> dict:
     """Answer the benchmark's questions not yet in `out`, score them all, write FILE.metrics.json; return it."""
     model_path = Path(model_path)
     if loaded is None:
@@ -61,9 +83,18 @@ def evaluate(model_path: str | Path, benchmark: str, data: str, images: str = ""
                 if progress:
                     progress(len(items) - len(todo) + sum(1 for q in todo if q.question_id in done), len(items))
     metrics, per_question = scorers.score(benchmark, items, done)
-    result = {"benchmark": benchmark, "data": str(data), "answers": str(out), "questions": len(items),
-              "question_set": question_set(items), "asked_now": len(todo), "model": describe_model(model_path),
-              "settings": settings, "metrics": metrics, "per_question": per_question}
+    result = {
+        "benchmark": benchmark,
+        "data": str(data),
+        "answers": str(out),
+        "questions": len(items),
+        "question_set": question_set(items),
+        "asked_now": len(todo),
+        "model": describe_model(model_path),
+        "settings": settings,
+        "metrics": metrics,
+        "per_question": per_question,
+    }
     metrics_file(out).write_text(json.dumps(result, indent=1))
     return result
 
@@ -93,18 +124,26 @@ def check_settings(path: Path, records: dict[str, dict], settings: dict, items: 
     changed = {key: value for s in recorded for key, value in s.items() if settings.get(key) != value}
     if changed:
         differences = "; ".join(f"{key} {value!r} there, {settings.get(key)!r} now" for key, value in changed.items())
-        raise DataError(f"{path} holds answers made with other settings ({differences}): continue it with the "
-                        "settings it was begun with, or pass another --out (or remove the file) to answer again")
+        raise DataError(
+            f"{path} holds answers made with other settings ({differences}): continue it with the "
+            "settings it was begun with, or pass another --out (or remove the file) to answer again"
+        )
     prompts = {item.question_id: item.prompt for item in items}
-    other = [key for key, r in records.items() if "settings" in _metadata(r) and key in prompts
-             and r.get("prompt") != prompts[key]]
+    other = [
+        key
+        for key, r in records.items()
+        if "settings" in _metadata(r) and key in prompts and r.get("prompt") != prompts[key]
+    ]
     if other:
-        raise DataError(f"{path} holds answers to other questions under the same ids ({len(other)}, e.g. "
-                        f"{', '.join(other[:3])}: another question file?): pass another --out (or remove the file)")
+        raise DataError(
+            f"{path} holds answers to other questions under the same ids ({len(other)}, e.g. "
+            f"{', '.join(other[:3])}: another question file?): pass another --out (or remove the file)"
+        )
 
 
-def check_questions_fit(loaded: Loaded, items: list[scorers.EvalItem], images: str, max_new_tokens: int,
-                        blank_images: bool = False) -> None:
+def check_questions_fit(
+    loaded: Loaded, items: list[scorers.EvalItem], images: str, max_new_tokens: int, blank_images: bool = False
+) -> None:
     """ContextError naming the questions that, with their image and an answer of up to `max_new_tokens`, do not fit
     the decoder's context (image token counts from the files' headers: nothing is decoded)."""
     context = context_length(loaded)
@@ -122,11 +161,16 @@ def check_questions_fit(loaded: Loaded, items: list[scorers.EvalItem], images: s
         return
     room = context - max(too_long.values())
     examples = ", ".join(f"{key} ({n:,} tokens)" for key, n in list(too_long.items())[:3])
-    fix = f"remove them from the question file, or lower --max-new-tokens to {room} or less" if room > 0 else \
-        "remove them from the question file"
-    raise ContextError(f"{len(too_long)} of {len(items)} questions with an answer of up to {max_new_tokens:,} new "
-                       f"tokens do not fit the decoder's context of {context:,} positions (its "
-                       f"max_position_embeddings), e.g. {examples}, image tokens included: {fix}")
+    fix = (
+        f"remove them from the question file, or lower --max-new-tokens to {room} or less"
+        if room > 0
+        else "remove them from the question file"
+    )
+    raise ContextError(
+        f"{len(too_long)} of {len(items)} questions with an answer of up to {max_new_tokens:,} new "
+        f"tokens do not fit the decoder's context of {context:,} positions (its "
+        f"max_position_embeddings), e.g. {examples}, image tokens included: {fix}"
+    )
 
 
 def upright_size_of(path: str) -> tuple[int, int]:
@@ -138,25 +182,36 @@ def upright_size_of(path: str) -> tuple[int, int]:
     return header.size
 
 
-def answer_batches(loaded: Loaded, items: list[scorers.EvalItem], images: str, batch_size: int,
-                   max_new_tokens: int, blank_images: bool = False):
+def answer_batches(
+    loaded: Loaded,
+    items: list[scorers.EvalItem],
+    images: str,
+    batch_size: int,
+    max_new_tokens: int,
+    blank_images: bool = False,
+):
     """(batch, answers) for consecutive batches of the items, as each batch is generated."""
     for start in range(0, len(items), batch_size):
-        batch = items[start:start + batch_size]
+        batch = items[start : start + batch_size]
         yield batch, answer(loaded, batch, images, max_new_tokens, blank_images)
 
 
-def answer(loaded: Loaded, items: list[scorers.EvalItem], images: str, max_new_tokens: int,
-           blank_images: bool = False) -> list[str]:
+def answer(
+    loaded: Loaded, items: list[scorers.EvalItem], images: str, max_new_tokens: int, blank_images: bool = False
+) -> list[str]:
     """Greedy answers to one batch of questions, in order; a question that would not fit the decoder's context
     (ContextError) is never answered."""
     prompts, pictures = [], []
     for item in items:
-        picture = [blank_image(loaded) if blank_images else open_image(os.path.join(images, item.image))] \
-            if item.image else []
+        picture = (
+            [blank_image(loaded) if blank_images else open_image(os.path.join(images, item.image))]
+            if item.image
+            else []
+        )
         prompts.append(question_prompt(loaded, item, picture))
-        check_context(loaded, len(prompts[-1]), max_new_tokens, f"question {item.question_id}",
-                      "remove it from the questions")
+        check_context(
+            loaded, len(prompts[-1]), max_new_tokens, f"question {item.question_id}", "remove it from the questions"
+        )
         pictures += picture
     return generate(loaded, prompts, pictures, max_new_tokens)
 
@@ -169,9 +224,14 @@ def question_prompt(loaded: Loaded, item: scorers.EvalItem, picture: list) -> li
 
 def answer_record(item: scorers.EvalItem, text: str, model_id: str, fingerprint: str, settings: dict) -> dict:
     """An answers-file line as LLaVA's model_vqa*.py writes it; qllava's own fields go in its metadata."""
-    return {"question_id": item.source_id, "prompt": item.prompt, "text": text, "answer_id": uuid.uuid4().hex,
-            "model_id": model_id, "metadata": {"key": item.question_id, "model_fingerprint": fingerprint,
-                                               "settings": settings}}
+    return {
+        "question_id": item.source_id,
+        "prompt": item.prompt,
+        "text": text,
+        "answer_id": uuid.uuid4().hex,
+        "model_id": model_id,
+        "metadata": {"key": item.question_id, "model_fingerprint": fingerprint, "settings": settings},
+    }
 
 
 class HeldOut:
@@ -191,18 +251,21 @@ class HeldOut:
     def score(self, point: str, model, processor, blank_images: bool = False) -> None:
         """Score on the main process only (the others wait at the stage's end); points already scored are kept."""
         from accelerate import PartialState
+
         if not self.unscored(point) or not PartialState().is_main_process:
             return
         cfg, stage2 = self.recipe.eval, self.recipe.stage2
         loaded = Loaded(model, processor, stage2.template, stage2.image_aspect_ratio, "run")
         answers = {}
-        for batch, texts in answer_batches(loaded, self.items, cfg.image_folder, cfg.batch_size,
-                                                    cfg.max_new_tokens, blank_images):
+        for batch, texts in answer_batches(
+            loaded, self.items, cfg.image_folder, cfg.batch_size, cfg.max_new_tokens, blank_images
+        ):
             answers.update({item.question_id: text for item, text in zip(batch, texts)})
         metrics, _ = scorers.score(cfg.benchmark, self.items, answers)
         self.scores[f"accuracy_{point}"] = metrics["accuracy"]
-        self.scores[f"by_category_{point}"] = {k.removeprefix("accuracy_"): v for k, v in metrics.items()
-                                               if k.startswith("accuracy_")}
+        self.scores[f"by_category_{point}"] = {
+            k.removeprefix("accuracy_"): v for k, v in metrics.items() if k.startswith("accuracy_")
+        }
         if "chance" in metrics:
             self.scores["chance"] = metrics["chance"]
         self.say(f"held-out accuracy {point}: {metrics['accuracy']:.3f} ({len(self.items)} questions)")
@@ -212,8 +275,10 @@ def check_images(items: list[scorers.EvalItem], folder: str, setting: str) -> No
     """Every question's image is there (before any model is loaded), or an error naming the setting."""
     missing = [item.image for item in items if item.image and not os.path.isfile(os.path.join(folder, item.image))]
     if missing:
-        raise DataError(f"{setting}: the images of {len(missing)} of {len(items)} questions are not in "
-                        f"{folder or 'the current folder'} (e.g. {', '.join(missing[:3])})")
+        raise DataError(
+            f"{setting}: the images of {len(missing)} of {len(items)} questions are not in "
+            f"{folder or 'the current folder'} (e.g. {', '.join(missing[:3])})"
+        )
 
 
 def read_answers(path: Path, fingerprint: str | None = None) -> dict[str, str]:
@@ -233,8 +298,10 @@ def read_records(path: Path, fingerprint: str | None = None) -> dict[str, dict]:
     for record in records:
         meta = _metadata(record)
         if fingerprint and meta.get("model_fingerprint", fingerprint) != fingerprint:
-            raise DataError(f"{path} holds answers of another model (or of this one before it was retrained): "
-                            "remove it or pass another --out")
+            raise DataError(
+                f"{path} holds answers of another model (or of this one before it was retrained): "
+                "remove it or pass another --out"
+            )
         done[meta["key"] if "key" in meta else next(derived)] = record
     return done
 
@@ -269,8 +336,11 @@ def _metadata(record: dict) -> dict:
 
 def model_fingerprint(path: Path) -> str:
     """Identifies the weights behind an answer: names, sizes and times of the folder's weight files."""
-    files = sorted(f for f in path.rglob("*.safetensors") if "eval" not in f.relative_to(path).parts
-                   and "checkpoints" not in f.relative_to(path).parts)
+    files = sorted(
+        f
+        for f in path.rglob("*.safetensors")
+        if "eval" not in f.relative_to(path).parts and "checkpoints" not in f.relative_to(path).parts
+    )
     key = [(str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
@@ -295,9 +365,18 @@ def describe_model(path: Path) -> dict:
     except FileNotFoundError:  # a llava-hf folder, or a merged one whose run is gone
         return {"name": path.name, "path": str(path)}
     from .recipe import load_recipe
+
     recipe = load_recipe(stage / "recipe.toml")
     cfg = getattr(recipe, stage.name)
     steps = json.loads((stage / "metrics.json").read_text()).get("steps")
-    return {"name": path.name, "path": str(path), "backbone": recipe.model.llava or recipe.model.decoder,
-            "vision_tower": recipe.model.vision_tower, "template": cfg.template, "recipe": recipe.source,
-            "data": cfg.data, "stage": stage.name, "steps": steps}
+    return {
+        "name": path.name,
+        "path": str(path),
+        "backbone": recipe.model.llava or recipe.model.decoder,
+        "vision_tower": recipe.model.vision_tower,
+        "template": cfg.template,
+        "recipe": recipe.source,
+        "data": cfg.data,
+        "stage": stage.name,
+        "steps": steps,
+    }

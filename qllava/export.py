@@ -38,9 +38,11 @@ GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
 # Types llama-quantize makes from a file qllava writes in the weights' own precision.
 QUANTIZED_BY_LLAMA_CPP = {"q4_k_m": "Q4_K_M"}
 INSTALL_GGUF = "pip install 'gguf>=0.19'"
-GET_LLAMA_QUANTIZE = ("install llama.cpp (a release from https://github.com/ggml-org/llama.cpp/releases, `brew install "
-                      "llama.cpp`, or `cmake -B build && cmake --build build --target llama-quantize` in its source) "
-                      "and put llama-quantize on PATH")
+GET_LLAMA_QUANTIZE = (
+    "install llama.cpp (a release from https://github.com/ggml-org/llama.cpp/releases, `brew install "
+    "llama.cpp`, or `cmake -B build && cmake --build build --target llama-quantize` in its source) "
+    "and put llama-quantize on PATH"
+)
 MEDIA_MARKER = "<__media__>"  # what llama-mtmd-cli replaces with an image's embeddings
 # llama.cpp pads a non-square image with this colour for the `mlp` projector (clip.cpp), whatever the image mean.
 LLAMA_CPP_PAD_COLOR = (122, 116, 104)
@@ -50,8 +52,9 @@ class ExportError(ValueError):
     """A model, tokenizer or setting llama.cpp cannot run as trained, or a missing tool; the message names it."""
 
 
-def export_gguf(source_path: str | Path, out_dir: str | Path, gguf_type: str = "f16", overwrite: bool = False,
-                say=print) -> dict:
+def export_gguf(
+    source_path: str | Path, out_dir: str | Path, gguf_type: str = "f16", overwrite: bool = False, say=print
+) -> dict:
     """Write the text GGUF and the mmproj GGUF of a run or merged folder into out_dir; return what was written
     (files and their sizes, the command to try them, notes on what llama.cpp does differently)."""
     started = time.perf_counter()
@@ -85,8 +88,12 @@ def export_gguf(source_path: str | Path, out_dir: str | Path, gguf_type: str = "
         shutil.rmtree(out_dir)
     partial.rename(out_dir)
     files = [(out_dir / name, (out_dir / name).stat().st_size) for name in (text_file, mmproj_file)]
-    return {"files": files, "command": try_command(out_dir / text_file, out_dir / mmproj_file),
-            "notes": llama_cpp_differences(source), "seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "files": files,
+        "command": try_command(out_dir / text_file, out_dir / mmproj_file),
+        "notes": llama_cpp_differences(source),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def gguf_names(name: str, gguf_type: str) -> tuple[str, str]:
@@ -98,24 +105,29 @@ def gguf_names(name: str, gguf_type: str) -> tuple[str, str]:
 def try_command(text_file: Path, mmproj_file: Path) -> str:
     """The llama-mtmd-cli command that answers a question about an image greedily, as `qllava chat` does, with the
     chat template the file carries (--jinja: without it llama-mtmd-cli guesses a built-in template)."""
-    return (f"llama-mtmd-cli -m {shlex.quote(str(text_file))} --mmproj {shlex.quote(str(mmproj_file))} --jinja "
-            "--temp 0 --image IMAGE.jpg -p 'What is in the image?'")
+    return (
+        f"llama-mtmd-cli -m {shlex.quote(str(text_file))} --mmproj {shlex.quote(str(mmproj_file))} --jinja "
+        "--temp 0 --image IMAGE.jpg -p 'What is in the image?'"
+    )
 
 
 def import_gguf():
     try:
         import gguf
     except ImportError:
-        raise ExportError(f"qllava export writes GGUF files with the `gguf` package, which is not installed: "
-                          f"{INSTALL_GGUF}") from None
+        raise ExportError(
+            f"qllava export writes GGUF files with the `gguf` package, which is not installed: {INSTALL_GGUF}"
+        ) from None
     return gguf
 
 
 def llama_quantize() -> str:
     path = shutil.which("llama-quantize")
     if path is None:
-        raise ExportError(f"--type q4_k_m is made by llama.cpp's llama-quantize, which is not on PATH: "
-                          f"{GET_LLAMA_QUANTIZE}; or export --type f16 (or q8_0) now and quantize that file later")
+        raise ExportError(
+            f"--type q4_k_m is made by llama.cpp's llama-quantize, which is not on PATH: "
+            f"{GET_LLAMA_QUANTIZE}; or export --type f16 (or q8_0) now and quantize that file later"
+        )
     return path
 
 
@@ -162,48 +174,74 @@ def load_source(path: str | Path) -> Source:
         return _run_source(path)
     if (path / "config.json").exists():
         return _merged_source(path)
-    raise FileNotFoundError(f"{path} is neither a qllava run folder (stage1/, stage2/) nor a merged folder "
-                            "(config.json)")
+    raise FileNotFoundError(
+        f"{path} is neither a qllava run folder (stage1/, stage2/) nor a merged folder (config.json)"
+    )
 
 
 def _run_source(path: Path) -> Source:
     """A run's final stage, merged as `qllava merge --dtype float32` merges it, one weight at a time."""
     stage_dir = RunFolder(path).final_stage()  # an unfinished stage is refused here, saying how to finish it
     if stage_dir.name != "stage2":
-        raise ExportError(f"{path}: stage 2 has not run (only {stage_dir} is complete): the chat model is made by "
-                          "stage 2; train it with `qllava finetune RECIPE --stage 2`, then export")
+        raise ExportError(
+            f"{path}: stage 2 has not run (only {stage_dir} is complete): the chat model is made by "
+            "stage 2; train it with `qllava finetune RECIPE --stage 2`, then export"
+        )
     recipe = load_recipe(stage_dir / "recipe.toml")
     check_model(modeling.load_llava_config(recipe.model))
     modeling.check_base(stage_dir, recipe.model)
     processor = modeling.stage_processor(stage_dir, recipe.model)
     model, weights = merge.merged_weights(recipe, processor, stage_dir, "float32")
-    return Source(path, model.config, processor, recipe.stage2.template, recipe.stage2.image_aspect_ratio,
-                  _shapes(model), list(checkpoint.saved_names(model)), weights.weight, recipe.model.dtype)
+    return Source(
+        path,
+        model.config,
+        processor,
+        recipe.stage2.template,
+        recipe.stage2.image_aspect_ratio,
+        _shapes(model),
+        list(checkpoint.saved_names(model)),
+        weights.weight,
+        recipe.model.dtype,
+    )
 
 
 def _merged_source(path: Path) -> Source:
     from transformers import AutoConfig, AutoProcessor
+
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in modeling.LLAVA_CLASSES:
-        raise ExportError(f"{path}/config.json: a {config.model_type!r} model; qllava export writes LLaVA (llava) "
-                          "and LLaVA-NeXT (llava_next) checkpoints")
+        raise ExportError(
+            f"{path}/config.json: a {config.model_type!r} model; qllava export writes LLaVA (llava) "
+            "and LLaVA-NeXT (llava_next) checkpoints"
+        )
     check_model(config)
     info = json.loads((path / QLLAVA_FILE).read_text()) if (path / QLLAVA_FILE).exists() else {}
     if info.get("template") == "plain":
-        raise ExportError(f"{path}: trained with the `plain` template (stage 1 only): it has no chat format to run "
-                          "in llama.cpp; export a model trained through stage 2")
+        raise ExportError(
+            f"{path}: trained with the `plain` template (stage 1 only): it has no chat format to run "
+            "in llama.cpp; export a model trained through stage 2"
+        )
     with torch.device("meta"):
         model = modeling.llava_class(config)(config)
     sources = checkpoint.module_sources(model, checkpoint.Files(path), lambda key: key)
     stored = list(checkpoint.saved_names(model))
     missing = [key for key in stored if key not in sources]
     if missing:
-        raise ExportError(f"{path}: {len(missing)} weights of the model are in none of its safetensors files "
-                          f"(e.g. {missing[0]})")
+        raise ExportError(
+            f"{path}: {len(missing)} weights of the model are in none of its safetensors files (e.g. {missing[0]})"
+        )
     dtype = str(getattr(config, "dtype", None) or getattr(config.text_config, "dtype", None) or "float32")
-    return Source(path, config, AutoProcessor.from_pretrained(path), info.get("template"),
-                  info.get("image_aspect_ratio", "pad"), _shapes(model), stored, lambda key: sources[key].read(),
-                  dtype.removeprefix("torch."))
+    return Source(
+        path,
+        config,
+        AutoProcessor.from_pretrained(path),
+        info.get("template"),
+        info.get("image_aspect_ratio", "pad"),
+        _shapes(model),
+        stored,
+        lambda key: sources[key].read(),
+        dtype.removeprefix("torch."),
+    )
 
 
 def _shapes(model) -> dict[str, tuple]:
@@ -223,44 +261,59 @@ def check_model(config) -> None:
     """Refuse (ExportError), from the config alone, a model llama.cpp cannot run as it was trained."""
     text, tower = config.text_config, config.vision_config
     if text.model_type not in TEXT_ARCHITECTURES:
-        raise ExportError(f"decoder architecture {text.model_type!r}: qllava export writes llama.cpp's `llama` "
-                          "architecture, which runs LLaMA and Mistral decoders")
+        raise ExportError(
+            f"decoder architecture {text.model_type!r}: qllava export writes llama.cpp's `llama` "
+            "architecture, which runs LLaMA and Mistral decoders"
+        )
     for flag in ("attention_bias", "mlp_bias"):
         if getattr(text, flag, False):
             raise ExportError(f"decoder: {flag} is set; qllava export writes LLaMA/Mistral decoders without biases")
     rope = dict(getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {})
     if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ExportError(f"decoder: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not exported "
-                          "(qllava export writes plain RoPE)")
+        raise ExportError(
+            f"decoder: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not exported "
+            "(qllava export writes plain RoPE)"
+        )
     _check_tower(tower, config)
-    if getattr(config, "projector_hidden_act", "gelu") != "gelu" or not getattr(config, "multimodal_projector_bias",
-                                                                                True):
-        raise ExportError(f"projector: {config.projector_hidden_act} activation"
-                          f"{'' if getattr(config, 'multimodal_projector_bias', True) else ', no biases'}; llama.cpp's "
-                          "`mlp` projector is LLaVA's: linear, GELU, linear, with biases")
+    if getattr(config, "projector_hidden_act", "gelu") != "gelu" or not getattr(
+        config, "multimodal_projector_bias", True
+    ):
+        raise ExportError(
+            f"projector: {config.projector_hidden_act} activation"
+            f"{'' if getattr(config, 'multimodal_projector_bias', True) else ', no biases'}; llama.cpp's "
+            "`mlp` projector is LLaVA's: linear, GELU, linear, with biases"
+        )
 
 
 def _check_tower(tower, config) -> None:
     if tower.model_type == "dinov2":
-        raise ExportError("vision tower DINOv2: llama.cpp's LLaVA graph (tools/mtmd, `mlp` projector) has no layer "
-                          "scale and does not interpolate position embeddings, which DINOv2 needs; export a model "
-                          "with a CLIP or SigLIP tower")
+        raise ExportError(
+            "vision tower DINOv2: llama.cpp's LLaVA graph (tools/mtmd, `mlp` projector) has no layer "
+            "scale and does not interpolate position embeddings, which DINOv2 needs; export a model "
+            "with a CLIP or SigLIP tower"
+        )
     if tower.model_type not in TOWERS:
         raise ExportError(f"vision tower {tower.model_type!r}: llama.cpp's LLaVA graph runs CLIP and SigLIP towers")
     if tower.hidden_act not in TOWER_ACTIVATIONS:
         raise ExportError(f"vision tower: activation {tower.hidden_act!r}; llama.cpp's clip has quick GELU and GELU")
     if tower.intermediate_size == tower.hidden_size:
-        raise ExportError("vision tower: intermediate_size equals hidden_size, which llama.cpp (release 11434) takes "
-                          "for an old converter's swapped feed-forward weights and swaps them back")
+        raise ExportError(
+            "vision tower: intermediate_size equals hidden_size, which llama.cpp (release 11434) takes "
+            "for an old converter's swapped feed-forward weights and swaps them back"
+        )
     has_cls = tower.model_type == "clip_vision_model"
     if (config.vision_feature_select_strategy == "default") != has_cls:
-        raise ExportError(f"vision_feature_select_strategy {config.vision_feature_select_strategy!r} with a "
-                          f"{tower.model_type} tower: llama.cpp drops the first feature exactly when the tower has a "
-                          "class token (CLIP: \"default\"; SigLIP: \"full\")")
+        raise ExportError(
+            f"vision_feature_select_strategy {config.vision_feature_select_strategy!r} with a "
+            f"{tower.model_type} tower: llama.cpp drops the first feature exactly when the tower has a "
+            'class token (CLIP: "default"; SigLIP: "full")'
+        )
     layers = feature_layers(config)
     if layers != sorted(layers) or not all(0 <= layer <= tower.num_hidden_layers for layer in layers):
-        raise ExportError(f"vision_feature_layer {config.vision_feature_layer}: llama.cpp stacks feature layers in "
-                          "increasing order, within the tower's layers")
+        raise ExportError(
+            f"vision_feature_layer {config.vision_feature_layer}: llama.cpp stacks feature layers in "
+            "increasing order, within the tower's layers"
+        )
 
 
 def feature_layers(config) -> list[int]:
@@ -275,20 +328,25 @@ def llama_cpp_differences(source: Source) -> list[str]:
     """What llama.cpp (release 11434) computes differently from transformers for this model."""
     config, notes = source.config, []
     if config.vision_config.model_type == "clip_vision_model":
-        notes.append("llama.cpp (release 11434) puts CLIP's class token after the patches instead of before "
-                     "(ggml-org/llama.cpp#25814): its image features differ from transformers' (docs/merge-export.md)")
+        notes.append(
+            "llama.cpp (release 11434) puts CLIP's class token after the patches instead of before "
+            "(ggml-org/llama.cpp#25814): its image features differ from transformers' (docs/merge-export.md)"
+        )
     if config.vision_config.hidden_act == "gelu":
         notes.append("the tower's exact GELU runs as llama.cpp's tanh approximation")
     mean = tuple(int(x * 255) for x in source.processor.image_processor.image_mean)
     if source.aspect_ratio == "pad" and mean != LLAMA_CPP_PAD_COLOR:
-        notes.append(f"llama.cpp pads non-square images with {LLAMA_CPP_PAD_COLOR}; training padded with the image "
-                     f"mean {mean}")
+        notes.append(
+            f"llama.cpp pads non-square images with {LLAMA_CPP_PAD_COLOR}; training padded with the image mean {mean}"
+        )
     if source.aspect_ratio == "crop":
-        notes.append("trained with image_aspect_ratio \"crop\"; llama.cpp pads images to a square instead")
+        notes.append('trained with image_aspect_ratio "crop"; llama.cpp pads images to a square instead')
     if getattr(config, "image_grid_pinpoints", None):
-        notes.append("LLaVA-NeXT: llama.cpp encodes the base view and each tile as separate images, without "
-                     "unpadding or image_newline, and images no larger than a tile as the base view alone "
-                     "(docs/merge-export.md)")
+        notes.append(
+            "LLaVA-NeXT: llama.cpp encodes the base view and each tile as separate images, without "
+            "unpadding or image_newline, and images no larger than a tile as the base view alone "
+            "(docs/merge-export.md)"
+        )
     if source.template is None:
         notes.append(f"{source.path} has no {QLLAVA_FILE}: its own chat template is written, as it is")
     return notes
@@ -320,14 +378,21 @@ class Plan:
 
 
 TEXT_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
-TEXT_NAMES = {"model.language_model.embed_tokens.weight": "token_embd.weight",
-              "model.language_model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+TEXT_NAMES = {
+    "model.language_model.embed_tokens.weight": "token_embd.weight",
+    "model.language_model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
 
 
 def plan_text(source: Source, gguf, gguf_type: str) -> Plan:
@@ -348,16 +413,23 @@ def plan_text(source: Source, gguf, gguf_type: str) -> Plan:
     window = getattr(text, "sliding_window", None)  # llama.cpp's llama attends to all: equal up to the window
     rope = dict(getattr(text, "rope_parameters", None) or {})
     plan.metadata = {
-        "general.name": source.name, "general.file_type": _file_type(gguf, stored),
+        "general.name": source.name,
+        "general.file_type": _file_type(gguf, stored),
         "llama.context_length": min(context, window) if window else context,
-        "llama.embedding_length": text.hidden_size, "llama.block_count": text.num_hidden_layers,
-        "llama.feed_forward_length": text.intermediate_size, "llama.rope.dimension_count": head_dim,
-        "llama.attention.head_count": heads, "llama.attention.head_count_kv": kv_heads,
+        "llama.embedding_length": text.hidden_size,
+        "llama.block_count": text.num_hidden_layers,
+        "llama.feed_forward_length": text.intermediate_size,
+        "llama.rope.dimension_count": head_dim,
+        "llama.attention.head_count": heads,
+        "llama.attention.head_count_kv": kv_heads,
         "llama.attention.layer_norm_rms_epsilon": float(text.rms_norm_eps),
         "llama.rope.freq_base": float(rope.get("rope_theta", getattr(text, "rope_theta", 10000.0))),
         "llama.vocab_size": rows,
-        **({"llama.attention.key_length": head_dim, "llama.attention.value_length": head_dim}
-           if head_dim * heads != text.hidden_size else {}),
+        **(
+            {"llama.attention.key_length": head_dim, "llama.attention.value_length": head_dim}
+            if head_dim * heads != text.hidden_size
+            else {}
+        ),
         **tokenizer_metadata(source.tokenizer, rows, gguf),
         "tokenizer.chat_template": gguf_chat_template(source),
     }
@@ -393,19 +465,30 @@ def rope_interleaved(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 VISION_NAMES = {
-    "embeddings.class_embedding": "v.class_embd", "embeddings.patch_embedding.weight": "v.patch_embd.weight",
+    "embeddings.class_embedding": "v.class_embd",
+    "embeddings.patch_embedding.weight": "v.patch_embd.weight",
     "embeddings.patch_embedding.bias": "v.patch_embd.bias",
     "embeddings.position_embedding.weight": "v.position_embd.weight",
-    "pre_layrnorm.weight": "v.pre_ln.weight", "pre_layrnorm.bias": "v.pre_ln.bias",
+    "pre_layrnorm.weight": "v.pre_ln.weight",
+    "pre_layrnorm.bias": "v.pre_ln.bias",
 }
-VISION_LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                      "self_attn.out_proj": "attn_out", "layer_norm1": "ln1", "layer_norm2": "ln2",
-                      "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
-PROJECTOR_NAMES = {"model.multi_modal_projector.linear_1.weight": "mm.0.weight",
-                   "model.multi_modal_projector.linear_1.bias": "mm.0.bias",
-                   "model.multi_modal_projector.linear_2.weight": "mm.2.weight",
-                   "model.multi_modal_projector.linear_2.bias": "mm.2.bias",
-                   "model.image_newline": "v.image_newline"}
+VISION_LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.out_proj": "attn_out",
+    "layer_norm1": "ln1",
+    "layer_norm2": "ln2",
+    "mlp.fc1": "ffn_up",
+    "mlp.fc2": "ffn_down",
+}
+PROJECTOR_NAMES = {
+    "model.multi_modal_projector.linear_1.weight": "mm.0.weight",
+    "model.multi_modal_projector.linear_1.bias": "mm.0.bias",
+    "model.multi_modal_projector.linear_2.weight": "mm.2.weight",
+    "model.multi_modal_projector.linear_2.bias": "mm.2.bias",
+    "model.image_newline": "v.image_newline",
+}
 # Tower weights LLaVA never uses: the final layer norm (features are taken before it) and SigLIP's pooling head.
 UNUSED_TOWER_WEIGHTS = ("post_layernorm.", "head.")
 
@@ -424,15 +507,23 @@ def plan_mmproj(source: Source, gguf, gguf_type: str) -> Plan:
     image_processor = source.processor.image_processor
     height, width = vision.output_size(image_processor)
     if height != width or height != tower.image_size:
-        raise ExportError(f"image processor: its images are {width}x{height} px, the vision tower's "
-                          f"{tower.image_size} px square; llama.cpp resizes every image to the tower's size")
+        raise ExportError(
+            f"image processor: its images are {width}x{height} px, the vision tower's "
+            f"{tower.image_size} px square; llama.cpp resizes every image to the tower's size"
+        )
     plan.metadata = {
-        "general.name": source.name, "general.type": "mmproj", "general.file_type": _file_type(gguf, stored),
-        "clip.has_vision_encoder": True, "clip.projector_type": "mlp",
+        "general.name": source.name,
+        "general.type": "mmproj",
+        "general.file_type": _file_type(gguf, stored),
+        "clip.has_vision_encoder": True,
+        "clip.projector_type": "mlp",
         "clip.use_gelu": TOWER_ACTIVATIONS[tower.hidden_act],
-        "clip.vision.image_size": tower.image_size, "clip.vision.patch_size": tower.patch_size,
-        "clip.vision.embedding_length": tower.hidden_size, "clip.vision.feed_forward_length": tower.intermediate_size,
-        "clip.vision.block_count": max(layers), "clip.vision.attention.head_count": tower.num_attention_heads,
+        "clip.vision.image_size": tower.image_size,
+        "clip.vision.patch_size": tower.patch_size,
+        "clip.vision.embedding_length": tower.hidden_size,
+        "clip.vision.feed_forward_length": tower.intermediate_size,
+        "clip.vision.block_count": max(layers),
+        "clip.vision.attention.head_count": tower.num_attention_heads,
         "clip.vision.attention.layer_norm_epsilon": float(tower.layer_norm_eps),
         "clip.vision.projection_dim": config.text_config.hidden_size,
         "clip.vision.image_mean": [float(x) for x in image_processor.image_mean],
@@ -488,8 +579,10 @@ def _file_type(gguf, stored: str) -> int:
 # The tokenizer and the chat template, as llama.cpp reads them.
 
 # Byte-level pre-tokenizers (tokenizer.json) and the llama.cpp pre-tokenizer that splits text the same way.
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 BYTE_LEVEL_PRE = {
     (("ByteLevel", True),): "gpt-2",
     (("Digits", True), ("ByteLevel", True)): "smollm",
@@ -503,8 +596,10 @@ def tokenizer_metadata(tokenizer, rows: int, gguf) -> dict:
     text as this tokenizer does). The vocabulary is padded to the embedding's rows, as llama.cpp requires."""
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     if state["model"]["type"] != "BPE":
-        raise ExportError(f"tokenizer: a {state['model']['type']} model; qllava export writes BPE tokenizers "
-                          "(sentencepiece-style or byte-level)")
+        raise ExportError(
+            f"tokenizer: a {state['model']['type']} model; qllava export writes BPE tokenizers "
+            "(sentencepiece-style or byte-level)"
+        )
     vocab = tokenizer.get_vocab()
     if len(vocab) > rows:
         raise ExportError(f"tokenizer: {len(vocab)} tokens for {rows} embedding rows")
@@ -513,16 +608,26 @@ def tokenizer_metadata(tokenizer, rows: int, gguf) -> dict:
         tokens[index] = token
     merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]]
     byte_level = _byte_level_pre(state)
-    out = {"tokenizer.ggml.model": "gpt2" if byte_level else "llama",
-           "tokenizer.ggml.tokens": tokens,
-           "tokenizer.ggml.token_type": _token_types(tokenizer, tokens, vocab, gguf)}
+    out = {
+        "tokenizer.ggml.model": "gpt2" if byte_level else "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": _token_types(tokenizer, tokens, vocab, gguf),
+    }
     if byte_level:
         out.update({"tokenizer.ggml.pre": byte_level, "tokenizer.ggml.merges": merges})
     else:
-        out.update({"tokenizer.ggml.scores": _merge_scores(tokens, merges),
-                    "tokenizer.ggml.add_space_prefix": _metaspace_prefix(state)})
-    ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "unknown": tokenizer.unk_token_id,
-           "padding": tokenizer.pad_token_id}
+        out.update(
+            {
+                "tokenizer.ggml.scores": _merge_scores(tokens, merges),
+                "tokenizer.ggml.add_space_prefix": _metaspace_prefix(state),
+            }
+        )
+    ids = {
+        "bos": tokenizer.bos_token_id,
+        "eos": tokenizer.eos_token_id,
+        "unknown": tokenizer.unk_token_id,
+        "padding": tokenizer.pad_token_id,
+    }
     out.update({f"tokenizer.ggml.{name}_token_id": index for name, index in ids.items() if index is not None})
     out.update({"tokenizer.ggml.add_bos_token": adds_bos(tokenizer), "tokenizer.ggml.add_eos_token": False})
     return out
@@ -534,15 +639,22 @@ def _byte_level_pre(state: dict) -> str | None:
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     if not any(step.get("type") == "ByteLevel" for step in steps):
         if _metaspace_prefix(state) is None:
-            raise ExportError(f"tokenizer: pre-tokenizer {pre.get('type')} with normalizer "
-                              f"{(state.get('normalizer') or {}).get('type')}: neither sentencepiece-style (▁ for "
-                              "spaces) nor byte-level, the two BPE kinds llama.cpp reads")
+            raise ExportError(
+                f"tokenizer: pre-tokenizer {pre.get('type')} with normalizer "
+                f"{(state.get('normalizer') or {}).get('type')}: neither sentencepiece-style (▁ for "
+                "spaces) nor byte-level, the two BPE kinds llama.cpp reads"
+            )
         return None
     signature = tuple(_pre_step(step) for step in steps)
-    if signature not in BYTE_LEVEL_PRE or state.get("normalizer") or any(
-            step.get("add_prefix_space") for step in steps):
-        raise ExportError(f"tokenizer: byte-level pre-tokenizer {signature} is none that qllava export can name for "
-                          f"llama.cpp ({', '.join(BYTE_LEVEL_PRE.values())})")
+    if (
+        signature not in BYTE_LEVEL_PRE
+        or state.get("normalizer")
+        or any(step.get("add_prefix_space") for step in steps)
+    ):
+        raise ExportError(
+            f"tokenizer: byte-level pre-tokenizer {signature} is none that qllava export can name for "
+            f"llama.cpp ({', '.join(BYTE_LEVEL_PRE.values())})"
+        )
     return BYTE_LEVEL_PRE[signature]
 
 
@@ -615,15 +727,24 @@ def gguf_chat_template(source: Source) -> str:
 
 def write_gguf(path: Path, plan: Plan, source: Source, say) -> None:
     import gguf
+
     writer = gguf.GGUFWriter(path, plan.arch)
     for key, value in plan.metadata.items():
         _add(writer, gguf, key, value)
     for tensor in plan.tensors:
-        byte_shape = gguf.quant_shape_to_byte_shape(tensor.shape, tensor.qtype) \
-            if tensor.qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else tensor.shape
+        byte_shape = (
+            gguf.quant_shape_to_byte_shape(tensor.shape, tensor.qtype)
+            if tensor.qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+            else tensor.shape
+        )
         itemsize = {gguf.GGMLQuantizationType.F32: 4, gguf.GGMLQuantizationType.F16: 2}.get(tensor.qtype, 1)
-        writer.add_tensor_info(tensor.name, byte_shape, _numpy_dtype(gguf, tensor.qtype),
-                               int(np.prod(byte_shape)) * itemsize, raw_dtype=tensor.qtype)
+        writer.add_tensor_info(
+            tensor.name,
+            byte_shape,
+            _numpy_dtype(gguf, tensor.qtype),
+            int(np.prod(byte_shape)) * itemsize,
+            raw_dtype=tensor.qtype,
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()

@@ -41,15 +41,18 @@ class Folder:
 
     def describe(self) -> str:
         """What the folder is, as a sentence's object: "a decoder checkpoint (mistral)"."""
-        return {"run": "a qllava run", "stage": f"{self.path.name} of the qllava run {self.path.parent}",
-                "merged": "a merged qllava model (written by qllava merge)",
-                "llava": f"a LLaVA checkpoint ({self.model_type})",
-                "decoder": f"a decoder checkpoint ({self.model_type})",
-                "vision_tower": f"a vision tower checkpoint ({self.model_type})",
-                "checkpoint": f"a {self.model_type} checkpoint, not a LLaVA model",
-                "file": "a file, not a folder", "missing": "not found",
-                "other": "neither a qllava run (no stage1/ or stage2/) nor a model folder (no config.json)",
-                }[self.kind]
+        return {
+            "run": "a qllava run",
+            "stage": f"{self.path.name} of the qllava run {self.path.parent}",
+            "merged": "a merged qllava model (written by qllava merge)",
+            "llava": f"a LLaVA checkpoint ({self.model_type})",
+            "decoder": f"a decoder checkpoint ({self.model_type})",
+            "vision_tower": f"a vision tower checkpoint ({self.model_type})",
+            "checkpoint": f"a {self.model_type} checkpoint, not a LLaVA model",
+            "file": "a file, not a folder",
+            "missing": "not found",
+            "other": "neither a qllava run (no stage1/ or stage2/) nor a model folder (no config.json)",
+        }[self.kind]
 
 
 def folder_kind(path: str | Path) -> Folder:
@@ -110,8 +113,9 @@ def check_run_folder(path: str | Path) -> Folder:
         advice = f"merge the whole run: qllava merge {folder.run} --out DIR"
     elif folder.kind == "merged":
         source = _merged_from(folder.path)
-        advice = ("it is merged already: chat, eval and serve take it as it is" +
-                  (f"; to merge again, pass its run, {source}" if source else ""))
+        advice = "it is merged already: chat, eval and serve take it as it is" + (
+            f"; to merge again, pass its run, {source}" if source else ""
+        )
     elif folder.kind == "llava":
         advice = "there is nothing to merge: chat, eval and serve take it as it is"
     else:
@@ -120,8 +124,12 @@ def check_run_folder(path: str | Path) -> Folder:
 
 
 # The recipe key each kind of checkpoint belongs in.
-RECIPE_KEYS = {"decoder": "model.decoder", "vision_tower": "model.vision_tower", "llava": "model.llava",
-               "merged": "model.llava"}
+RECIPE_KEYS = {
+    "decoder": "model.decoder",
+    "vision_tower": "model.vision_tower",
+    "llava": "model.llava",
+    "merged": "model.llava",
+}
 
 
 def recipe_folder_problem(name: str, key: str) -> str | None:
@@ -133,8 +141,7 @@ def recipe_folder_problem(name: str, key: str) -> str | None:
     if folder.kind in ("missing", "file", "other", "checkpoint") or RECIPE_KEYS.get(folder.kind) == f"model.{key}":
         return None
     if folder.kind in ("run", "stage"):
-        advice = (f"merge it first (qllava merge {folder.run} --out DIR), then point model.llava at the merged "
-                  "folder")
+        advice = f"merge it first (qllava merge {folder.run} --out DIR), then point model.llava at the merged folder"
     else:
         advice = f"set it as {RECIPE_KEYS[folder.kind]}"
         if key == "llava":

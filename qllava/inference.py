@@ -55,6 +55,7 @@ def load_for_inference(path: str | Path, quantized: bool = True) -> Loaded:
         model, processor, _ = modeling.load_run(path, quantized=quantized)
         return Loaded(model, processor, template, settings["image_aspect_ratio"], "run")
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
     place = {"device_map": {"": modeling.device()}} if torch.cuda.is_available() else {}
     model = AutoModelForImageTextToText.from_pretrained(path, dtype="auto", **place).eval()
     return Loaded(model, AutoProcessor.from_pretrained(path), template, settings["image_aspect_ratio"], "merged")
@@ -69,8 +70,10 @@ def prompt_settings(path: str | Path) -> dict:
         cfg = getattr(load_recipe(stage / "recipe.toml"), stage.name)
         return {"template": cfg.template, "image_aspect_ratio": cfg.image_aspect_ratio}
     info = json.loads((path / QLLAVA_FILE).read_text()) if (path / QLLAVA_FILE).exists() else {}
-    return {"template": info.get("template") or CHAT_TEMPLATE,
-            "image_aspect_ratio": info.get("image_aspect_ratio", "pad")}
+    return {
+        "template": info.get("template") or CHAT_TEMPLATE,
+        "image_aspect_ratio": info.get("image_aspect_ratio", "pad"),
+    }
 
 
 def prompt_ids(loaded: Loaded, turns: list[tuple[str, str]], images: list = ()) -> list[int]:
@@ -83,8 +86,9 @@ def prompt_ids(loaded: Loaded, turns: list[tuple[str, str]], images: list = ()) 
         text = loaded.processor.apply_chat_template(messages, add_generation_prompt=True)
         rendered = templates.Rendered(text.removeprefix(tokenizer.bos_token or ""), ())
     else:
-        rendered = templates.render(loaded.template, turns, tokenizer.bos_token or "", tokenizer.eos_token,
-                                    generation_prompt=True)
+        rendered = templates.render(
+            loaded.template, turns, tokenizer.bos_token or "", tokenizer.eos_token, generation_prompt=True
+        )
     image_token_id = tokenizer.convert_tokens_to_ids(templates.IMAGE_TAG)
     ids = encode(rendered, tokenizer, image_token_id)[0]
     sizes = [image if isinstance(image, tuple) else image.size for image in images]
@@ -109,9 +113,11 @@ def check_context(loaded: Loaded, prompt_tokens: int, max_new_tokens: int, what:
         return
     room = context - prompt_tokens
     fix = f"lower the max new tokens to {room} or less, or {shorten}" if room > 0 else shorten
-    raise ContextError(f"{what} is {prompt_tokens:,} tokens (image tokens included): with up to {max_new_tokens:,} "
-                       f"new tokens that is more than the decoder's context of {context:,} positions (its "
-                       f"max_position_embeddings): {fix}")
+    raise ContextError(
+        f"{what} is {prompt_tokens:,} tokens (image tokens included): with up to {max_new_tokens:,} "
+        f"new tokens that is more than the decoder's context of {context:,} positions (its "
+        f"max_position_embeddings): {fix}"
+    )
 
 
 def blank_image(loaded: Loaded) -> Image.Image:
@@ -119,8 +125,9 @@ def blank_image(loaded: Loaded) -> Image.Image:
     return vision.blank_image(loaded.processor.image_processor)
 
 
-def generate(loaded: Loaded, prompts: list[list[int]], images: list[Image.Image], max_new_tokens: int,
-             streamer=None, **sampling) -> list[str]:
+def generate(
+    loaded: Loaded, prompts: list[list[int]], images: list[Image.Image], max_new_tokens: int, streamer=None, **sampling
+) -> list[str]:
     """Answers to left-padded prompts; `images` (RGB, prepared here as in training) in the order of their image
     tokens."""
     model, tokenizer = loaded.model, loaded.processor.tokenizer
@@ -129,8 +136,8 @@ def generate(loaded: Loaded, prompts: list[list[int]], images: list[Image.Image]
     ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
     inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
     if images:
         pixels = vision.image_inputs(images, loaded.processor.image_processor, loaded.image_aspect_ratio)
@@ -142,8 +149,15 @@ def generate(loaded: Loaded, prompts: list[list[int]], images: list[Image.Image]
     model.eval()
     try:
         with torch.no_grad(), autocast:
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, use_cache=True, streamer=streamer,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling)
+            out = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                use_cache=True,
+                streamer=streamer,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                **sampling,
+            )
     finally:
         model.train(was_training)
     return [text.strip() for text in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]

@@ -58,8 +58,14 @@ class MergeError(RuntimeError):
     pass
 
 
-def merge(run_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", overwrite: bool = False,
-          verify: bool = True, say=print) -> dict:
+def merge(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    dtype: str = "bfloat16",
+    overwrite: bool = False,
+    verify: bool = True,
+    say=print,
+) -> dict:
     """Merge a run into out_dir; return what was measured (diffs, size, time, peak RAM)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     check_run_folder(run_dir)  # a merged folder, a stage or a decoder is named as such, with what to pass
@@ -77,8 +83,10 @@ def merge(run_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", ove
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        say(f"merging {stage_dir.name} into the base in {dtype}, weight by weight (not 4-bit: merging into NF4 "
-            "would re-quantize)")
+        say(
+            f"merging {stage_dir.name} into the base in {dtype}, weight by weight (not 4-bit: merging into NF4 "
+            "would re-quantize)"
+        )
         _write_merged(recipe, processor, stage_dir, partial, dtype, report)
         _write_beside(processor, recipe, stage_dir, run_dir, partial, report)
         if batch is not None:
@@ -128,24 +136,42 @@ class _Weights:
     def __init__(self, model, sources: dict, stage_dir: Path, dtype: torch.dtype):
         self.shapes = {k: v.shape for k, v in model.state_dict().items()}
         self.sources, self.dtype = sources, dtype
-        self.replaced = {f"model.{k}" if k == "image_newline" else f"model.multi_modal_projector.{k}": v
-                         for k, v in load_file(str(stage_dir / modeling.PROJECTOR_FILE)).items()}
+        self.replaced = {
+            f"model.{k}" if k == "image_newline" else f"model.multi_modal_projector.{k}": v
+            for k, v in load_file(str(stage_dir / modeling.PROJECTOR_FILE)).items()
+        }
         self.lora, self.scaling = {}, {}
         if (stage_dir / "adapter_config.json").exists():
             self._read_adapter(stage_dir)
         self.merged_count, self.error, self.change, self._delta = 0, 0.0, 0.0, torch.empty(0)
         for key in [*self.replaced, *self.lora]:
             if key not in self.shapes:
-                raise MergeError(f"{stage_dir}: trained weight {key} is not a weight of the base model its recipe "
-                                 "names (a run of another model?)")
+                raise MergeError(
+                    f"{stage_dir}: trained weight {key} is not a weight of the base model its recipe "
+                    "names (a run of another model?)"
+                )
 
     def _read_adapter(self, stage_dir: Path) -> None:
         config = json.loads((stage_dir / "adapter_config.json").read_text())
-        unsupported = [k for k in ("use_dora", "lora_bias", "fan_in_fan_out", "use_rslora", "rank_pattern",
-                                   "alpha_pattern", "layer_replication", "trainable_token_indices") if config.get(k)]
+        unsupported = [
+            k
+            for k in (
+                "use_dora",
+                "lora_bias",
+                "fan_in_fan_out",
+                "use_rslora",
+                "rank_pattern",
+                "alpha_pattern",
+                "layer_replication",
+                "trainable_token_indices",
+            )
+            if config.get(k)
+        ]
         if unsupported:
-            raise MergeError(f"{stage_dir}/adapter_config.json: {', '.join(unsupported)} set; qllava trains "
-                             "plain LoRA and merges only that")
+            raise MergeError(
+                f"{stage_dir}/adapter_config.json: {', '.join(unsupported)} set; qllava trains "
+                "plain LoRA and merges only that"
+            )
         for key, value in load_file(str(stage_dir / "adapter_model.safetensors")).items():
             key = key.removeprefix(PEFT_PREFIX)
             if ".lora_A." in key or ".lora_B." in key:
@@ -194,10 +220,11 @@ class _Weights:
         """Embedding rows added for the image (and pad) token: the mean of the others, as training built them."""
         shape = self.shapes[key]
         if tensor.shape[1:] != shape[1:] or tensor.shape[0] > shape[0]:
-            raise MergeError(f"weight {key}: the base stores shape {tuple(tensor.shape)}, the model needs "
-                             f"{tuple(shape)}")
+            raise MergeError(
+                f"weight {key}: the base stores shape {tuple(tensor.shape)}, the model needs {tuple(shape)}"
+            )
         grown = torch.empty(shape, dtype=tensor.dtype)
-        grown[:tensor.shape[0]] = tensor
+        grown[: tensor.shape[0]] = tensor
         return modeling.fill_new_rows(grown, tensor.shape[0])
 
     def _with_delta(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -206,10 +233,12 @@ class _Weights:
         pair = self.lora[key]
         if self._delta.numel() < tensor.numel():  # one buffer for every delta: fresh memory is slow to first touch
             self._delta = torch.empty(tensor.numel())
-        delta = merged_delta(pair["A"], pair["B"], pair["scaling"], out=self._delta[:tensor.numel()].view(tensor.shape))
+        delta = merged_delta(
+            pair["A"], pair["B"], pair["scaling"], out=self._delta[: tensor.numel()].view(tensor.shape)
+        )
         delta, flat = delta.view(-1), tensor.view(-1)
         for start in range(0, flat.numel(), BLOCK):
-            change, weight = delta[start:start + BLOCK], flat[start:start + BLOCK]
+            change, weight = delta[start : start + BLOCK], flat[start : start + BLOCK]
             self.change += torch.dot(change, change).item()
             exact = change.add_(weight)  # base + delta in float32, as `tensor += delta` computes it
             weight.copy_(exact)  # ... and rounds it once to the export dtype
@@ -237,8 +266,10 @@ def _load(build, recipe):
         raise FileNotFoundError(f"the run's base model ({base}, from its recipe.toml) cannot be loaded: {e}") from None
     except (RuntimeError, ValueError) as e:
         if "size mismatch" in str(e) or "shape" in str(e):
-            raise MergeError(f"the run's adapter or projector does not fit the base model it names "
-                             f"({recipe.model.decoder or recipe.model.llava}): {str(e).splitlines()[0]}") from None
+            raise MergeError(
+                f"the run's adapter or projector does not fit the base model it names "
+                f"({recipe.model.decoder or recipe.model.llava}): {str(e).splitlines()[0]}"
+            ) from None
         raise
 
 
@@ -247,8 +278,9 @@ def _verification_batch(recipe, stage_dir: Path, processor, n: int = 4) -> tuple
     conversations, else the stage's own training data), or None and why there is none."""
     stage = recipe.stage2 if stage_dir.name == "stage2" else recipe.stage1
     tried = []
-    for path, folder in [(recipe.eval.data, recipe.eval.image_folder)] * bool(recipe.eval.data) + \
-            [(path, stage.image_folder) for path in stage.data]:
+    for path, folder in [(recipe.eval.data, recipe.eval.image_folder)] * bool(recipe.eval.data) + [
+        (path, stage.image_folder) for path in stage.data
+    ]:
         try:
             where = image_source(path, folder)
             conversations = read_conversations(path, where, 0, DataReport(), limit=n)
@@ -265,10 +297,23 @@ def _batch(conversations, where, recipe, stage, processor) -> dict:
     tokenizer = processor.tokenizer
     config = modeling.load_llava_config(recipe.model)
     image_token_id = tokenizer.convert_tokens_to_ids(modeling.IMAGE_TOKEN)
-    samples = tokenize_dataset(conversations, stage.template, tokenizer, image_token_id,
-                               modeling.image_geometry(config, processor.image_processor), 10**6, DataReport())
-    collator = Collator(ImageStore([where]), processor.image_processor, stage.image_aspect_ratio,
-                        tokenizer.pad_token_id, image_token_id, packing=False)
+    samples = tokenize_dataset(
+        conversations,
+        stage.template,
+        tokenizer,
+        image_token_id,
+        modeling.image_geometry(config, processor.image_processor),
+        10**6,
+        DataReport(),
+    )
+    collator = Collator(
+        ImageStore([where]),
+        processor.image_processor,
+        stage.image_aspect_ratio,
+        tokenizer.pad_token_id,
+        image_token_id,
+        packing=False,
+    )
     batch = collator.batch([[sample] for sample in samples])
     batch.pop("labels")
     return batch
@@ -306,9 +351,11 @@ def _does_not_fit(written: Path, dtype: str) -> str:
         free, where = psutil.virtual_memory().available, "of RAM available (no GPU)"
     if need * 1.2 < free:
         return ""
-    return (f"checking loads the model whole in {dtype} ({need / 2**30:.1f} GiB) and this machine has "
-            f"{free / 2**30:.1f} GiB {where}; the streamed merge itself needs far less. Merge on a machine "
-            "with a GPU or more RAM to verify")
+    return (
+        f"checking loads the model whole in {dtype} ({need / 2**30:.1f} GiB) and this machine has "
+        f"{free / 2**30:.1f} GiB {where}; the streamed merge itself needs far less. Merge on a machine "
+        "with a GPU or more RAM to verify"
+    )
 
 
 def check_written(model, written: Path) -> None:
@@ -322,8 +369,10 @@ def check_written(model, written: Path) -> None:
         stored = files.read(names[key])
         if not torch.equal(stored, state[key].detach().cpu()):
             diff = (stored.float() - state[key].detach().cpu().float()).abs().max().item()
-            raise MergeError(f"merged weight {key} as written differs from base + adapter merged by peft (by up "
-                             f"to {diff:.3g}); nothing was written to the output folder")
+            raise MergeError(
+                f"merged weight {key} as written differs from base + adapter merged by peft (by up "
+                f"to {diff:.3g}); nothing was written to the output folder"
+            )
 
 
 def _merged(model, report: dict, say):
@@ -331,6 +380,7 @@ def _merged(model, report: dict, say):
     in float32 and rounded to the export dtype. Records how far the worst weight is from that (in units in the last
     place); how much of the adapter's weight change the dtype loses was measured by the stream as it wrote."""
     from peft.tuners.lora import LoraLayer
+
     worst, worst_name, checked = 0.0, "", 0
     for name, layer in model.named_modules():
         if not isinstance(layer, LoraLayer):
@@ -346,14 +396,21 @@ def _merged(model, report: dict, say):
     dtype = report["dtype"]
     report.update(merged_weights_checked=checked, max_ulps_vs_float32_merge=worst)
     if worst > MAX_ULPS:
-        raise MergeError(f"merged weight {worst_name} is {worst:.3g} units in the last place of {dtype} away from "
-                         "base + adapter computed in float32 (a correct merge rounds once: at most 0.5); nothing "
-                         "was written to the output folder")
-    say(f"{checked} merged weights are base + adapter computed in float32 and rounded to {dtype} (largest deviation "
+        raise MergeError(
+            f"merged weight {worst_name} is {worst:.3g} units in the last place of {dtype} away from "
+            "base + adapter computed in float32 (a correct merge rounds once: at most 0.5); nothing "
+            "was written to the output folder"
+        )
+    say(
+        f"{checked} merged weights are base + adapter computed in float32 and rounded to {dtype} (largest deviation "
         f"{worst:g} units in the last place); the adapter's weight change is stored with a relative error of "
         f"{report['adapter_change_rounding_error']:.2g}"
-        + (f" (most of it is under half a {dtype} step and rounds away: --dtype float32 keeps it)"
-           if report["adapter_change_rounding_error"] > 0.5 else ""))
+        + (
+            f" (most of it is under half a {dtype} step and rounds away: --dtype float32 keeps it)"
+            if report["adapter_change_rounding_error"] > 0.5
+            else ""
+        )
+    )
     with warnings.catch_warnings():  # each layer is merged already: unloading only swaps the merged layers in
         warnings.filterwarnings("ignore", "All adapters are already merged")
         return model.merge_and_unload()
@@ -377,15 +434,21 @@ def _check_logits(merged: torch.Tensor, unmerged: torch.Tensor, trained: torch.T
     report["max_abs_diff_vs_4bit_training_model"] = (merged - trained).abs().max().item()
     versus = f"vs the 4-bit training model: {report['max_abs_diff_vs_4bit_training_model']:.3g} (for information)"
     if dtype != "float32":
-        say(f"merged vs unmerged ({dtype}): max |logit diff| {report['max_abs_diff_vs_unmerged']:.3g} (for "
-            f"information: {dtype} rounding, checked in float32 only); {versus}")
+        say(
+            f"merged vs unmerged ({dtype}): max |logit diff| {report['max_abs_diff_vs_unmerged']:.3g} (for "
+            f"information: {dtype} rounding, checked in float32 only); {versus}"
+        )
         return
     report["tolerance"] = FLOAT32_TOLERANCE * max(1.0, unmerged.abs().max().item())
-    say(f"merged vs unmerged ({dtype}): max |logit diff| {report['max_abs_diff_vs_unmerged']:.3g} "
-        f"(tolerance {report['tolerance']:.3g}); {versus}")
+    say(
+        f"merged vs unmerged ({dtype}): max |logit diff| {report['max_abs_diff_vs_unmerged']:.3g} "
+        f"(tolerance {report['tolerance']:.3g}); {versus}"
+    )
     if report["max_abs_diff_vs_unmerged"] > report["tolerance"]:
-        raise MergeError(f"merged model differs from base + adapter by {report['max_abs_diff_vs_unmerged']:.3g} "
-                         f"(> {report['tolerance']:.3g}); nothing was written to the output folder")
+        raise MergeError(
+            f"merged model differs from base + adapter by {report['max_abs_diff_vs_unmerged']:.3g} "
+            f"(> {report['tolerance']:.3g}); nothing was written to the output folder"
+        )
 
 
 def _logits(model, batch: dict) -> torch.Tensor:
@@ -401,8 +464,13 @@ def _write_beside(processor, recipe, stage_dir: Path, run_dir: Path, folder: Pat
     stage = recipe.stage2 if stage_dir.name == "stage2" else recipe.stage1
     processor.chat_template = templates.chat_template(stage.template, adds_bos(processor.tokenizer))
     processor.save_pretrained(folder)
-    info = {"template": stage.template, "image_aspect_ratio": stage.image_aspect_ratio, "source_run": str(run_dir),
-            "stage": stage_dir.name, "dtype": report["dtype"]}
+    info = {
+        "template": stage.template,
+        "image_aspect_ratio": stage.image_aspect_ratio,
+        "source_run": str(run_dir),
+        "stage": stage_dir.name,
+        "dtype": report["dtype"],
+    }
     (folder / QLLAVA_FILE).write_text(json.dumps(info, indent=1))
 
 
@@ -411,30 +479,55 @@ def model_card(recipe, stage_dir: Path, run_dir: Path, report: dict) -> str:
     metrics_file = run_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     scores = {k: v for k, v in metrics.items() if k.startswith("accuracy_") or k == "chance"}
-    base = f"`{recipe.model.llava}`" if recipe.model.llava else \
-        f"vision tower `{recipe.model.vision_tower}`, decoder `{recipe.model.decoder}`"
-    lora = "" if stage_dir.name == "stage1" else \
-        f" and LoRA (r {recipe.lora.r}, alpha {recipe.lora.lora_alpha}, on {', '.join(recipe.lora.target_modules)})"
+    base = (
+        f"`{recipe.model.llava}`"
+        if recipe.model.llava
+        else f"vision tower `{recipe.model.vision_tower}`, decoder `{recipe.model.decoder}`"
+    )
+    lora = (
+        ""
+        if stage_dir.name == "stage1"
+        else f" and LoRA (r {recipe.lora.r}, alpha {recipe.lora.lora_alpha}, on {', '.join(recipe.lora.target_modules)})"
+    )
     lines = [
-        "---", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags: [llava, qllava, qlora]", "---",
-        "", f"# {run_dir.name} (merged)", "",
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: image-text-to-text",
+        "tags: [llava, qllava, qlora]",
+        "---",
+        "",
+        f"# {run_dir.name} (merged)",
+        "",
         f"A LLaVA model ({base}) trained with qllava (QLoRA): projector{lora}, merged into "
-        f"the base and saved in {report['dtype']}.", "",
-        "## Training", "",
+        f"the base and saved in {report['dtype']}.",
+        "",
+        "## Training",
+        "",
         f"- stage 1 data: {', '.join(recipe.stage1.data)} (template `plain`)",
-        f"- stage 2 data: {', '.join(recipe.stage2.data)} (template `{recipe.stage2.template}`)" if stage_dir.name == "stage2"
+        f"- stage 2 data: {', '.join(recipe.stage2.data)} (template `{recipe.stage2.template}`)"
+        if stage_dir.name == "stage2"
         else "- stage 2: not run (projector alignment only)",
         f"- template: `{stage.template}`, images preprocessed with `{stage.image_aspect_ratio}`",
-        f"- the resolved recipe is in `{stage_dir}/recipe.toml`", "",
-        "## Metrics", "", "```json", json.dumps({**scores, **{k: v for k, v in report.items() if "diff" in k}}, indent=1),
-        "```", "",
-        "## Use", "", "```python",
+        f"- the resolved recipe is in `{stage_dir}/recipe.toml`",
+        "",
+        "## Metrics",
+        "",
+        "```json",
+        json.dumps({**scores, **{k: v for k, v in report.items() if "diff" in k}}, indent=1),
+        "```",
+        "",
+        "## Use",
+        "",
+        "```python",
         "from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline",
         "model = AutoModelForImageTextToText.from_pretrained(PATH)",
         "processor = AutoProcessor.from_pretrained(PATH)   # its chat template renders the training template",
         'pipe = pipeline("image-text-to-text", model=PATH)',
         'pipe(text=[{"role": "user", "content": [{"type": "image", "image": IMAGE}, {"type": "text", "text": "What is this?"}]}])',
-        "```", "",
+        "```",
+        "",
         f"or `qllava chat PATH --image IMAGE`, which also pads images to a square as training did "
-        f"(`{stage.image_aspect_ratio}`).", ""]
+        f"(`{stage.image_aspect_ratio}`).",
+        "",
+    ]
     return "\n".join(lines)

@@ -19,9 +19,16 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig,
-                          LlavaConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
-                          LlavaProcessor)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoProcessor,
+    BitsAndBytesConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaProcessor,
+)
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from .folders import check_recipe_folders
@@ -29,6 +36,7 @@ from .recipe import LoraConfig, ModelConfig, QuantizationConfig, Recipe, load_re
 from .run import RunFolder
 from . import vision
 from .tokenizer import IMAGE_TOKEN, load_tokenizer, with_pad_token, with_sentencepiece_merges
+
 PROJECTOR_FILE = "projector.safetensors"
 BASE_FILE = "base.json"
 # Full module-name prefixes: bitsandbytes silently quantizes a module named by its bare name.
@@ -45,8 +53,11 @@ def attention_implementation(requested: str, dtype: torch.dtype) -> str:
     Any other request is returned as it is."""
     if requested != "auto":
         return requested
-    if (dtype in (torch.bfloat16, torch.float16) and torch.cuda.is_available()
-            and importlib.util.find_spec("flash_attn") is not None):
+    if (
+        dtype in (torch.bfloat16, torch.float16)
+        and torch.cuda.is_available()
+        and importlib.util.find_spec("flash_attn") is not None
+    ):
         return "flash_attention_2"
     return "sdpa"
 
@@ -68,10 +79,14 @@ def build_processor(cfg: ModelConfig) -> LlavaProcessor:
     config = load_llava_config(cfg)
     height, width = vision.output_size(image_processor)
     prefix = vision.prefix_tokens(config.vision_config, height, width, cfg.vision_feature_layer)
-    return LlavaProcessor(image_processor=image_processor, tokenizer=load_tokenizer(cfg.decoder),
-                          patch_size=config.vision_config.patch_size,
-                          vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-                          num_additional_image_tokens=prefix, image_token=IMAGE_TOKEN)
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=load_tokenizer(cfg.decoder),
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        num_additional_image_tokens=prefix,
+        image_token=IMAGE_TOKEN,
+    )
 
 
 def build_image_processor(cfg: ModelConfig):
@@ -82,6 +97,7 @@ def build_image_processor(cfg: ModelConfig):
     if source in PACKAGED_PREPROCESSORS and _local_folder(source) is None:
         from importlib.resources import files
         import transformers
+
         packaged = json.loads((files("qllava") / "configs" / PACKAGED_PREPROCESSORS[source]).read_text())
         processor = getattr(transformers, packaged.pop("image_processor_type"))(**packaged)
         return vision.load_image_processor(source, processor=processor, **settings)
@@ -101,13 +117,17 @@ def image_geometry(config, image_processor):
 
 
 # Configs of the shipped recipes' checkpoints, so that they can be planned without the hub.
-PACKAGED_CONFIGS = {"mistralai/Mistral-7B-Instruct-v0.2": "mistral-7b-instruct-v0.2.json",
-                    "mistralai/Mistral-7B-v0.1": "mistral-7b-v0.1.json",
-                    "lmsys/vicuna-7b-v1.5": "vicuna-7b-v1.5.json",
-                    "openai/clip-vit-large-patch14-336": "clip-vit-large-patch14-336.json",
-                    "llava-hf/llava-v1.6-mistral-7b-hf": "llava-v1.6-mistral-7b-hf.json"}
-PACKAGED_PREPROCESSORS = {"openai/clip-vit-large-patch14-336": "clip-vit-large-patch14-336.preprocessor.json",
-                          "llava-hf/llava-v1.6-mistral-7b-hf": "llava-v1.6-mistral-7b-hf.preprocessor.json"}
+PACKAGED_CONFIGS = {
+    "mistralai/Mistral-7B-Instruct-v0.2": "mistral-7b-instruct-v0.2.json",
+    "mistralai/Mistral-7B-v0.1": "mistral-7b-v0.1.json",
+    "lmsys/vicuna-7b-v1.5": "vicuna-7b-v1.5.json",
+    "openai/clip-vit-large-patch14-336": "clip-vit-large-patch14-336.json",
+    "llava-hf/llava-v1.6-mistral-7b-hf": "llava-v1.6-mistral-7b-hf.json",
+}
+PACKAGED_PREPROCESSORS = {
+    "openai/clip-vit-large-patch14-336": "clip-vit-large-patch14-336.preprocessor.json",
+    "llava-hf/llava-v1.6-mistral-7b-hf": "llava-v1.6-mistral-7b-hf.preprocessor.json",
+}
 
 
 def load_llava_config(cfg: ModelConfig) -> LlavaConfig:
@@ -117,11 +137,14 @@ def load_llava_config(cfg: ModelConfig) -> LlavaConfig:
     if cfg.llava:
         return _config(cfg.llava)
     text = _config(cfg.decoder)
-    return LlavaConfig(vision_config=vision.tower_config(_config(cfg.vision_tower)), text_config=text,
-                       vision_feature_layer=cfg.vision_feature_layer,
-                       vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-                       projector_hidden_act=cfg.projector_hidden_act,
-                       tie_word_embeddings=text.tie_word_embeddings)
+    return LlavaConfig(
+        vision_config=vision.tower_config(_config(cfg.vision_tower)),
+        text_config=text,
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        projector_hidden_act=cfg.projector_hidden_act,
+        tie_word_embeddings=text.tie_word_embeddings,
+    )
 
 
 def _config(name: str):
@@ -133,11 +156,13 @@ def _config(name: str):
         return AutoConfig.from_pretrained(name, local_files_only=True)
     except OSError:
         from importlib.resources import files
+
         return AutoConfig.for_model(**json.loads((files("qllava") / "configs" / PACKAGED_CONFIGS[name]).read_text()))
 
 
-def load_base_model(recipe: Recipe, processor: LlavaProcessor, quantized: bool = True,
-                    dtype: str | None = None) -> LlavaForConditionalGeneration:
+def load_base_model(
+    recipe: Recipe, processor: LlavaProcessor, quantized: bool = True, dtype: str | None = None
+) -> LlavaForConditionalGeneration:
     """LLaVA with every parameter frozen: 4-bit decoder when `quantized` and the recipe asks for it.
 
     `dtype` overrides the recipe's model dtype (merge reloads the base in the dtype it exports).
@@ -150,7 +175,8 @@ def load_base_model(recipe: Recipe, processor: LlavaProcessor, quantized: bool =
     if cfg.llava:
         with unmapped_checkpoints():
             model = llava_class(load_llava_config(cfg)).from_pretrained(
-                cfg.llava, dtype=torch_dtype, quantization_config=quantization, attn_implementation=attn, **place)
+                cfg.llava, dtype=torch_dtype, quantization_config=quantization, attn_implementation=attn, **place
+            )
         # transformers refuses to train a quantized model without adapters (it reads `is_quantized`); stage 1
         # trains the projector, which is never quantized. An assembled model carries no such flag either: both
         # sources then train alike (the 4-bit layers themselves stay frozen).
@@ -179,8 +205,7 @@ def empty_base_model(recipe: Recipe, processor: LlavaProcessor, dtype: str) -> L
     tower_config = vision.tower_config(_config(cfg.vision_tower))
     with torch.device("meta"):
         decoder = AutoModelForCausalLM.from_config(_config(cfg.decoder), dtype=torch_dtype, attn_implementation=attn)
-        tower = vision.tower_class(tower_config)._from_config(tower_config, dtype=torch_dtype,
-                                                             attn_implementation=attn)
+        tower = vision.tower_class(tower_config)._from_config(tower_config, dtype=torch_dtype, attn_implementation=attn)
     decoder.generation_config = _generation_config(cfg.decoder, decoder.config)
     return frozen(assemble(tower, decoder, processor.tokenizer, cfg, attn))
 
@@ -188,6 +213,7 @@ def empty_base_model(recipe: Recipe, processor: LlavaProcessor, dtype: str) -> L
 def _generation_config(name: str, config):
     """The checkpoint's generation_config.json as from_pretrained reads it, else one from its config."""
     from transformers import GenerationConfig
+
     try:
         return GenerationConfig.from_pretrained(name)
     except OSError:
@@ -197,6 +223,7 @@ def _generation_config(name: str, config):
 def base_sources(recipe: Recipe, model) -> dict:
     """Each weight of the base model (as empty_base_model builds it) -> where its checkpoint stores it."""
     from .checkpoint import Files, module_sources
+
     cfg = recipe.model
     if cfg.llava:
         return module_sources(model, Files(_checkpoint_folder(cfg.llava)), lambda key: key)
@@ -205,11 +232,14 @@ def base_sources(recipe: Recipe, model) -> dict:
         decoder = AutoModelForCausalLM.from_config(text)
         tower = vision.tower_class(tower_config)._from_config(tower_config)
     # the decoder's body becomes model.language_model, its head stays lm_head; the tower is model.vision_tower
-    sources = module_sources(decoder, Files(_checkpoint_folder(cfg.decoder)),
-                             lambda key: "model.language_model." + key.removeprefix("model.")
-                             if key.startswith("model.") else key)
-    sources.update(module_sources(tower, Files(_checkpoint_folder(cfg.vision_tower)),
-                                  lambda key: "model.vision_tower." + key))
+    sources = module_sources(
+        decoder,
+        Files(_checkpoint_folder(cfg.decoder)),
+        lambda key: "model.language_model." + key.removeprefix("model.") if key.startswith("model.") else key,
+    )
+    sources.update(
+        module_sources(tower, Files(_checkpoint_folder(cfg.vision_tower)), lambda key: "model.vision_tower." + key)
+    )
     return sources
 
 
@@ -228,16 +258,19 @@ def llava_class(config):
     try:
         return LLAVA_CLASSES[config.model_type]
     except KeyError:
-        raise BaseMismatchError(f"model.llava: a {config.model_type!r} checkpoint; qllava trains LLaVA "
-                                "(llava-hf/llava-1.5-*) and LLaVA-NeXT (llava-hf/llava-v1.6-*) checkpoints") from None
+        raise BaseMismatchError(
+            f"model.llava: a {config.model_type!r} checkpoint; qllava trains LLaVA "
+            "(llava-hf/llava-1.5-*) and LLaVA-NeXT (llava-hf/llava-v1.6-*) checkpoints"
+        ) from None
 
 
 def load_decoder(name: str, dtype: torch.dtype, quantization: BitsAndBytesConfig | None, attn: str):
     """The causal-LM decoder, quantized as its weights stream in (no full-precision copy is ever held)."""
     place = {"device_map": {"": device()}} if torch.cuda.is_available() else {}
     with unmapped_checkpoints():
-        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, quantization_config=quantization,
-                                                    attn_implementation=attn, **place)
+        return AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, quantization_config=quantization, attn_implementation=attn, **place
+        )
 
 
 @contextmanager
@@ -251,6 +284,7 @@ def unmapped_checkpoints():
     resident memory stays at what the model and one tensor in flight take (benchmarks/load_7b.py).
     """
     from transformers import modeling_utils
+
     original = getattr(modeling_utils, "safe_open", None)
     if original is None:  # another transformers layout: leave its loading as it is
         yield
@@ -258,6 +292,7 @@ def unmapped_checkpoints():
 
     def pread_open(filename, framework, device="cpu", backend=None):
         return original(filename, framework=framework, device=device, backend="pread" if device == "cpu" else backend)
+
     modeling_utils.safe_open = pread_open
     try:
         yield
@@ -276,19 +311,29 @@ def frozen(model: LlavaForConditionalGeneration) -> LlavaForConditionalGeneratio
 def build_quantization_config(q: QuantizationConfig) -> BitsAndBytesConfig | None:
     if not q.load_in_4bit:
         return None
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
-                              bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
-                              bnb_4bit_compute_dtype=getattr(torch, q.bnb_4bit_compute_dtype),
-                              llm_int8_skip_modules=NOT_QUANTIZED)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, q.bnb_4bit_compute_dtype),
+        llm_int8_skip_modules=NOT_QUANTIZED,
+    )
 
 
 def attach_lora(model: LlavaForConditionalGeneration, cfg: LoraConfig):
     """peft LoRA on the decoder's linear layers only (CLIP has q/k/v_proj too, so names are anchored)."""
     import peft
+
     targets = "|".join(cfg.target_modules)
-    lora = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                           target_modules=rf".*language_model\..*\.({targets})",
-                           modules_to_save=list(cfg.modules_to_save) or None, task_type="CAUSAL_LM")
+    lora = peft.LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        bias="none",
+        target_modules=rf".*language_model\..*\.({targets})",
+        modules_to_save=list(cfg.modules_to_save) or None,
+        task_type="CAUSAL_LM",
+    )
     return peft.get_peft_model(model, lora)
 
 
@@ -309,8 +354,9 @@ def projector_parameters(model) -> dict[str, torch.nn.Parameter]:
 
 def save_projector(model, folder: Path) -> Path:
     path = Path(folder) / PROJECTOR_FILE
-    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in projector_parameters(model).items()},
-              path)
+    save_file(
+        {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in projector_parameters(model).items()}, path
+    )
     return path
 
 
@@ -319,12 +365,15 @@ def load_projector(model, path: Path) -> None:
     target = projector_parameters(model)
     state = load_file(str(path))
     if set(state) != set(target):
-        raise BaseMismatchError(f"{path}: not a projector for this model (keys {sorted(state)}, expected "
-                                f"{sorted(target)})")
+        raise BaseMismatchError(
+            f"{path}: not a projector for this model (keys {sorted(state)}, expected {sorted(target)})"
+        )
     for key, value in state.items():
         if value.shape != target[key].shape:
-            raise BaseMismatchError(f"{path}: {key} has shape {tuple(value.shape)}, this model's projector needs "
-                                    f"{tuple(target[key].shape)} (a run of another base model?)")
+            raise BaseMismatchError(
+                f"{path}: {key} has shape {tuple(value.shape)}, this model's projector needs "
+                f"{tuple(target[key].shape)} (a run of another base model?)"
+            )
     with torch.no_grad():
         for key, value in state.items():
             target[key].copy_(value.to(target[key].device, target[key].dtype))
@@ -354,7 +403,8 @@ def check_base(stage_dir: Path, cfg: ModelConfig) -> None:
         raise BaseMismatchError(
             f"the base model ({names}) is not the one {stage_dir} was trained on (its files differ from those "
             f"recorded in {recorded_file}): the adapter and projector would be applied to other weights. "
-            "Point the run's recipe.toml [model] at the original base")
+            "Point the run's recipe.toml [model] at the original base"
+        )
 
 
 def stage_processor(stage_dir: Path, cfg: ModelConfig) -> LlavaProcessor:
@@ -378,11 +428,13 @@ def load_stage(stage_dir: Path, quantized: bool = True, dtype: str | None = None
     load_projector(model, stage_dir / PROJECTOR_FILE)
     if (stage_dir / "adapter_config.json").exists():
         import peft
+
         try:
             model = peft.PeftModel.from_pretrained(model, stage_dir)
         except RuntimeError as e:
-            raise BaseMismatchError(f"{stage_dir}: the adapter does not fit the base model its recipe names: "
-                                    f"{str(e).splitlines()[0]}") from None
+            raise BaseMismatchError(
+                f"{stage_dir}: the adapter does not fit the base model its recipe names: {str(e).splitlines()[0]}"
+            ) from None
         model.requires_grad_(False)
     return model.eval(), processor, recipe
 
@@ -393,12 +445,15 @@ def assemble(tower, decoder, tokenizer, cfg: ModelConfig, attn: str) -> LlavaFor
     output embeddings (SmolLM2) stay tied."""
     torch_dtype = decoder.get_input_embeddings().weight.dtype
     _fit_embeddings(decoder, len(tokenizer))
-    config = LlavaConfig(vision_config=tower.config, text_config=decoder.config,
-                         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                         vision_feature_layer=cfg.vision_feature_layer,
-                         vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-                         projector_hidden_act=cfg.projector_hidden_act,
-                         tie_word_embeddings=decoder.config.tie_word_embeddings)
+    config = LlavaConfig(
+        vision_config=tower.config,
+        text_config=decoder.config,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        projector_hidden_act=cfg.projector_hidden_act,
+        tie_word_embeddings=decoder.config.tie_word_embeddings,
+    )
     config._attn_implementation = attn
     # The shell is built on the meta device: its vision tower and decoder are replaced by the loaded ones,
     # so no memory is spent on weights that would be thrown away.
@@ -440,6 +495,7 @@ def _keep_4bit_trainable_on_cpu(model) -> None:
     runs a kernel without autograd: gradients silently wrong (measured: up to 143% relative error; the test
     test_without_the_fix_the_cpu_repack_breaks_gradients shows it). Turning that path off keeps them exact."""
     import bitsandbytes as bnb
+
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
@@ -450,6 +506,7 @@ def _local_folder(name: str) -> Path | None:
         return Path(name)
     try:  # a hub id: its cached snapshot, if any (never a download)
         from huggingface_hub import snapshot_download
+
         return Path(snapshot_download(name, local_files_only=True))
     except Exception:
         return None
@@ -466,6 +523,6 @@ def _folder_digest(folder: Path | None) -> str:
             with path.open("rb") as f:
                 digest.update(f.read(2**20))
                 if size > 2**21:
-                    f.seek(-2**20, 2)
+                    f.seek(-(2**20), 2)
                     digest.update(f.read())
     return digest.hexdigest()[:20]

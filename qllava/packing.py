@@ -51,7 +51,7 @@ def padded_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[
     """Sample lengths in shuffled batches, as a padded (unpacked) trainer would draw them."""
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
-    return [[lengths[i] for i in order[at:at + batch_size]] for at in range(0, len(order), batch_size)]
+    return [[lengths[i] for i in order[at : at + batch_size]] for at in range(0, len(order), batch_size)]
 
 
 def pad_fraction(batches: list[list[int]]) -> float:
@@ -130,8 +130,8 @@ class SimilarLengthSampler(torch.utils.data.Sampler):
         size = self.batch_size * self.megabatch
         batches = []
         for at in range(0, len(order), size):
-            mega = sorted(order[at:at + size], key=lambda i: -self.lengths[i])
-            batches += [mega[k:k + self.batch_size] for k in range(0, len(mega), self.batch_size)]
+            mega = sorted(order[at : at + size], key=lambda i: -self.lengths[i])
+            batches += [mega[k : k + self.batch_size] for k in range(0, len(mega), self.batch_size)]
         # The data loader cuts this stream into batches again: only the last batch may be short.
         short = [b for b in batches if len(b) < self.batch_size]
         full = [b for b in batches if len(b) == self.batch_size]
@@ -192,10 +192,10 @@ class Collator:
             for sample in row:
                 sample_ids, sample_labels = expand_sample(sample, self.image_token_id)
                 n = len(sample_ids)
-                ids[r, at:at + n] = sample_ids
-                labels[r, at:at + n] = sample_labels
+                ids[r, at : at + n] = sample_ids
+                labels[r, at : at + n] = sample_labels
                 labels[r, at] = -100  # never learn a sample's first token from the previous sample's last one
-                positions[r, at:at + n] = torch.arange(n)
+                positions[r, at : at + n] = torch.arange(n)
                 at += n
             positions[r, at:] = torch.arange(width - at)  # padding is a sequence of its own
         batch = {"input_ids": ids, "labels": labels}
@@ -241,8 +241,12 @@ def unpacked_step(model, unpacked: Collator, samples: list[dict]) -> Step:
     labels = batch.pop("labels")[:, 1:]
     logits = model(**batch, use_cache=False).logits[:, :-1]
     total = int((labels != -100).sum())
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                            ignore_index=-100, reduction="sum") / total
+    loss = (
+        torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        / total
+    )
     loss.backward()
     return _step(model, loss.item(), total)
 
@@ -251,6 +255,7 @@ def packed_step(model, packed: Collator, micro_batches: list[list[list[dict]]], 
     """The micro-batches of rows, each scored with TRL's fused head and num_items_in_batch = the step's label tokens,
     as SFTTrainer does under gradient accumulation; gradients accumulate. `model` in train mode."""
     from trl.trainer.utils import add_fused_lm_head
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(base, "_qllava_fused_head", False):  # SFTTrainer adds the same head when it trains
         add_fused_lm_head(base)
@@ -270,8 +275,9 @@ def _step(model, loss: float, label_tokens: int) -> Step:
     return Step(loss, grads, label_tokens)
 
 
-def packed_vs_unpacked_error(model, packed: Collator, unpacked: Collator,
-                             micro_batches: list[list[list[dict]]]) -> float:
+def packed_vs_unpacked_error(
+    model, packed: Collator, unpacked: Collator, micro_batches: list[list[list[dict]]]
+) -> float:
     """Worst relative error between the packed step (the given micro-batches of rows) and the unpacked one (all
     their samples in one padded batch), in loss and in every trainable gradient. `model` must be in train mode."""
     reference = unpacked_step(model, unpacked, [s for micro in micro_batches for row in micro for s in row])

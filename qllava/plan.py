@@ -68,10 +68,19 @@ def count_parameters(recipe: Recipe) -> Counts:
             largest = max(largest, module.weight.numel())
             if targets.match("." + name):
                 lora += recipe.lora.r * (module.in_features + module.out_features)
-    other = sum(p.numel() for p in model.model.language_model.parameters()) - linear - \
+    other = (
+        sum(p.numel() for p in model.model.language_model.parameters())
+        - linear
+        - model.get_input_embeddings().weight.numel()
+    )
+    saved = sum(
         model.get_input_embeddings().weight.numel()
-    saved = sum(model.get_input_embeddings().weight.numel() if m == "embed_tokens" else
-                model.lm_head.weight.numel() if m == "lm_head" else 0 for m in recipe.lora.modules_to_save)
+        if m == "embed_tokens"
+        else model.lm_head.weight.numel()
+        if m == "lm_head"
+        else 0
+        for m in recipe.lora.modules_to_save
+    )
     return Counts(vision, projector, linear, embeddings, other, lora, saved, largest)
 
 
@@ -102,8 +111,9 @@ def estimate(recipe: Recipe, stage: str, counts: Counts, tokens: int | None = No
     geometry = modeling.image_geometry(config, image_processor)
     # As many of the largest images as a micro-batch holds (with a little text each), every tile through the tower.
     images = math.ceil(tokens / (geometry.tokens_of() + 64))
-    vision_tokens = geometry.tiles_of() * tower_tokens(vision, *output_size(image_processor),
-                                                       config.vision_feature_layer)
+    vision_tokens = geometry.tiles_of() * tower_tokens(
+        vision, *output_size(image_processor), config.vision_feature_layer
+    )
     parts = {
         "decoder_4bit" if q.load_in_4bit else "decoder_linear": counts.decoder_linear * per_weight,
         "frozen_base": (counts.vision_tower + frozen_embeddings + counts.decoder_other) * dtype,
@@ -114,26 +124,42 @@ def estimate(recipe: Recipe, stage: str, counts: Counts, tokens: int | None = No
         "logits": min(tokens, HEAD_TILE_TOKENS) * HEAD_TILE_VOCAB * dtype + tokens * text.hidden_size * (4 + dtype),
         "vision_forward": images * vision_tokens * vision.hidden_size * dtype * 8,
     }
-    return {"stage": stage, "tokens_per_micro_batch": tokens, "parts": parts, "trainable_params": trainable,
-            "peak_bytes": sum(parts.values()), "largest_image_tokens": geometry.tokens_of(),
-            "largest_image_fits": geometry.tokens_of() + 2 <= cfg.max_seq_len}
+    return {
+        "stage": stage,
+        "tokens_per_micro_batch": tokens,
+        "parts": parts,
+        "trainable_params": trainable,
+        "peak_bytes": sum(parts.values()),
+        "largest_image_tokens": geometry.tokens_of(),
+        "largest_image_fits": geometry.tokens_of() + 2 <= cfg.max_seq_len,
+    }
 
 
 def plan(recipe: Recipe, gpu_memory_gib: float = 24.0, stages=("stage1", "stage2")) -> dict:
     counts = count_parameters(recipe)
     budget = gpu_memory_gib * GIB - CUDA_CONTEXT
-    result = {"recipe": recipe.source, "gpu_memory_gib": gpu_memory_gib, "cuda_context_gib": CUDA_CONTEXT / GIB,
-              "counts": counts.__dict__, "lora_params": counts.lora, "projector_params": counts.projector,
-              "stages": {}}
+    result = {
+        "recipe": recipe.source,
+        "gpu_memory_gib": gpu_memory_gib,
+        "cuda_context_gib": CUDA_CONTEXT / GIB,
+        "counts": counts.__dict__,
+        "lora_params": counts.lora,
+        "projector_params": counts.projector,
+        "stages": {},
+    }
     for stage in stages:
         est = estimate(recipe, stage, counts)
         tokens = est["tokens_per_micro_batch"]
         per_token = (estimate(recipe, stage, counts, tokens + 1024)["peak_bytes"] - est["peak_bytes"]) / 1024
         fixed = est["peak_bytes"] - per_token * tokens
         max_tokens = int((budget - fixed) / per_token) if budget > fixed else 0
-        est.update(peak_gib=est["peak_bytes"] / GIB, with_context_gib=(est["peak_bytes"] + CUDA_CONTEXT) / GIB,
-                   fits=est["peak_bytes"] <= budget, headroom_gib=(budget - est["peak_bytes"]) / GIB,
-                   max_tokens_per_micro_batch=max_tokens)
+        est.update(
+            peak_gib=est["peak_bytes"] / GIB,
+            with_context_gib=(est["peak_bytes"] + CUDA_CONTEXT) / GIB,
+            fits=est["peak_bytes"] <= budget,
+            headroom_gib=(budget - est["peak_bytes"]) / GIB,
+            max_tokens_per_micro_batch=max_tokens,
+        )
         result["stages"][stage] = est
         result[f"{stage}_peak_gib"] = round(est["peak_gib"], 3)
     return result

@@ -42,17 +42,23 @@ def data_problem(path: str) -> str | None:
     """Why a stage's data file cannot be read: a LLaVA JSON file, a dataset saved with save_to_disk, or a hub
     dataset (read when online)."""
     from .data import is_llava_json
+
     local = Path(path)
     if is_llava_json(path):
         return None if local.is_file() else f"{path}: file not found"
     if local.is_dir():
-        return None if any((local / f).exists() for f in ("dataset_info.json", "dataset_dict.json")) else \
-            f"{path}: not a dataset saved with save_to_disk (no dataset_info.json) nor a .json/.jsonl file"
+        return (
+            None
+            if any((local / f).exists() for f in ("dataset_info.json", "dataset_dict.json"))
+            else f"{path}: not a dataset saved with save_to_disk (no dataset_info.json) nor a .json/.jsonl file"
+        )
     if local.exists() or not is_hub_id(path):
         return f"{path}: not found (a LLaVA .json/.jsonl file or a dataset folder)"
     if _offline():
-        return (f"{path}: not a local file or folder, and HF_HUB_OFFLINE=1 forbids reading it from the hub: save it "
-                "with save_to_disk while online and point the recipe at that folder")
+        return (
+            f"{path}: not a local file or folder, and HF_HUB_OFFLINE=1 forbids reading it from the hub: save it "
+            "with save_to_disk while online and point the recipe at that folder"
+        )
     return None
 
 
@@ -60,6 +66,7 @@ def model_problems(recipe: Recipe, weights: bool) -> list[str]:
     """Model checkpoints of the recipe that cannot be read. Without `weights`, the vision tower of the shipped
     recipes is not needed (its config and image processor ship with qllava)."""
     from .model import PACKAGED_CONFIGS
+
     cfg = recipe.model
     keys = ["llava"] if cfg.llava else ["vision_tower", "decoder"]
     if cfg.image_processor:
@@ -81,14 +88,18 @@ def checkpoint_problem(name: str, key: str) -> str | None:
 def _offline_problem(repo: str, key: str) -> str | None:
     """A hub id is fine online (downloaded when loaded); offline, it must be in the Hugging Face cache."""
     from huggingface_hub import constants, try_to_load_from_cache
+
     cached = any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("config.json", "preprocessor_config.json"))
     if cached or not _offline():
         return None
-    return (f'"{repo}" is not a local folder, and it is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) '
-            f"while HF_HUB_OFFLINE=1 forbids downloading it: download it while online (`hf download {repo}`), or "
-            f"set model.{key} to a local folder that holds it")
+    return (
+        f'"{repo}" is not a local folder, and it is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) '
+        f"while HF_HUB_OFFLINE=1 forbids downloading it: download it while online (`hf download {repo}`), or "
+        f"set model.{key} to a local folder that holds it"
+    )
 
 
 def _offline() -> bool:
     from huggingface_hub import is_offline_mode
+
     return is_offline_mode()

@@ -18,6 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .benchmark_names import BENCHMARK_NAMES
 from .templates import TEMPLATES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -173,8 +174,13 @@ class StageConfig:
         out += _choice(path, "optim", self.optim, OPTIMIZERS)
         for reporter in self.report_to:
             out += _choice(path, "report_to", reporter, tuple(REPORTERS))
-        for key in ("max_seq_len", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
-                    "logging_steps"):
+        for key in (
+            "max_seq_len",
+            "learning_rate",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+        ):
             out += _positive(path, key, getattr(self, key))
         if self.projector_lr is not None:
             out += _positive(path, "projector_lr", self.projector_lr)
@@ -203,15 +209,18 @@ class EvalConfig:
     """Score only the first N questions (0: all)."""
 
     def problems(self, path: str) -> list[str]:
-        from .scorers import BENCHMARKS  # the one table of benchmarks (a light module, imported when checked)
-        out = _choice(path, "benchmark", self.benchmark, tuple(BENCHMARKS))
+        out = _choice(path, "benchmark", self.benchmark, BENCHMARK_NAMES)
         for point in self.at:
             out += _choice(path, "at", point, EVAL_POINTS)
         if self.at and not self.data:
             out.append(f"{path}.data: required when {path}.at is set")
         if self.limit < 0:  # as a slice, -1 would leave the last question out and score the rest as the result
             out.append(f"{path}.limit: must be >= 0 (0: every question), got {self.limit}")
-        return out + _positive(path, "max_new_tokens", self.max_new_tokens) + _positive(path, "batch_size", self.batch_size)
+        return (
+            out
+            + _positive(path, "max_new_tokens", self.max_new_tokens)
+            + _positive(path, "batch_size", self.batch_size)
+        )
 
 
 @dataclass
@@ -245,7 +254,7 @@ class OutputConfig:
     dir: str = ""
 
     def problems(self, path: str) -> list[str]:
-        return [] if self.dir else [f"{path}.dir: required, e.g. \"runs/my_llava\""]
+        return [] if self.dir else [f'{path}.dir: required, e.g. "runs/my_llava"']
 
 
 @dataclass
@@ -273,7 +282,11 @@ class SyntheticConfig:
         out = [] if self.data_dir else [f"{path}.data_dir: required"]
         out += _choice(path, "decoder_family", self.decoder_family, DECODER_FAMILIES)
         out += _choice(path, "vision_family", self.vision_family, VISION_FAMILIES)
-        return out + _positive(path, "train_samples", self.train_samples) + _positive(path, "eval_samples", self.eval_samples)
+        return (
+            out
+            + _positive(path, "train_samples", self.train_samples)
+            + _positive(path, "eval_samples", self.eval_samples)
+        )
 
 
 @dataclass
@@ -305,14 +318,14 @@ class Recipe:
         for f in dataclasses.fields(self):
             table = getattr(self, f.name)
             if dataclasses.is_dataclass(table):
-                body = "".join(f"{k} = {_toml_value(v)}\n" for k, v in dataclasses.asdict(table).items() if v is not None)
+                body = "".join(
+                    f"{k} = {_toml_value(v)}\n" for k, v in dataclasses.asdict(table).items() if v is not None
+                )
                 parts.append(f"[{f.name}]\n{body}")
         return "\n".join(parts)
 
 
-TABLES: dict[str, type] = {
-    name: hint for name, hint in typing.get_type_hints(Recipe).items() if name != "source"
-}
+TABLES: dict[str, type] = {name: hint for name, hint in typing.get_type_hints(Recipe).items() if name != "source"}
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -362,13 +375,15 @@ def check_report_to(recipe: Recipe, stages) -> None:
     """Refuse, before any work, a stage that reports to a tool whose package is not installed. (Not part of
     validation: a saved run's recipe must load for chat and merge on machines without that tool.)"""
     import importlib.util
+
     problems = []
     for name in stages:
         for reporter in getattr(recipe, name).report_to:
             package = REPORTERS[reporter]
             if importlib.util.find_spec(package) is None:
-                problems.append(f'{name}.report_to: "{reporter}" needs the {package} package (pip install {package}), '
-                                "or remove it")
+                problems.append(
+                    f'{name}.report_to: "{reporter}" needs the {package} package (pip install {package}), or remove it'
+                )
     if problems:
         raise RecipeError(recipe.source, problems)
 
@@ -376,8 +391,10 @@ def check_report_to(recipe: Recipe, stages) -> None:
 # What a stage's training reads: the tables a stage continued from a checkpoint must find as it started, less the
 # keys of its own table that change how it runs, logs or saves, not what it learns (gradient checkpointing
 # recomputes the same values). [eval], [data] and [output] never change what a stage learns.
-TRAINED_BY = {"stage1": ("model", "quantization", "stage1", "synthetic"),
-              "stage2": ("model", "quantization", "lora", "stage2", "synthetic")}
+TRAINED_BY = {
+    "stage1": ("model", "quantization", "stage1", "synthetic"),
+    "stage2": ("model", "quantization", "lora", "stage2", "synthetic"),
+}
 NOT_TRAINING = ("enabled", "logging_steps", "save_steps", "report_to", "gradient_checkpointing")
 
 
@@ -412,14 +429,18 @@ def toml_override(key: str, value) -> str:
 def _cross_checks(t: dict) -> list[str]:
     out = []
     if t["stage1"].template != "plain":
-        out.append("stage1.template: stage 1 (alignment) uses the \"plain\" template, as LLaVA does")
+        out.append('stage1.template: stage 1 (alignment) uses the "plain" template, as LLaVA does')
     if t["stage2"].template == "plain":
-        out.append("stage2.template: stage 2 needs a conversation template: vicuna_v1, mistral_instruct or llava_llama_2")
+        out.append(
+            "stage2.template: stage 2 needs a conversation template: vicuna_v1, mistral_instruct or llava_llama_2"
+        )
     if t["stage2"].projector == "model" and not t["model"].llava:
-        out.append("stage2.projector: \"model\" takes the projector of model.llava, which is not set")
+        out.append('stage2.projector: "model" takes the projector of model.llava, which is not set')
     if t["stage2"].projector == "stage1" and not t["stage1"].enabled:
-        out.append("stage2.projector: \"stage1\" but stage1.enabled = false: set \"model\" (model.llava's), "
-                   "\"fresh\" or a projector file")
+        out.append(
+            'stage2.projector: "stage1" but stage1.enabled = false: set "model" (model.llava\'s), '
+            '"fresh" or a projector file'
+        )
     return out
 
 
@@ -483,9 +504,16 @@ def _apply_override(raw: dict, item: str) -> list[str]:
 
 
 # Names people reach for first, mapped to the upstream names the recipe uses.
-ALIASES = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "lr": "learning_rate",
-           "batch_size": "per_device_train_batch_size", "epochs": "num_train_epochs",
-           "grad_accum": "gradient_accumulation_steps", "scheduler": "lr_scheduler_type"}
+ALIASES = {
+    "rank": "r",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "lr": "learning_rate",
+    "batch_size": "per_device_train_batch_size",
+    "epochs": "num_train_epochs",
+    "grad_accum": "gradient_accumulation_steps",
+    "scheduler": "lr_scheduler_type",
+}
 
 
 def _key_suggestion(table: str, word: str, known) -> str:
@@ -500,8 +528,9 @@ def _key_suggestion(table: str, word: str, known) -> str:
         return f", did you mean {quoted}?"
     own = {c: c for c in known} | {a: t for a, t in ALIASES.items() if t in known}
     other = {name: path for path, names in _keys_elsewhere(table).items() for name in names}
-    scored = [(_likeness(word, c), meant, 0.5) for c, meant in own.items()] + \
-        [(_likeness(word, c), meant, 0.75) for c, meant in other.items()]  # another table's key must be closer
+    scored = [(_likeness(word, c), meant, 0.5) for c, meant in own.items()] + [
+        (_likeness(word, c), meant, 0.75) for c, meant in other.items()
+    ]  # another table's key must be closer
     close = [(score, meant) for score, meant, cutoff in scored if score >= cutoff]
     if not close:
         return f" (known: {', '.join(sorted(known))})"

@@ -40,15 +40,19 @@ def resume_points(recipe: Recipe, run: RunFolder, names, say=print) -> dict[str,
     refused, naming the file each lacks."""
     points = {}
     for name in names:
-        found = [(checkpoint, checkpoint_problem(checkpoint, lora=name == "stage2"))
-                 for checkpoint in checkpoints(run.checkpoints(name))]
+        found = [
+            (checkpoint, checkpoint_problem(checkpoint, lora=name == "stage2"))
+            for checkpoint in checkpoints(run.checkpoints(name))
+        ]
         complete = next((checkpoint for checkpoint, problem in found if problem is None), None)
         passed = [(checkpoint, problem) for checkpoint, problem in found if problem]
         if found and complete is None:
             reasons = "; ".join(f"{checkpoint.name}: {problem}" for checkpoint, problem in passed)
-            raise ResumeError(f"{run.checkpoints(name)}: no checkpoint there is complete ({reasons}). Put the file "
-                              f"back, or remove {run.checkpoints(name)} to train {name} again from step 0 "
-                              "(with --resume; finished stages are kept)")
+            raise ResumeError(
+                f"{run.checkpoints(name)}: no checkpoint there is complete ({reasons}). Put the file "
+                f"back, or remove {run.checkpoints(name)} to train {name} again from step 0 "
+                "(with --resume; finished stages are kept)"
+            )
         for checkpoint, problem in passed:
             if _step(checkpoint) > _step(complete):
                 say(f"{name}: {checkpoint} is not complete ({problem}): passed over for {complete.name}")
@@ -84,32 +88,54 @@ def check_recipe(recipe: Recipe, run: RunFolder, names, points: dict[str, Path],
     for name in points:
         started = _started_recipe(run, name)
         if started is None:
-            say(f"{name}: {run.stage(name) / RECIPE_FILE} is missing (the stage was begun by an older qllava): it "
-                "continues without checking that the recipe is the one it started with")
+            say(
+                f"{name}: {run.stage(name) / RECIPE_FILE} is missing (the stage was begun by an older qllava): it "
+                "continues without checking that the recipe is the one it started with"
+            )
             continue
         changed = changed_values(started, recipe)
         differ = [change for change in changed if trains(name, change[0])]
         reported |= {key for key, _, _ in differ}
         if differ:
             start_over = "--stage 2 --overwrite (stage 1 is kept)" if name == "stage2" else "--overwrite"
-            paragraphs.append(_refusal(
-                f"{run.stage(name)} cannot be continued with this recipe: its checkpoints hold the optimizer, schedule "
-                f"and data position of the values it started with ({run.stage(name) / RECIPE_FILE}), and these "
-                "values, which change what it learns, differ:", differ, "when it started", "continue it",
-                f"train with the new values, start it over: {start_over}"))
-        others = [f"{key} ({_shown(key, old)} -> {_shown(key, new)})" for key, old, new in changed
-                  if not trains(name, key)]
+            paragraphs.append(
+                _refusal(
+                    f"{run.stage(name)} cannot be continued with this recipe: its checkpoints hold the optimizer, schedule "
+                    f"and data position of the values it started with ({run.stage(name) / RECIPE_FILE}), and these "
+                    "values, which change what it learns, differ:",
+                    differ,
+                    "when it started",
+                    "continue it",
+                    f"train with the new values, start it over: {start_over}",
+                )
+            )
+        others = [
+            f"{key} ({_shown(key, old)} -> {_shown(key, new)})" for key, old, new in changed if not trains(name, key)
+        ]
         if others and not paragraphs:
             say(f"{name}: changed since it started, without effect on what it learns: {', '.join(others)}")
     if "stage2" in names and "stage1" not in names and recipe.stage2.projector == "stage1" and run.complete("stage1"):
         trained = _started_recipe(run, "stage1")
-        differ = [change for change in changed_values(trained, recipe) if trains("stage1", change[0])
-                  and change[0] not in reported] if trained else []
+        differ = (
+            [
+                change
+                for change in changed_values(trained, recipe)
+                if trains("stage1", change[0]) and change[0] not in reported
+            ]
+            if trained
+            else []
+        )
         if differ:
-            paragraphs.append(_refusal(
-                f"stage 2 starts from the projector of {run.stage('stage1')}, which was trained with other values than "
-                f"this recipe's ({run.stage('stage1') / RECIPE_FILE}):", differ, "when it was trained",
-                "train stage 2 from it", "use the new values, train stage 1 again: --overwrite (both stages)"))
+            paragraphs.append(
+                _refusal(
+                    f"stage 2 starts from the projector of {run.stage('stage1')}, which was trained with other values than "
+                    f"this recipe's ({run.stage('stage1') / RECIPE_FILE}):",
+                    differ,
+                    "when it was trained",
+                    "train stage 2 from it",
+                    "use the new values, train stage 1 again: --overwrite (both stages)",
+                )
+            )
     if paragraphs:
         raise ResumeError("\n".join(paragraphs))
 

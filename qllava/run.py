@@ -48,10 +48,13 @@ class RunFolder:
             if self.complete(name):
                 return folder
             if folder.is_dir():
-                raise FileNotFoundError(f"{folder} is not complete (no metrics.json: training stopped before the "
-                                        "end): finish it with `qllava finetune RECIPE --resume`, or remove it")
-        raise FileNotFoundError(f"{self.path} is not a qllava run folder: no complete stage1/ or stage2/ "
-                                "(run qllava finetune first)")
+                raise FileNotFoundError(
+                    f"{folder} is not complete (no metrics.json: training stopped before the "
+                    "end): finish it with `qllava finetune RECIPE --resume`, or remove it"
+                )
+        raise FileNotFoundError(
+            f"{self.path} is not a qllava run folder: no complete stage1/ or stage2/ (run qllava finetune first)"
+        )
 
     @property
     def metrics_file(self) -> Path:
@@ -71,9 +74,11 @@ class RunFolder:
         existing = self._existing(stages)
         if existing and not (overwrite or resume):
             many = len(existing) > 1
-            raise RunExistsError(f"{', '.join(map(str, existing))} {'exist' if many else 'exists'}: pass --overwrite "
-                                 f"to replace {'them' if many else 'it'}, --resume to continue, or set output.dir to "
-                                 "a new folder")
+            raise RunExistsError(
+                f"{', '.join(map(str, existing))} {'exist' if many else 'exists'}: pass --overwrite "
+                f"to replace {'them' if many else 'it'}, --resume to continue, or set output.dir to "
+                "a new folder"
+            )
 
     def claim(self, stages, overwrite: bool, resume: bool) -> None:
         """Make the folder ready for `stages`. Never overwrite a finished stage silently: --overwrite removes the

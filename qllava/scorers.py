@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .benchmark_names import BENCHMARK_NAMES
 from .errors import DataError
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -53,8 +54,10 @@ def load_items(benchmark: str, data: str, annotations: str | None = None) -> lis
     except DataError:
         raise
     except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise DataError(f"{data}: not a {benchmark} question file in LLaVA's format ({type(e).__name__}: {e}); "
-                        f"see `qllava eval --help` for the formats") from None
+        raise DataError(
+            f"{data}: not a {benchmark} question file in LLaVA's format ({type(e).__name__}: {e}); "
+            f"see `qllava eval --help` for the formats"
+        ) from None
     if not items:
         raise DataError(f"{data}: no questions")
     for item, key in zip(items, question_keys(item.source_id for item in items)):
@@ -137,8 +140,18 @@ def _scienceqa_items(rows, annotations, data):
             n_choices, answer = len(problem["choices"]), problem["answer"]
         else:
             raise DataError(f"{annotations}: no problem {row['id']!r}, which {data} asks")
-        items.append(EvalItem("", question, image, "", answer, {"n_choices": n_choices, "problem": problem},
-                              row["id"], _conversation_prompt(question, image)))
+        items.append(
+            EvalItem(
+                "",
+                question,
+                image,
+                "",
+                answer,
+                {"n_choices": n_choices, "problem": problem},
+                row["id"],
+                _conversation_prompt(question, image),
+            )
+        )
     return items
 
 
@@ -148,9 +161,11 @@ def _scienceqa_reference(row, human: str, data) -> tuple[int, int]:
     n_choices = _choice_count(human)
     answer = parse_letter(row["conversations"][1]["value"], n_choices)
     if answer < 0:
-        raise DataError(f"{data}: question {row['id']!r}: the reference {row['conversations'][1]['value']!r} names "
-                        f"none of its {n_choices} choices (is this ScienceQA in LLaVA's format? "
-                        "--annotations problems.json gives the answers)")
+        raise DataError(
+            f"{data}: question {row['id']!r}: the reference {row['conversations'][1]['value']!r} names "
+            f"none of its {n_choices} choices (is this ScienceQA in LLaVA's format? "
+            "--annotations problems.json gives the answers)"
+        )
     return n_choices, answer
 
 
@@ -162,12 +177,13 @@ def _choice_count(human: str) -> int:
     if not firsts:
         return len(re.findall(r"\([A-E]\)", human.split("Options:")[1])) if "Options:" in human else 0
     count = 0
-    for line in lines[firsts[-1]:]:
+    for line in lines[firsts[-1] :]:
         count += count < len(OPTIONS) and line.startswith(f"{OPTIONS[count]}. ")
     return count
 
 
 # ---------------------------------------------------------------- POPE (llava_pope_test.jsonl + coco_pope_*.json)
+
 
 def parse_yes_no(text: str) -> str:
     """LLaVA's eval_pope.py: first sentence, no commas, split on spaces; "No", "not" or "no" makes it no."""
@@ -197,9 +213,13 @@ def _binary_metrics(pairs) -> dict:
     fn = sum(p != "yes" and r == "yes" for p, r in pairs)  # an unanswered yes-question is a miss
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
-    return {"accuracy": (tp + tn) / len(pairs), "precision": precision, "recall": recall,
-            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-            "yes_ratio": sum(p == "yes" for p, _ in pairs) / len(pairs)}
+    return {
+        "accuracy": (tp + tn) / len(pairs),
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "yes_ratio": sum(p == "yes" for p, _ in pairs) / len(pairs),
+    }
 
 
 def _pope_items(rows, annotations, data):
@@ -212,22 +232,35 @@ def _pope_items(rows, annotations, data):
         else:  # LLaVA pairs a category's answers with its labels by position
             source, category_labels = _category_labels(labels, category, annotations, data)
             if position[category] >= len(category_labels):
-                raise DataError(f"{source}: {len(category_labels)} labels, fewer than the {category!r} questions "
-                                f"of {data}")
+                raise DataError(
+                    f"{source}: {len(category_labels)} labels, fewer than the {category!r} questions of {data}"
+                )
             label = category_labels[position[category]]
             position[category] += 1
         if label not in ("yes", "no"):  # eval_pope.py would count anything but "no" as yes
-            raise DataError(f"{source}: question {row['question_id']!r} has the label {label!r}; POPE labels are "
-                            '"yes" or "no"')
-        items.append(EvalItem("", _with_suffix(text, SHORT_ANSWER), row.get("image", ""), category, label,
-                              source_id=row["question_id"], prompt=row["text"]))
+            raise DataError(
+                f'{source}: question {row["question_id"]!r} has the label {label!r}; POPE labels are "yes" or "no"'
+            )
+        items.append(
+            EvalItem(
+                "",
+                _with_suffix(text, SHORT_ANSWER),
+                row.get("image", ""),
+                category,
+                label,
+                source_id=row["question_id"],
+                prompt=row["text"],
+            )
+        )
     return items
 
 
 def _category_labels(labels: dict, category: str, folder, data) -> tuple[Path, list]:
     if category not in labels:
-        raise DataError(f"{data}: no labels for its {category!r} questions: no coco_pope_{category}.json in "
-                        f"{folder or 'an --annotations folder'}")
+        raise DataError(
+            f"{data}: no labels for its {category!r} questions: no coco_pope_{category}.json in "
+            f"{folder or 'an --annotations folder'}"
+        )
     return labels[category]
 
 
@@ -244,12 +277,26 @@ def _pope_labels(folder: Path) -> dict[str, tuple[Path, list]]:
 # ---------------------------------------------------------------- VQA (TextVQA / VQAv2 style and GQA style)
 
 PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
-NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-           "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+NUMBERS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 ARTICLES = {"a", "an", "the"}
 # EvalAI's contraction table, every entry (its quirks too: capitalised keys never match lower-cased words, and
 # "somebody'd" becomes "somebodyd"); written as spelling>official form.
-CONTRACTIONS = dict(pair.split(">") for pair in """
+CONTRACTIONS = dict(
+    pair.split(">")
+    for pair in """
 aint>ain't arent>aren't cant>can't couldve>could've couldnt>couldn't couldn'tve>couldn't've
 couldnt've>couldn't've didnt>didn't doesnt>doesn't dont>don't hadnt>hadn't hadnt've>hadn't've
 hadn'tve>hadn't've hasnt>hasn't havent>haven't hed>he'd hed've>he'd've he'dve>he'd've hes>he's
@@ -271,7 +318,8 @@ whove>who've whyll>why'll whyre>why're whys>why's wont>won't wouldve>would've wo
 wouldnt've>wouldn't've wouldn'tve>wouldn't've yall>y'all yall'll>y'all'll y'allll>y'all'll
 yall'd've>y'all'd've y'alld've>y'all'd've y'all'dve>y'all'd've youd>you'd youd've>you'd've
 you'dve>you'd've youll>you'll youre>you're youve>you've
-""".split())
+""".split()
+)
 PERIODS_STRIPPED = 32  # EvalAI passes re.UNICODE (32) where re.sub takes its count: at most 32 periods go
 
 
@@ -343,15 +391,18 @@ def _vqa_items(rows, annotations, data):
             reference = _annotated_answer(refs, row, annotations, data) if reference is None else reference
             meta = {}
         _check_vqa_reference(reference, qid, data)
-        items.append(EvalItem("", question, row.get("image", ""), row.get("category", ""), reference, meta, qid,
-                              prompt))
+        items.append(
+            EvalItem("", question, row.get("image", ""), row.get("category", ""), reference, meta, qid, prompt)
+        )
     return items
 
 
 def _check_vqa_reference(reference, qid, data) -> None:
     if isinstance(reference, list) and len(reference) != 10:
-        raise DataError(f"{data}: question {qid!r} has {len(reference)} human answers; VQA accuracy (TextVQA's "
-                        "m4c evaluator) takes 10, and one answer is written as a string (GQA style)")
+        raise DataError(
+            f"{data}: question {qid!r} has {len(reference)} human answers; VQA accuracy (TextVQA's "
+            "m4c evaluator) takes 10, and one answer is written as a string (GQA style)"
+        )
     if not isinstance(reference, (list, str)):
         raise DataError(f"{data}: question {qid!r}: the answer {reference!r} is neither ten answers nor one string")
 
@@ -369,8 +420,10 @@ def _annotated_answer(refs: dict, row: dict, annotations, data):
     qid = str(row["question_id"])
     key = qid if qid in refs else (qid, _textvqa_question(row["text"]))
     if key not in refs:
-        raise DataError(f"{data}: no answer for question {row['question_id']!r} ({row['text'].splitlines()[0]!r}) "
-                        f"in {annotations or 'the file, and no --annotations'}")
+        raise DataError(
+            f"{data}: no answer for question {row['question_id']!r} ({row['text'].splitlines()[0]!r}) "
+            f"in {annotations or 'the file, and no --annotations'}"
+        )
     return refs[key]
 
 
@@ -427,12 +480,23 @@ def _mme_items(rows, annotations, data):
         question, category, qid = _question_text(row), row["category"], row["question_id"]
         answer = row.get("answer") or truth.get((category, Path(str(qid)).stem, _mme_key(question)))
         if answer is None:
-            raise DataError(f"{data}: no answer to {category}/{Path(str(qid)).stem} {question!r} in "
-                            f"{annotations or 'the file, and no --annotations'}")
+            raise DataError(
+                f"{data}: no answer to {category}/{Path(str(qid)).stem} {question!r} in "
+                f"{annotations or 'the file, and no --annotations'}"
+            )
         if answer.strip().lower() not in ("yes", "no"):  # MME's calculation.py asserts it
             raise DataError(f"{data}: question {qid!r} has the answer {answer!r}; MME answers are yes or no")
-        items.append(EvalItem("", _with_suffix(question, SHORT_ANSWER), row.get("image", str(qid)), category,
-                              answer.strip().lower(), source_id=qid, prompt=row["text"]))
+        items.append(
+            EvalItem(
+                "",
+                _with_suffix(question, SHORT_ANSWER),
+                row.get("image", str(qid)),
+                category,
+                answer.strip().lower(),
+                source_id=qid,
+                prompt=row["text"],
+            )
+        )
     return items
 
 
@@ -455,6 +519,7 @@ def _mme_truth(folder: Path) -> dict:
 
 
 # ---------------------------------------------------------------- shared
+
 
 def _read_rows(path: Path) -> list[dict]:
     """A JSON list, or JSON lines (LLaVA's .jsonl files, and POPE's .json annotations, which are lines too)."""
@@ -495,6 +560,7 @@ def _mean(values) -> float:
 
 # ---------------------------------------------------------------- the benchmarks, declared once
 
+
 @dataclass(frozen=True)
 class Benchmark:
     """A benchmark in official LLaVA's file formats: how its question file is read, how answers are scored, and
@@ -508,13 +574,32 @@ class Benchmark:
 
 
 BENCHMARKS = {
-    "scienceqa": Benchmark(_scienceqa_items, score_scienceqa, 'llava_test_CQM-A.json (conversations; "A. text" '
-                           "choice lines, gpt turn the letter) [+ --annotations problems.json]"),
-    "pope": Benchmark(_pope_items, score_pope, "llava_pope_test.jsonl (question_id, image, text, category) + "
-                      "--annotations DIR of coco_pope_*.json"),
-    "vqa": Benchmark(_vqa_items, score_vqa, "jsonl (question_id, image, text[, answers: ten (TextVQA) or answer: "
-                     "one (GQA)]) [+ --annotations TextVQA_0.5.1_val.json or GQA testdev_balanced_questions.json], "
-                     "or LLaVA JSON whose first gpt turn is the answer"),
-    "mme": Benchmark(_mme_items, score_mme, "llava_mme.jsonl (question_id, image, text, category) + --annotations "
-                     "MME_Benchmark_release_version"),
+    "scienceqa": Benchmark(
+        _scienceqa_items,
+        score_scienceqa,
+        'llava_test_CQM-A.json (conversations; "A. text" '
+        "choice lines, gpt turn the letter) [+ --annotations problems.json]",
+    ),
+    "pope": Benchmark(
+        _pope_items,
+        score_pope,
+        "llava_pope_test.jsonl (question_id, image, text, category) + --annotations DIR of coco_pope_*.json",
+    ),
+    "vqa": Benchmark(
+        _vqa_items,
+        score_vqa,
+        "jsonl (question_id, image, text[, answers: ten (TextVQA) or answer: "
+        "one (GQA)]) [+ --annotations TextVQA_0.5.1_val.json or GQA testdev_balanced_questions.json], "
+        "or LLaVA JSON whose first gpt turn is the answer",
+    ),
+    "mme": Benchmark(
+        _mme_items,
+        score_mme,
+        "llava_mme.jsonl (question_id, image, text, category) + --annotations MME_Benchmark_release_version",
+    ),
 }
+if tuple(BENCHMARKS) != BENCHMARK_NAMES:  # recipes are checked against the names alone: the two must agree
+    raise RuntimeError(
+        f"scorers.BENCHMARKS {tuple(BENCHMARKS)} and benchmark_names.BENCHMARK_NAMES "
+        f"{BENCHMARK_NAMES} differ: name each benchmark in both, in the same order"
+    )

@@ -46,8 +46,16 @@ class ServeError(RuntimeError):
     network address without a password, a bad auth setting), said before the model is loaded."""
 
 
-def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 7860, quantized: bool = True,
-          auth: Credentials | None = None, no_auth: bool = False, max_queue: int = 16, say=print) -> None:
+def serve(
+    model_path: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    quantized: bool = True,
+    auth: Credentials | None = None,
+    no_auth: bool = False,
+    max_queue: int = 16,
+    say=print,
+) -> None:
     """Load the model, serve the page and the API at http://HOST:PORT until interrupted (Ctrl-C). `auth`: the
     user names and passwords that may sign in (None: anyone who reaches the address may use the model, which a
     non-loopback `host` allows only with `no_auth`). At most `max_queue` requests wait for the model."""
@@ -57,15 +65,23 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 7860, qua
     say(f"loading {model_path}")
     loaded = load_for_inference(model_path, quantized=quantized)
     app = start(build_app(loaded, str(model_path), say), host, port, auth, max_queue)
-    access = "sign-in required" if auth else "no sign-in, this machine only" if loopback else \
-        "no sign-in, open to the network (--no-auth)"
-    say(f"serving {model_path} on http://{host}:{port} (API: /answer); {access}; at most {max_queue} requests "
-        "wait; Ctrl-C stops")
+    access = (
+        "sign-in required"
+        if auth
+        else "no sign-in, this machine only"
+        if loopback
+        else "no sign-in, open to the network (--no-auth)"
+    )
+    say(
+        f"serving {model_path} on http://{host}:{port} (API: /answer); {access}; at most {max_queue} requests "
+        "wait; Ctrl-C stops"
+    )
     app.block_thread()
 
 
-def load_auth(auth: str | None = None, auth_file: str | Path | None = None, no_auth: bool = False,
-              environ=os.environ) -> Credentials | None:
+def load_auth(
+    auth: str | None = None, auth_file: str | Path | None = None, no_auth: bool = False, environ=os.environ
+) -> Credentials | None:
     """Who may sign in: --auth USER:PASSWORD, else --auth-file (one USER:PASSWORD a line, one line per user),
     else $QLLAVA_SERVE_AUTH; None when none is given. Errors name where the text came from, never the password."""
     if no_auth and environ.get(AUTH_ENV):  # argparse keeps --auth and --auth-file apart from --no-auth
@@ -88,8 +104,9 @@ def _load_auth_file(path: Path) -> Credentials:
         raise ServeError(f"--auth-file {path}: not UTF-8 text; write USER:PASSWORD on a line") from None
     except OSError as e:
         raise ServeError(f"--auth-file {path}: cannot be read ({e.strerror})") from None
-    users = [_credentials(line, f"--auth-file {path} line {number}")
-             for number, line in enumerate(lines, 1) if line.strip()]
+    users = [
+        _credentials(line, f"--auth-file {path} line {number}") for number, line in enumerate(lines, 1) if line.strip()
+    ]
     if not users:
         raise ServeError(f"--auth-file {path} is empty: write USER:PASSWORD on a line")
     names = [name for name, _ in users]
@@ -112,10 +129,12 @@ def check_access(host: str, port: int, auth: Credentials | None, no_auth: bool) 
     bound or loaded, a host that other machines can reach when there is no password and no --no-auth."""
     loopback = all(ipaddress.ip_address(address).is_loopback for address in _resolved(host, port))
     if not (loopback or auth or no_auth):
-        raise ServeError(f"--host {host} lets other machines use the model, and no password is set: give one with "
-                         f"--auth-file FILE (a line USER:PASSWORD) or {AUTH_ENV}=USER:PASSWORD (or --auth "
-                         "USER:PASSWORD, which shell history keeps), or pass --no-auth to serve without one "
-                         "deliberately")
+        raise ServeError(
+            f"--host {host} lets other machines use the model, and no password is set: give one with "
+            f"--auth-file FILE (a line USER:PASSWORD) or {AUTH_ENV}=USER:PASSWORD (or --auth "
+            "USER:PASSWORD, which shell history keeps), or pass --no-auth to serve without one "
+            "deliberately"
+        )
     return loopback
 
 
@@ -127,8 +146,10 @@ def _resolved(host: str, port: int) -> list[str]:
     except (socket.gaierror, UnicodeError):
         found = []
     if not found:
-        raise ServeError(f"--host {host}: not an address, nor a name this machine can look up; pass one of its "
-                         f"addresses ({EVERY_HOST})")
+        raise ServeError(
+            f"--host {host}: not an address, nor a name this machine can look up; pass one of its "
+            f"addresses ({EVERY_HOST})"
+        )
     return [info[4][0] for info in found]
 
 
@@ -137,8 +158,16 @@ def start(app, host: str, port: int, auth: Credentials | None = None, max_queue:
     refuses more with "busy" until one is answered), signed-in visitors only when `auth` is given."""
     gr = _gradio()
     app.queue(default_concurrency_limit=1, max_size=max_queue).launch(
-        server_name=host, server_port=port, auth=auth, share=False, prevent_thread_lock=True, quiet=True,
-        show_error=True, max_file_size=MAX_UPLOAD, theme=_offline_theme(gr))
+        server_name=host,
+        server_port=port,
+        auth=auth,
+        share=False,
+        prevent_thread_lock=True,
+        quiet=True,
+        show_error=True,
+        max_file_size=MAX_UPLOAD,
+        theme=_offline_theme(gr),
+    )
     return app
 
 
@@ -172,8 +201,10 @@ def build_app(loaded: Loaded, name: str, say=print):
         yield shown_turns(chat.turns), session, gr.skip()  # gr.skip(): what the visitor types meanwhile stays
 
     with gr.Blocks(title=f"qllava: {name}") as app:
-        gr.Markdown(f"### qllava: {name}\n{loaded.kind} model, template `{loaded.template or 'chat template'}`. "
-                    "Upload an image and ask about it; a new image or Reset starts a new conversation.")
+        gr.Markdown(
+            f"### qllava: {name}\n{loaded.kind} model, template `{loaded.template or 'chat template'}`. "
+            "Upload an image and ask about it; a new image or Reset starts a new conversation."
+        )
         session = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
@@ -190,11 +221,25 @@ def build_app(loaded: Loaded, name: str, say=print):
         # preprocess=False: the image arrives as the uploaded file's record, so a file that is not an image
         # reaches our check (and its message) instead of failing inside Gradio's own decoding. "multiple": a
         # question sent while an answer is still coming is answered next, not dropped.
-        gr.on([question.submit, send.click], respond, [question, image, temperature, max_new_tokens, session],
-              [chatbot, session, question], preprocess=False, api_visibility="private", trigger_mode="multiple",
-              concurrency_id=MODEL_QUEUE, concurrency_limit=1)
-        gr.on([image.change, reset.click, chatbot.clear], lambda: ([], None), None, [chatbot, session], queue=False,
-              api_visibility="private")
+        gr.on(
+            [question.submit, send.click],
+            respond,
+            [question, image, temperature, max_new_tokens, session],
+            [chatbot, session, question],
+            preprocess=False,
+            api_visibility="private",
+            trigger_mode="multiple",
+            concurrency_id=MODEL_QUEUE,
+            concurrency_limit=1,
+        )
+        gr.on(
+            [image.change, reset.click, chatbot.clear],
+            lambda: ([], None),
+            None,
+            [chatbot, session],
+            queue=False,
+            api_visibility="private",
+        )
     return app
 
 
@@ -239,8 +284,7 @@ def new_chat(loaded: Loaded, upload: dict | None) -> Chat:
         raise refusal("Upload an image first.")
     path = upload["path"]
     name = upload.get("orig_name") or Path(path).name
-    too_large = refusal(f"{name} is too large (at most {MAX_IMAGE_PIXELS // 10**6} megapixels): scale it down "
-                        "first.")
+    too_large = refusal(f"{name} is too large (at most {MAX_IMAGE_PIXELS // 10**6} megapixels): scale it down first.")
     try:
         with Image.open(path) as probe:  # reads the header only: the size is known before any decoding
             width, height = probe.size
@@ -260,6 +304,7 @@ def streamed_reply(chat: Chat, question: str, max_new_tokens: int, options: dict
     """Yields the answer as it grows, token by token, then Chat.reply's own (the stripped text `qllava chat`
     prints). Generation runs in a thread; an error there is raised here."""
     from transformers import TextIteratorStreamer
+
     streamer = TextIteratorStreamer(chat.loaded.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     outcome = {}
 
@@ -319,8 +364,7 @@ def _family(bare_host: str) -> int:
 def _offline_theme(gr):
     """Gradio's default look with the system's fonts: the default theme fetches its fonts from the web, which
     a machine without internet (or a visitor's browser behind a firewall) cannot reach."""
-    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                             font_mono=["ui-monospace", "monospace"])
+    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 
 def _gradio():

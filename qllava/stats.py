@@ -42,18 +42,31 @@ def stage_stats(recipe: Recipe, name: str, data: tuple | None = None, bins: int 
     rows = Rows(dataset, cfg.max_seq_len, packing=True, seed=cfg.seed)
     batch = cfg.per_device_train_batch_size
     return {
-        "stage": name, "samples": report.used, "skipped": dict(report.skipped), "examples": report.examples,
-        "left_out": dict(report.left_out), "tokens": report.tokens, "label_tokens": report.label_tokens,
-        "image_tokens": image_token_range(dataset), "oriented_images": report.oriented_images,
-        "oriented_images_examples": report.examples.get(ORIENTED, []), "large_images": report.large_images,
-        "large_images_examples": report.examples.get(LARGE, []), "with_image": report.with_image,
+        "stage": name,
+        "samples": report.used,
+        "skipped": dict(report.skipped),
+        "examples": report.examples,
+        "left_out": dict(report.left_out),
+        "tokens": report.tokens,
+        "label_tokens": report.label_tokens,
+        "image_tokens": image_token_range(dataset),
+        "oriented_images": report.oriented_images,
+        "oriented_images_examples": report.examples.get(ORIENTED, []),
+        "large_images": report.large_images,
+        "large_images_examples": report.examples.get(LARGE, []),
+        "with_image": report.with_image,
         "max_seq_len": cfg.max_seq_len,
-        "length_min": min(lengths), "length_mean": sum(lengths) / len(lengths), "length_max": max(lengths),
+        "length_min": min(lengths),
+        "length_mean": sum(lengths) / len(lengths),
+        "length_max": max(lengths),
         "histogram": histogram(lengths, cfg.max_seq_len, bins),
         "padded_pad_fraction": pad_fraction(padded_batches(lengths, batch, cfg.seed)),
-        "packed_rows": len(rows), "samples_per_row": len(lengths) / len(rows),
+        "packed_rows": len(rows),
+        "samples_per_row": len(lengths) / len(rows),
         "packed_pad_fraction": pad_fraction(packed_batches(rows.row_lengths(), batch, cfg.seed)),
-        "per_device_train_batch_size": batch, "preparation": report.preparation, "cached": report.cached,
+        "per_device_train_batch_size": batch,
+        "preparation": report.preparation,
+        "cached": report.cached,
     }
 
 
@@ -76,7 +89,7 @@ def check_images(recipe: Recipe, data: tuple, progress=None) -> dict:
     num_proc = recipe.data.num_proc or default_num_proc()
     started = time.perf_counter()
     firsts = first_sample_per_image(dataset)
-    chunks = [firsts[at:at + CHECK_CHUNK] for at in range(0, len(firsts), CHECK_CHUNK)]
+    chunks = [firsts[at : at + CHECK_CHUNK] for at in range(0, len(firsts), CHECK_CHUNK)]
     problems, done = [], 0
     for found, n in _checked_chunks(chunks, images, num_proc):
         problems += found
@@ -131,7 +144,7 @@ def _worker_chunk(samples: list[dict]) -> tuple[list[str], int]:
 def packed_batches(row_lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
     """Row lengths in the micro-batches training draws (rows of similar length together)."""
     order = list(SimilarLengthSampler(row_lengths, batch_size, seed))
-    return [[row_lengths[i] for i in order[at:at + batch_size]] for at in range(0, len(order), batch_size)]
+    return [[row_lengths[i] for i in order[at : at + batch_size]] for at in range(0, len(order), batch_size)]
 
 
 def histogram(lengths: list[int], top: int, bins: int) -> list[tuple[int, int, int]]:

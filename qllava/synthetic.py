@@ -38,8 +38,9 @@ NEXT_IMAGE_SIZES = ((72, 64), (96, 48), (48, 96), (64, 64), (112, 56))
 SPLIT_SEED_OFFSET = {"train": 0, "eval": 1_000_003}
 
 
-def write_shapes_dataset(data_dir: Path, train_samples: int, eval_samples: int, seed: int,
-                         image_sizes=(IMAGE_SIZE,)) -> dict[str, Path]:
+def write_shapes_dataset(
+    data_dir: Path, train_samples: int, eval_samples: int, seed: int, image_sizes=(IMAGE_SIZE,)
+) -> dict[str, Path]:
     """Write images/, captions.json (stage 1), questions.json (stage 2), eval.json (held out); return the paths.
     Each picture has one of `image_sizes` (width, height)."""
     data_dir = Path(data_dir)
@@ -54,8 +55,11 @@ def write_shapes_dataset(data_dir: Path, train_samples: int, eval_samples: int, 
     held_out = [_eval_sample(i, eval_rng, image_sizes) for i in range(eval_samples)]
     for sample, scene in [(c, s) for c, s in zip(captions, train)] + [(e, e.pop("_scene")) for e in held_out]:
         _draw(scene).save(data_dir / "images" / sample["image"])
-    paths = {"captions": data_dir / "captions.json", "questions": data_dir / "questions.json",
-             "eval": data_dir / "eval.json"}
+    paths = {
+        "captions": data_dir / "captions.json",
+        "questions": data_dir / "questions.json",
+        "eval": data_dir / "eval.json",
+    }
     for name, samples in (("captions", captions), ("questions", questions), ("eval", held_out)):
         paths[name].write_text(json.dumps(samples, indent=1))
     return paths
@@ -71,9 +75,14 @@ def corpus(data_dir: Path) -> list[str]:
 
 
 def _random_scene(rng: random.Random, image_sizes=(IMAGE_SIZE,)) -> dict:
-    scene = {"color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES), "side": rng.choice(SIDES),
-             "size": rng.randint(18, 26), "jitter": (rng.randint(-5, 5), rng.randint(-12, 12)),
-             "noise_seed": rng.randrange(1 << 30)}
+    scene = {
+        "color": rng.choice(list(COLORS)),
+        "shape": rng.choice(SHAPES),
+        "side": rng.choice(SIDES),
+        "size": rng.randint(18, 26),
+        "jitter": (rng.randint(-5, 5), rng.randint(-12, 12)),
+        "noise_seed": rng.randrange(1 << 30),
+    }
     # One size draws nothing more: the demo's data stay what they were.
     scene["image_size"] = rng.choice(image_sizes) if len(image_sizes) > 1 else image_sizes[0]
     return scene
@@ -81,9 +90,14 @@ def _random_scene(rng: random.Random, image_sizes=(IMAGE_SIZE,)) -> dict:
 
 def _caption_sample(sample_id: str, scene: dict) -> dict:
     caption = f"a {scene['color']} {scene['shape']} on the {scene['side']}"
-    return {"id": sample_id, "image": f"{sample_id}.png",
-            "conversations": [{"from": "human", "value": "<image>\nDescribe the image briefly."},
-                              {"from": "gpt", "value": caption}]}
+    return {
+        "id": sample_id,
+        "image": f"{sample_id}.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image briefly."},
+            {"from": "gpt", "value": caption},
+        ],
+    }
 
 
 def _question_sample(sample_id: str, scene: dict, rng: random.Random) -> dict:
@@ -91,8 +105,10 @@ def _question_sample(sample_id: str, scene: dict, rng: random.Random) -> dict:
     turns = []
     for i, kind in enumerate(kinds):
         question = QUESTIONS[kind][0]
-        turns += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + question},
-                  {"from": "gpt", "value": _answer(scene, kind)}]
+        turns += [
+            {"from": "human", "value": ("<image>\n" if i == 0 else "") + question},
+            {"from": "gpt", "value": _answer(scene, kind)},
+        ]
     return {"id": sample_id, "image": f"{sample_id}.png", "conversations": turns}
 
 
@@ -108,9 +124,17 @@ def _eval_sample(i: int, rng: random.Random, image_sizes=(IMAGE_SIZE,)) -> dict:
     scene.update(color=list(COLORS)[(i // 3) % 4], shape=SHAPES[(i // 12) % 3], side=SIDES[(i // 36) % 2])
     question, options = QUESTIONS[kind]
     sample_id = f"eval-{i}"
-    return {"id": sample_id, "image": f"{sample_id}.png", "category": kind, "options": list(options),
-            "conversations": [{"from": "human", "value": "<image>\n" + question},
-                              {"from": "gpt", "value": _answer(scene, kind)}], "_scene": scene}
+    return {
+        "id": sample_id,
+        "image": f"{sample_id}.png",
+        "category": kind,
+        "options": list(options),
+        "conversations": [
+            {"from": "human", "value": "<image>\n" + question},
+            {"from": "gpt", "value": _answer(scene, kind)},
+        ],
+        "_scene": scene,
+    }
 
 
 def _answer(scene: dict, kind: str) -> str:
@@ -147,17 +171,32 @@ def prepare(synthetic, vision_tower: str, decoder: str, say=print, llava: str = 
     """
     data_dir = Path(synthetic.data_dir)
     sizes = NEXT_IMAGE_SIZES if synthetic.llava_next else (IMAGE_SIZE,)
-    data_key = {"version": FORMAT_VERSION, "train_samples": synthetic.train_samples,
-                "eval_samples": synthetic.eval_samples, "seed": synthetic.seed, "image_sizes": sizes}
-    _provide(data_dir, data_key, f"writing the synthetic shapes dataset to {data_dir} ({synthetic.train_samples} "
-             "training samples)", say, lambda folder: write_shapes_dataset(
-                 folder, synthetic.train_samples, synthetic.eval_samples, synthetic.seed, sizes))
+    data_key = {
+        "version": FORMAT_VERSION,
+        "train_samples": synthetic.train_samples,
+        "eval_samples": synthetic.eval_samples,
+        "seed": synthetic.seed,
+        "image_sizes": sizes,
+    }
+    _provide(
+        data_dir,
+        data_key,
+        f"writing the synthetic shapes dataset to {data_dir} ({synthetic.train_samples} training samples)",
+        say,
+        lambda folder: write_shapes_dataset(
+            folder, synthetic.train_samples, synthetic.eval_samples, synthetic.seed, sizes
+        ),
+    )
     # A LLaVA-NeXT tower sees small tiles (tiny.NEXT_TILE px), several per picture.
     tower_sizes = {"image_size": tiny.NEXT_TILE, "patch_size": tiny.NEXT_PATCH} if synthetic.llava_next else {}
     vision_key = {"version": FORMAT_VERSION, "kind": synthetic.vision_family, "seed": synthetic.seed, **tower_sizes}
-    _provide(Path(vision_tower), vision_key, f"writing a tiny {synthetic.vision_family} vision tower to {vision_tower}",
-             say, lambda folder: tiny.write_vision_tower(folder, synthetic.seed, synthetic.vision_family,
-                                                         **tower_sizes))
+    _provide(
+        Path(vision_tower),
+        vision_key,
+        f"writing a tiny {synthetic.vision_family} vision tower to {vision_tower}",
+        say,
+        lambda folder: tiny.write_vision_tower(folder, synthetic.seed, synthetic.vision_family, **tower_sizes),
+    )
     if synthetic.decoder_family == "smollm2":  # real weights: the same whatever the data
         decoder_key = {"version": FORMAT_VERSION, "kind": "smollm2"}
         write_decoder = tiny.write_smollm2
@@ -166,13 +205,23 @@ def prepare(synthetic, vision_tower: str, decoder: str, say=print, llava: str = 
 
         def write_decoder(folder):
             tiny.write_decoder(folder, synthetic.decoder_family, corpus(data_dir), synthetic.seed)
-    _provide(Path(decoder), decoder_key, f"writing the {synthetic.decoder_family} decoder and tokenizer to {decoder}",
-             say, write_decoder)
+
+    _provide(
+        Path(decoder),
+        decoder_key,
+        f"writing the {synthetic.decoder_family} decoder and tokenizer to {decoder}",
+        say,
+        write_decoder,
+    )
     if synthetic.llava_next:
         next_key = {"version": FORMAT_VERSION, "kind": "llava_next", "vision": vision_key, "decoder": decoder_key}
-        _provide(Path(llava), next_key, f"writing a tiny LLaVA-NeXT checkpoint (anyres, {tiny.NEXT_TILE} px tiles) "
-                 f"to {llava}", say, lambda folder: tiny.write_llava_next(folder, Path(vision_tower), Path(decoder),
-                                                                          synthetic.seed))
+        _provide(
+            Path(llava),
+            next_key,
+            f"writing a tiny LLaVA-NeXT checkpoint (anyres, {tiny.NEXT_TILE} px tiles) to {llava}",
+            say,
+            lambda folder: tiny.write_llava_next(folder, Path(vision_tower), Path(decoder), synthetic.seed),
+        )
 
 
 def _provide(folder: Path, key: dict, message: str, say, write) -> None:
@@ -228,5 +277,6 @@ def _write_marker(folder: Path, key: dict) -> None:
 
 def _refuse_foreign(folder: Path) -> None:
     if folder.exists() and any(folder.iterdir()) and not (folder / MARKER).exists():
-        raise FileExistsError(f"{folder} exists and was not written by qllava's [synthetic] step; "
-                              "point the recipe elsewhere or remove it")
+        raise FileExistsError(
+            f"{folder} exists and was not written by qllava's [synthetic] step; point the recipe elsewhere or remove it"
+        )

@@ -4,7 +4,7 @@ The reference is LLaVA's llava/conversation.py (get_prompt) and the preprocess_*
 llava/train/train.py. A template turns a conversation into one string plus the character spans that
 are trained on (each assistant message, with the separator space before it and the end token LLaVA appends
 to it). Tokenization and the
-token-level labels are data.py's job; spans keep this module free of any tokenizer.
+token-level labels are data/samples.py's job; spans keep this module free of any tokenizer.
 
 Rules reproduced from LLaVA:
 - `plain` (stage 1): "<image>" + caption + "\\n"; the human text is dropped, the caption and newline are trained.
@@ -68,8 +68,15 @@ TEMPLATES = {
 }
 
 
-def render(template: str, turns: list[tuple[str, str]], bos: str, eos: str,
-           generation_prompt: bool = False, special_tokens: tuple[str, ...] = (), system: str | None = None) -> Rendered:
+def render(
+    template: str,
+    turns: list[tuple[str, str]],
+    bos: str,
+    eos: str,
+    generation_prompt: bool = False,
+    special_tokens: tuple[str, ...] = (),
+    system: str | None = None,
+) -> Rendered:
     """Render (role, text) turns, roles "user"/"assistant", alternating and starting with the user.
 
     `system` replaces the template's system prompt (a sample's own system message); only templates that have one
@@ -185,13 +192,18 @@ def _check_turns(turns, generation_prompt: bool):
     for i, (role, _) in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
         if role != expected:
-            raise TemplateError(f"turn {i + 1} is from {role!r}; turns must alternate user, assistant, starting with user")
+            raise TemplateError(
+                f"turn {i + 1} is from {role!r}; turns must alternate user, assistant, starting with user"
+            )
     last = turns[-1][0]
     if generation_prompt and last != "user":
         raise TemplateError("a generation prompt must end with a user turn")
     if not generation_prompt and last != "assistant":
-        raise TemplateError("the conversation has no assistant turn to train on" if len(turns) == 1
-                            else "the conversation ends with a user turn that has no answer")
+        raise TemplateError(
+            "the conversation has no assistant turn to train on"
+            if len(turns) == 1
+            else "the conversation ends with a user turn that has no answer"
+        )
 
 
 def _check_no_special_tokens(turns, special_tokens: tuple[str, ...]) -> None:
@@ -208,8 +220,10 @@ def _check_rounds(text: str, assistant_separator: str, eos: str) -> None:
     # inside a turn) makes its counts miss, and it masks the whole sample ("tokenization mismatch").
     for round_text in text.split(eos)[:-1]:
         if round_text.count(assistant_separator) != 1:
-            raise TemplateError(f"a turn holds the template's separator {assistant_separator.strip()!r} "
-                                "(official LLaVA would mask the whole sample)")
+            raise TemplateError(
+                f"a turn holds the template's separator {assistant_separator.strip()!r} "
+                "(official LLaVA would mask the whole sample)"
+            )
 
 
 def chat_template(template: str, bos_first: bool, media_markers: bool = False) -> str:
@@ -231,33 +245,44 @@ def chat_template(template: str, bos_first: bool, media_markers: bool = False) -
     # A user message that is only the image is written as the tag alone, as render writes it (image_only).
     string = "{{ '<image>' if m['role'] == 'user' and m['content'] | trim == '<image>' else m['content'] }}"
     if media_markers:  # each marker, then a line break unless nothing follows, then the text, stripped
-        string = ("{% set pieces = m['content'].split('<__media') %}{% if pieces | length > 1 %}"
-                  "{% set ns = namespace(text=pieces[0], marks=[]) %}{% for p in pieces[1:] %}"
-                  "{% set ns.marks = ns.marks + ['<__media' ~ p.split('__>', 1)[0] ~ '__>'] %}"
-                  "{% set ns.text = ns.text + p.split('__>', 1)[1] %}{% endfor %}"
-                  "{% for mark in ns.marks %}{{ mark }}{{ '\\n' if ns.text | trim or not loop.last else '' }}"
-                  "{% endfor %}{{ ns.text.strip() }}{% else %}" + string + "{% endif %}")
-    content = ("{% macro content(m) %}{% if m['content'] is string %}" + string + "{% else %}"
-               "{% set images = m['content'] | selectattr('type', 'equalto', 'image') | list %}"
-               "{% set text %}{% for p in m['content'] if p['type'] == 'text' %}{{ p['text'] }}{% endfor %}{% endset %}"
-               "{% for p in images %}<image>{{ '\\n' if text | trim or not loop.last else '' }}{% endfor %}"
-               "{% if text | trim or not images %}{{ text }}{% endif %}{% endif %}{% endmacro %}")
+        string = (
+            "{% set pieces = m['content'].split('<__media') %}{% if pieces | length > 1 %}"
+            "{% set ns = namespace(text=pieces[0], marks=[]) %}{% for p in pieces[1:] %}"
+            "{% set ns.marks = ns.marks + ['<__media' ~ p.split('__>', 1)[0] ~ '__>'] %}"
+            "{% set ns.text = ns.text + p.split('__>', 1)[1] %}{% endfor %}"
+            "{% for mark in ns.marks %}{{ mark }}{{ '\\n' if ns.text | trim or not loop.last else '' }}"
+            "{% endfor %}{{ ns.text.strip() }}{% else %}" + string + "{% endif %}"
+        )
+    content = (
+        "{% macro content(m) %}{% if m['content'] is string %}" + string + "{% else %}"
+        "{% set images = m['content'] | selectattr('type', 'equalto', 'image') | list %}"
+        "{% set text %}{% for p in m['content'] if p['type'] == 'text' %}{{ p['text'] }}{% endfor %}{% endset %}"
+        "{% for p in images %}<image>{{ '\\n' if text | trim or not loop.last else '' }}{% endfor %}"
+        "{% if text | trim or not images %}{{ text }}{% endif %}{% endif %}{% endmacro %}"
+    )
     # How many leading messages are the system prompt (0 or 1), and the system prompt itself.
-    system = ("{% set first = 1 if messages and messages[0]['role'] == 'system' else 0 %}"
-              "{% set system %}{% if first %}{{ content(messages[0]) }}{% else %}" + spec.system +
-              "{% endif %}{% endset %}")
+    system = (
+        "{% set first = 1 if messages and messages[0]['role'] == 'system' else 0 %}"
+        "{% set system %}{% if first %}{{ content(messages[0]) }}{% else %}" + spec.system + "{% endif %}{% endset %}"
+    )
     if spec.style == "plain":
-        body = ("{% for m in messages %}{% if m['role'] == 'user' %}<image>{% elif m['role'] == 'assistant' %}"
-                "{{ content(m) }}\n{% endif %}{% endfor %}")
+        body = (
+            "{% for m in messages %}{% if m['role'] == 'user' %}<image>{% elif m['role'] == 'assistant' %}"
+            "{{ content(m) }}\n{% endif %}{% endfor %}"
+        )
     elif spec.style == "two":
-        body = ("{{ system }} {% for m in messages %}{% if m['role'] == 'user' %}USER: {{ content(m) }} "
-                "{% elif m['role'] == 'assistant' %}ASSISTANT: {{ content(m) }}{{ eos_token }}{% endif %}{% endfor %}"
-                "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+        body = (
+            "{{ system }} {% for m in messages %}{% if m['role'] == 'user' %}USER: {{ content(m) }} "
+            "{% elif m['role'] == 'assistant' %}ASSISTANT: {{ content(m) }}{{ eos_token }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+        )
     else:
         wrapped = "{% if system %}<<SYS>>\n{{ system }}\n<</SYS>>\n\n{% endif %}" if spec.system else ""
         sep = "{{ bos_token }}" if spec.bos_between_rounds else ""
-        body = ("{% for m in messages %}{% if m['role'] == 'user' %}"
-                f"{{% if loop.index0 > first %}}{sep}{{% endif %}}[INST] {{% if loop.index0 == first %}}{wrapped}"
-                "{% endif %}{{ content(m) }} [/INST]{% elif m['role'] == 'assistant' %} {{ content(m) }} "
-                "{{ eos_token }}{% endif %}{% endfor %}")
+        body = (
+            "{% for m in messages %}{% if m['role'] == 'user' %}"
+            f"{{% if loop.index0 > first %}}{sep}{{% endif %}}[INST] {{% if loop.index0 == first %}}{wrapped}"
+            "{% endif %}{{ content(m) }} [/INST]{% elif m['role'] == 'assistant' %} {{ content(m) }} "
+            "{{ eos_token }}{% endif %}{% endfor %}"
+        )
     return content + system + ("{{ bos_token }}" if bos_first else "") + body

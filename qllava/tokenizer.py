@@ -60,6 +60,7 @@ def with_sentencepiece_merges(tokenizer):
     if not pieces:
         return tokenizer
     from transformers.tokenization_utils_base import generate_merges
+
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     vocab = state["model"]["vocab"]
     merges = [list(m) for m in generate_merges(vocab, {p: s for p, s in pieces.items() if p in vocab})]
@@ -75,6 +76,7 @@ def sentencepiece_scores(tokenizer) -> dict[str, float]:
     if path.suffix != ".model" or not path.is_file() or not isinstance(tokenizer.backend_tokenizer.model, BPE):
         return {}
     from sentencepiece import sentencepiece_model_pb2
+
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(path.read_bytes())
     if proto.trainer_spec.model_type != proto.trainer_spec.BPE:

@@ -37,23 +37,31 @@ from .recipe import Recipe
 GIB = 2**30
 MIB = 2**20
 STEPS = 2
-CATEGORIES = ("quantized_weights", "frozen_weights", "trainable_weights", "gradients", "optimizer_states",
-              "batch", "saved_activations", "transient_at_peak")
+CATEGORIES = (
+    "quantized_weights",
+    "frozen_weights",
+    "trainable_weights",
+    "gradients",
+    "optimizer_states",
+    "batch",
+    "saved_activations",
+    "transient_at_peak",
+)
 # What a trace of tensors cannot see, on a CUDA card. Each value is an allowance, not a measurement.
 CUDA_CONTEXT = 1.0 * GIB
 CUBLAS_WORKSPACE = 2 * 32 * MIB
 FRAGMENTATION = 0.05
 ALLOWANCE_SOURCES = {
     "cuda_context": "CUDA context and kernel images, outside torch's allocator: 0.3-1 GiB by card and driver "
-                    "(lazy module loading); the plan's 1 GiB",
+    "(lazy module loading); the plan's 1 GiB",
     "cublas_workspace": "cuBLAS workspace per handle, 32 MiB on Hopper (torch's CUBLAS_WORKSPACE_CONFIG default "
-                        ":4096:8), one for the forward thread and one for autograd's: 64 MiB",
+    ":4096:8), one for the forward thread and one for autograd's: 64 MiB",
     "allocator_rounding": "the caching allocator rounds each block up to 512 bytes: 512 B per storage alive at the "
-                          "peak",
+    "peak",
     "fragmentation": "reserved beyond allocated in the caching allocator's pools: 5% of the traced peak, assumed "
-                     "(not yet measured on a GPU: benchmarks/gpu_check.py prints reserved vs allocated)",
+    "(not yet measured on a GPU: benchmarks/gpu_check.py prints reserved vs allocated)",
     "flash_attn_workspace": "flash-attn's varlen backward allocates dq_accum (float32, (tokens + 128 x rows) x heads "
-                            "x head_dim) and softmax_d inside the kernel, once per layer at a time",
+    "x head_dim) and softmax_d inside the kernel, once per layer at a time",
 }
 
 
@@ -72,6 +80,7 @@ class TraceError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Counting live storages
+
 
 @dataclass
 class Counts:
@@ -112,6 +121,7 @@ class LiveBytes(TorchDispatchMode):
         self.debug_flops = {}
         from torch.utils.flop_counter import FlopCounterMode
         import bitsandbytes  # noqa: F401 (registers its operators)
+
         self.flop_registry = dict(FlopCounterMode(display=False).flop_registry)
         self.flop_registry[torch.ops.bitsandbytes.gemm_4bit] = gemm_4bit_flops
         self.forward_only = {torch.ops.bitsandbytes.gemm_4bit}
@@ -162,7 +172,7 @@ class LiveBytes(TorchDispatchMode):
             frame = frame.f_back
         if frame is None:
             return None
-        return x.new_empty((self.label_tokens, *x.shape[mask.dim():]))
+        return x.new_empty((self.label_tokens, *x.shape[mask.dim() :]))
 
     def add_flops(self, flops: int) -> None:
         """FLOPs of work done where no operator runs (a kernel the trace stands in for)."""
@@ -218,8 +228,11 @@ class LiveBytes(TorchDispatchMode):
             category = next((c for c in CATEGORIES if key in self.known[c]), None)
             if category is None:
                 same_phase = self.born.get(key) == self.counts.peak_phase
-                category = "transient_at_peak" if same_phase and key not in self.known["saved_activations"] \
+                category = (
+                    "transient_at_peak"
+                    if same_phase and key not in self.known["saved_activations"]
                     else "saved_activations"
+                )
             parts[category] += nbytes
         return parts
 
@@ -248,6 +261,7 @@ def _tensors(out):
 
 def _is_fake(tensor) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
+
     return isinstance(tensor, FakeTensor)
 
 
@@ -295,17 +309,22 @@ def scalar_at_site(func, tensor, step: int):
 # ---------------------------------------------------------------------------------------------------------------
 # The model, built from configs on fake tensors
 
+
 def fake_stage_model(recipe: Recipe, stage: str, device: str, fake):
     """(model, processor) of a stage as train.build_stage_model makes it, from configs only. The structure is built on
     the meta device by the builder's own functions (empty_base_model, frozen, attach_lora, the projector made
     trainable, trainable weights in float32), the decoder's linear layers quantized by bitsandbytes' quantize_4bit
     (its meta kernels); then, under the fake mode, every tensor becomes an empty fake one on `device`."""
     from . import train
+
     cfg = recipe.model
     processor = stage_processor(cfg)
     dtype = getattr(torch, cfg.dtype)
-    attn = modeling.attention_implementation(cfg.attn_implementation, dtype) if device == "cpu" else \
-        _cuda_attention(cfg.attn_implementation, dtype)
+    attn = (
+        modeling.attention_implementation(cfg.attn_implementation, dtype)
+        if device == "cpu"
+        else _cuda_attention(cfg.attn_implementation, dtype)
+    )
     model = modeling.empty_base_model(recipe, processor, cfg.dtype)
     for module in model.modules():
         if hasattr(module, "config") and hasattr(module.config, "_attn_implementation"):
@@ -338,19 +357,30 @@ def offline_processor(cfg):
     from tokenizers import Tokenizer, models
     from transformers import LlavaNextProcessor, LlavaProcessor, PreTrainedTokenizerFast
     from . import vision
+
     config = modeling.load_llava_config(cfg)
     image_id = config.image_token_id if cfg.llava else config.text_config.vocab_size
     words = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, image_id)}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="<unk>")),
-                                        unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="<unk>")),
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<unk>",
+    )
     tokenizer.add_tokens([modeling.IMAGE_TOKEN], special_tokens=True)
     image_processor = modeling.build_image_processor(cfg)
     height, width = vision.output_size(image_processor)
     prefix = vision.prefix_tokens(config.vision_config, height, width, cfg.vision_feature_layer)
     kind = LlavaNextProcessor if config.model_type == "llava_next" else LlavaProcessor
-    return kind(image_processor=image_processor, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
-                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-                num_additional_image_tokens=prefix, image_token=modeling.IMAGE_TOKEN)
+    return kind(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        num_additional_image_tokens=prefix,
+        image_token=modeling.IMAGE_TOKEN,
+    )
 
 
 def _cuda_attention(requested: str, dtype: torch.dtype) -> str:
@@ -366,14 +396,21 @@ def _materialize(module: torch.nn.Module, device: str) -> None:
 
     def empty(t):
         return torch.empty(t.shape, dtype=t.dtype, device=device)
+
     for sub in module.modules():
         for name, p in list(sub._parameters.items()):
             if p is None or p.device.type != "meta":
                 continue
             if id(p) not in done:
                 new = torch.nn.Parameter(empty(p), requires_grad=p.requires_grad)
-                for attr in ("quant_state", "quant_type", "compress_statistics", "blocksize", "bnb_quantized",
-                             "quant_storage"):
+                for attr in (
+                    "quant_state",
+                    "quant_type",
+                    "compress_statistics",
+                    "blocksize",
+                    "bnb_quantized",
+                    "quant_storage",
+                ):
                     if hasattr(p, attr):
                         setattr(new, attr, getattr(p, attr))
                 done[id(p)] = new
@@ -393,6 +430,7 @@ def _quantize(decoder, q) -> None:
     The packed weight is a plain Parameter carrying quant_state (bitsandbytes' Params4bit cannot wrap a fake tensor);
     Linear4bit's forward and backward read exactly these."""
     import bitsandbytes as bnb
+
     compute = getattr(torch, q.bnb_4bit_compute_dtype)
     cached = dict(bnb.functional.name2qmap)  # bitsandbytes caches its code tables on the first device it sees
     try:
@@ -404,17 +442,27 @@ def _quantize(decoder, q) -> None:
 
 def _quantize_layers(decoder, q, compute) -> None:
     import bitsandbytes as bnb
+
     for parent in list(decoder.layers.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is not torch.nn.Linear:
                 continue
             with torch.device("meta"):
-                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                          compute_dtype=compute, compress_statistics=q.bnb_4bit_use_double_quant,
-                                          quant_type=q.bnb_4bit_quant_type, device="meta")
-            packed, state = bnb.functional.quantize_4bit(child.weight.data.to(compute), blocksize=64,
-                                                         compress_statistics=q.bnb_4bit_use_double_quant,
-                                                         quant_type=q.bnb_4bit_quant_type)
+                layer = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=compute,
+                    compress_statistics=q.bnb_4bit_use_double_quant,
+                    quant_type=q.bnb_4bit_quant_type,
+                    device="meta",
+                )
+            packed, state = bnb.functional.quantize_4bit(
+                child.weight.data.to(compute),
+                blocksize=64,
+                compress_statistics=q.bnb_4bit_use_double_quant,
+                quant_type=q.bnb_4bit_quant_type,
+            )
             weight = torch.nn.Parameter(packed, requires_grad=False)  # on meta: shapes only
             weight.quant_state, weight.quant_type = state, q.bnb_4bit_quant_type
             weight.compress_statistics, weight.blocksize, weight.bnb_quantized = q.bnb_4bit_use_double_quant, 64, True
@@ -437,6 +485,7 @@ def quant_state_tensors(state) -> list[torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------------------
 # The worst-case micro-batch
 
+
 def worst_case_samples(recipe: Recipe, stage: str, model, processor, folder: Path, rows: int | None = None):
     """(dataset, image store) of rows that fill max_seq_len, each with as many of the largest images as fit (one per
     sample, a few text tokens each, every text token trained), the rest of the row one text sample: enough rows for
@@ -445,10 +494,14 @@ def worst_case_samples(recipe: Recipe, stage: str, model, processor, folder: Pat
     from PIL import Image
     from . import vision
     from .data import FEATURES, ImageStore
+
     cfg = getattr(recipe, stage)
     geometry = modeling.image_geometry(model.config, processor.image_processor)
-    size = max(max(p) for p in geometry.grid_pinpoints) if geometry.varies else \
-        vision.output_size(processor.image_processor)[0]
+    size = (
+        max(max(p) for p in geometry.grid_pinpoints)
+        if geometry.varies
+        else vision.output_size(processor.image_processor)[0]
+    )
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (size, size), (120, 60, 200)).save(images / "0.png")
@@ -468,9 +521,17 @@ def worst_case_samples(recipe: Recipe, stage: str, model, processor, folder: Pat
     def add(ids, image, image_tokens):
         labels = [-100 if t == image_id else t for t in ids]
         length = len(ids) - (1 if image else 0) + image_tokens
-        for key, value in (("id", str(len(columns["id"]))), ("input_ids", ids), ("labels", labels),
-                           ("length", length), ("source", 0), ("image", "0.png" if image else ""),
-                           ("image_tokens", [image_tokens] if image else []), ("image_file", ""), ("image_stamp", 0)):
+        for key, value in (
+            ("id", str(len(columns["id"]))),
+            ("input_ids", ids),
+            ("labels", labels),
+            ("length", length),
+            ("source", 0),
+            ("image", "0.png" if image else ""),
+            ("image_tokens", [image_tokens] if image else []),
+            ("image_file", ""),
+            ("image_stamp", 0),
+        ):
             columns[key].append(value)
 
     for _ in range(rows or cfg.per_device_train_batch_size * (STEPS + 1)):
@@ -484,20 +545,28 @@ def worst_case_samples(recipe: Recipe, stage: str, model, processor, folder: Pat
 def micro_batches(recipe: Recipe, stage: str, model, processor, folder: Path) -> tuple[list[dict], object]:
     """The collator's batches of the worst-case rows (one per optimizer step) and the collator."""
     from .packing import Collator, Rows
+
     cfg = getattr(recipe, stage)
     dataset, images = worst_case_samples(recipe, stage, model, processor, folder)
     rows = Rows(dataset, cfg.max_seq_len, cfg.packing, cfg.seed)
-    collator = Collator(images, processor.image_processor, cfg.image_aspect_ratio, processor.tokenizer.pad_token_id,
-                        model.config.image_token_id, packing=cfg.packing,
-                        flatten=model.config._attn_implementation == "flash_attention_2")
+    collator = Collator(
+        images,
+        processor.image_processor,
+        cfg.image_aspect_ratio,
+        processor.tokenizer.pad_token_id,
+        model.config.image_token_id,
+        packing=cfg.packing,
+        flatten=model.config._attn_implementation == "flash_attention_2",
+    )
     order = sorted(range(len(rows)), key=lambda i: -sum(s["length"] for s in rows[i]))
     size = cfg.per_device_train_batch_size
-    batches = [collator([rows[i] for i in order[k * size:(k + 1) * size]]) for k in range(STEPS)]
+    batches = [collator([rows[i] for i in order[k * size : (k + 1) * size]]) for k in range(STEPS)]
     return batches, (rows, collator)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The trace
+
 
 def trace_stage(recipe: Recipe, stage: str, device: str = "cuda", real: bool = False) -> dict:
     """Peak live bytes (with breakdown, operator at the peak), allowances, FLOPs per token and tokens per step of
@@ -505,6 +574,7 @@ def trace_stage(recipe: Recipe, stage: str, device: str = "cuda", real: bool = F
     the same tracker (what the tests compare the trace with)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from . import train
+
     started = time.perf_counter()
     cfg = getattr(recipe, stage)
     fake = None if real else FakeTensorMode(allow_non_fake_inputs=True)
@@ -520,7 +590,7 @@ def trace_stage(recipe: Recipe, stage: str, device: str = "cuda", real: bool = F
         label_tokens = [int((b["labels"] != -100).sum()) for b in batches]
         trainer = _trainer(recipe, stage, model, processor, rows, collator, Path(work), device, fake)
         tracker = LiveBytes(scalars=scalar_at_site)
-        with (fake or contextlib.nullcontext()), tracker:
+        with fake or contextlib.nullcontext(), tracker:
             _register_resident(tracker, model)
             try:
                 with card_paths(device == "cuda", tracker, recipe.model.dtype):
@@ -528,8 +598,11 @@ def trace_stage(recipe: Recipe, stage: str, device: str = "cuda", real: bool = F
             except TraceError:
                 raise
             except Exception as e:
-                if type(e).__name__ in ("DataDependentOutputException", "DynamicOutputShapeException",
-                                        "UnsupportedOperatorException"):
+                if type(e).__name__ in (
+                    "DataDependentOutputException",
+                    "DynamicOutputShapeException",
+                    "UnsupportedOperatorException",
+                ):
                     raise TraceError(f"the trace cannot run {e.args[0] if e.args else e} at {_caller()}") from None
                 raise
     counts = tracker.counts
@@ -542,17 +615,25 @@ def trace_stage(recipe: Recipe, stage: str, device: str = "cuda", real: bool = F
     text = model.config.text_config
     attn = model.config._attn_implementation
     allowances = allowances_bytes(device, counts, text, batches[0]["input_ids"].shape, attn)
-    return {"stage": stage, "device": device, "real": real, "traced_peak_bytes": counts.peak_bytes,
-            "breakdown": counts.breakdown,
-            "op_at_peak": {"op": counts.peak_op, "phase": counts.peak_phase, "step": counts.peak_step},
-            "allowances_bytes": allowances, "allowance_sources": {k: ALLOWANCE_SOURCES[k] for k in allowances},
-            "peak_with_allowances_bytes": counts.peak_bytes + sum(allowances.values()),
-            "flops_per_token": {k: v / tokens for k, v in counts.flops.items()},
-            "flops_per_step_micro_batch": dict(counts.flops),
-            "tokens_per_step": tokens * cfg.gradient_accumulation_steps, "tokens_per_micro_batch": tokens,
-            "label_tokens_per_micro_batch": label_tokens[0], "attn_implementation": model.config._attn_implementation,
-            "epoch": _epoch(recipe, stage, processor, model, counts.flops, tokens),
-            "trace_seconds": round(time.perf_counter() - started, 2)}
+    return {
+        "stage": stage,
+        "device": device,
+        "real": real,
+        "traced_peak_bytes": counts.peak_bytes,
+        "breakdown": counts.breakdown,
+        "op_at_peak": {"op": counts.peak_op, "phase": counts.peak_phase, "step": counts.peak_step},
+        "allowances_bytes": allowances,
+        "allowance_sources": {k: ALLOWANCE_SOURCES[k] for k in allowances},
+        "peak_with_allowances_bytes": counts.peak_bytes + sum(allowances.values()),
+        "flops_per_token": {k: v / tokens for k, v in counts.flops.items()},
+        "flops_per_step_micro_batch": dict(counts.flops),
+        "tokens_per_step": tokens * cfg.gradient_accumulation_steps,
+        "tokens_per_micro_batch": tokens,
+        "label_tokens_per_micro_batch": label_tokens[0],
+        "attn_implementation": model.config._attn_implementation,
+        "epoch": _epoch(recipe, stage, processor, model, counts.flops, tokens),
+        "trace_seconds": round(time.perf_counter() - started, 2),
+    }
 
 
 def epoch_tokens(recipe: Recipe, stage: str, processor, geometry) -> tuple[int, str]:
@@ -561,47 +642,62 @@ def epoch_tokens(recipe: Recipe, stage: str, processor, geometry) -> tuple[int, 
     try:
         import json
         from .data import IMAGE_TOKEN, _cache_key, _cache_still_true, image_source
+
         cfg = getattr(recipe, stage)
         sources = [image_source(path, cfg.image_folder) for path in cfg.data]
-        key = _cache_key(cfg, sources, processor.tokenizer, processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                         geometry)
+        key = _cache_key(
+            cfg, sources, processor.tokenizer, processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), geometry
+        )
         folder = Path(recipe.data.cache_dir or Path.home() / ".cache" / "qllava") / "tokenized" / key
         if _cache_still_true(folder, sources):
             return int(json.loads((folder / "report.json").read_text())["tokens"]), f"prepared data ({folder})"
     except Exception:  # data not on this machine, or not prepared: the mix's averages
         pass
     name, samples, per_sample = MIX_AVERAGES[stage]
-    return int(samples * per_sample * getattr(recipe, stage).num_train_epochs), \
-        f"{name}: {samples:,} samples x ~{per_sample} tokens (not prepared here)"
+    return int(
+        samples * per_sample * getattr(recipe, stage).num_train_epochs
+    ), f"{name}: {samples:,} samples x ~{per_sample} tokens (not prepared here)"
 
 
 def epoch_hours(tokens: int, flops_per_token: dict) -> dict[str, float]:
     """Hours for `tokens` at the traced FLOPs per token (forward + backward + recompute), per card, at UTILISATION."""
     per_token = sum(flops_per_token.values())
-    return {card: round(tokens * per_token / (tflops * 1e12 * UTILISATION) / 3600, 1)
-            for card, tflops in CARDS_TFLOPS.items()}
+    return {
+        card: round(tokens * per_token / (tflops * 1e12 * UTILISATION) / 3600, 1)
+        for card, tflops in CARDS_TFLOPS.items()
+    }
 
 
 def _epoch(recipe, stage, processor, model, flops: dict, tokens: int) -> dict:
-    total, source = epoch_tokens(recipe, stage, processor, modeling.image_geometry(model.config,
-                                                                                   processor.image_processor))
+    total, source = epoch_tokens(
+        recipe, stage, processor, modeling.image_geometry(model.config, processor.image_processor)
+    )
     hours = epoch_hours(total, {k: v / tokens for k, v in flops.items()})
-    return {"tokens": total, "tokens_source": source, "utilisation": UTILISATION, "hours": hours,
-            "label": f"estimate at {UTILISATION:.0%} of each card's dense bf16 peak"}
+    return {
+        "tokens": total,
+        "tokens_source": source,
+        "utilisation": UTILISATION,
+        "hours": hours,
+        "label": f"estimate at {UTILISATION:.0%} of each card's dense bf16 peak",
+    }
 
 
 def allowances_bytes(device: str, counts: Counts, text, shape, attn: str) -> dict[str, int]:
     """What a card adds to the traced peak (none on CPU, where the tracker's count is the whole story)."""
     if device == "cpu":
         return {}
-    parts = {"cuda_context": int(CUDA_CONTEXT), "cublas_workspace": CUBLAS_WORKSPACE,
-             "allocator_rounding": 512 * counts.peak_storages,
-             "fragmentation": int(FRAGMENTATION * counts.peak_bytes)}
+    parts = {
+        "cuda_context": int(CUDA_CONTEXT),
+        "cublas_workspace": CUBLAS_WORKSPACE,
+        "allocator_rounding": 512 * counts.peak_storages,
+        "fragmentation": int(FRAGMENTATION * counts.peak_bytes),
+    }
     if attn == "flash_attention_2":
         rows, width = shape
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        parts["flash_attn_workspace"] = 4 * (rows * width + 128 * rows) * text.num_attention_heads * \
-            math.ceil(head_dim / 32) * 32 + 4 * rows * text.num_attention_heads * (math.ceil(width / 128) * 128)
+        parts["flash_attn_workspace"] = 4 * (rows * width + 128 * rows) * text.num_attention_heads * math.ceil(
+            head_dim / 32
+        ) * 32 + 4 * rows * text.num_attention_heads * (math.ceil(width / 128) * 128)
     return parts
 
 
@@ -610,6 +706,7 @@ def _trainer(recipe, stage, model, processor, rows, collator, work: Path, device
     is the one a card gets (fused AdamW) and the model stays where it is (the trainer would move it to this CPU)."""
     from transformers import Trainer
     from . import train
+
     cfg = getattr(recipe, stage)
     build = train.build_optimizer
     card = device == "cuda"
@@ -621,6 +718,7 @@ def _trainer(recipe, stage, model, processor, rows, collator, work: Path, device
             return build(model, cfg)
         finally:
             torch.cuda.is_available = original
+
     move = Trainer._move_model_to_device
     train.build_optimizer, Trainer._move_model_to_device = optimizer_for_device, lambda *a, **k: None
     try:
@@ -636,6 +734,7 @@ def _trainer(recipe, stage, model, processor, rows, collator, work: Path, device
 def _register_resident(tracker: LiveBytes, model) -> None:
     """Everything the model holds before the first step, in its category."""
     import bitsandbytes as bnb
+
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             tracker.register(module.weight, "quantized_weights")
@@ -656,11 +755,16 @@ def _steps(trainer, tracker: LiveBytes, batches, label_tokens, fake) -> None:
 
     def forward_then_backward(*args, **kwargs):
         tracker.phase = "forward"
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: (tracker.mark(t, "saved_activations"), t)[1],
-                                                      lambda t: t), (tracker.autocast or contextlib.nullcontext()):
+        with (
+            torch.autograd.graph.saved_tensors_hooks(
+                lambda t: (tracker.mark(t, "saved_activations"), t)[1], lambda t: t
+            ),
+            tracker.autocast or contextlib.nullcontext(),
+        ):
             loss = compute_loss(*args, **kwargs)
         tracker.phase = "backward"
         return loss
+
     trainer.compute_loss = forward_then_backward
     trainer._prepare_inputs = lambda inputs: {k: _to(v, fake) for k, v in inputs.items()}
     trainer.token_counter.counts.add = lambda inputs: None  # counted from the real batches (tokens_per_step)
@@ -678,8 +782,9 @@ def _steps(trainer, tracker: LiveBytes, batches, label_tokens, fake) -> None:
                 tracker.mark(p.grad, "gradients")
         tracker.phase = "optimizer"
         if trainer.args.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                           trainer.args.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], trainer.args.max_grad_norm
+            )
         optimizer.step()
         for state in optimizer.state.values():
             for v in state.values():
@@ -717,11 +822,17 @@ def card_paths(card: bool, tracker: LiveBytes, dtype: str):
         return
     from trl.kernels import chunked_logprob
     from trl.trainer import utils as trl_utils
-    saved = (trl_utils._use_triton, chunked_logprob._forward_tile, chunked_logprob._backward_tile,
-             chunked_logprob._addmm_fp32)
+
+    saved = (
+        trl_utils._use_triton,
+        chunked_logprob._forward_tile,
+        chunked_logprob._backward_tile,
+        chunked_logprob._addmm_fp32,
+    )
 
     def addmm_fp32(acc, a, b):  # in place into acc: no memory; its FLOPs counted
         tracker.add_flops(2 * a.shape[0] * a.shape[1] * b.shape[1])
+
     trl_utils._use_triton = lambda device: True
     chunked_logprob._forward_tile = chunked_logprob._backward_tile = lambda *args, **kwargs: None
     chunked_logprob._addmm_fp32 = addmm_fp32
@@ -731,8 +842,12 @@ def card_paths(card: bool, tracker: LiveBytes, dtype: str):
         tracker.autocast = autocast
         yield
     finally:
-        (trl_utils._use_triton, chunked_logprob._forward_tile, chunked_logprob._backward_tile,
-         chunked_logprob._addmm_fp32) = saved
+        (
+            trl_utils._use_triton,
+            chunked_logprob._forward_tile,
+            chunked_logprob._backward_tile,
+            chunked_logprob._addmm_fp32,
+        ) = saved
         tracker.bool_index_sites, tracker.autocast = set(), None
 
 
@@ -755,6 +870,7 @@ def _trace_patches(real: bool):
 @contextlib.contextmanager
 def _quiet():
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", UserWarning)
@@ -769,4 +885,3 @@ def trace(recipe: Recipe, stages, device: str = "cuda", gpu_memory_gib: float = 
         traced["free_bytes"] = int(gpu_memory_gib * GIB) - traced["peak_with_allowances_bytes"]
         result[stage] = traced
     return result
-

@@ -46,8 +46,9 @@ class StageResult:
     model: object
 
 
-def finetune(recipe: Recipe, stages=None, overwrite: bool = False, resume: bool = False, progress=None,
-             say=print) -> dict:
+def finetune(
+    recipe: Recipe, stages=None, overwrite: bool = False, resume: bool = False, progress=None, say=print
+) -> dict:
     """Run the stages the recipe describes; return the run's metrics (also written to RUN/metrics.json).
 
     `progress(stage_name)` returns a function that receives progress events (dicts) during training.
@@ -70,8 +71,9 @@ def finetune(recipe: Recipe, stages=None, overwrite: bool = False, resume: bool 
     check_recipe(recipe, run, to_run, points, say)
     with state.main_process_first():
         if state.is_main_process and recipe.synthetic:
-            synthetic.prepare(recipe.synthetic, recipe.model.vision_tower, recipe.model.decoder, say=say,
-                              llava=recipe.model.llava)
+            synthetic.prepare(
+                recipe.synthetic, recipe.model.vision_tower, recipe.model.decoder, say=say, llava=recipe.model.llava
+            )
     # Before any model is loaded: every input named, then the data of every stage about to run (a typo or a wrong
     # image folder in stage 2 stops the run now, not after stage 1 has trained; the prepared data are cached).
     check_inputs(recipe, to_run)
@@ -143,8 +145,10 @@ def _say_unscorable(heldout: HeldOut, run: RunFolder, to_run, say) -> None:
     for name, points in POINTS.items():
         missing = [point for point in points if heldout.unscored(point)]
         if missing and name not in to_run and not run.complete(name):
-            say(f"eval.at: {', '.join(missing)} not scored: {run.stage(name)} is not complete and {name} is not among "
-                "the stages run now")
+            say(
+                f"eval.at: {', '.join(missing)} not scored: {run.stage(name)} is not complete and {name} is not among "
+                "the stages run now"
+            )
 
 
 def _redone(recipe: Recipe, name: str) -> tuple[str, ...]:
@@ -153,8 +157,9 @@ def _redone(recipe: Recipe, name: str) -> tuple[str, ...]:
     return (name, *(f"_{point}" for point in POINTS[name])) + (("_before",) if name == first_stage(recipe) else ())
 
 
-def run_stage(recipe: Recipe, name: str, progress=None, say=print, heldout: HeldOut | None = None,
-              resume_from: Path | None = None) -> StageResult:
+def run_stage(
+    recipe: Recipe, name: str, progress=None, say=print, heldout: HeldOut | None = None, resume_from: Path | None = None
+) -> StageResult:
     """One stage: store its recipe (unless it continues from a checkpoint: the recipe it started with stays), build
     its model, build its data, train, save; held-out points scored around it."""
     state = PartialState()
@@ -201,25 +206,52 @@ def build_stage_data(recipe: Recipe, name: str, model, processor, say=print) -> 
     geometry = modeling.image_geometry(model.config, processor.image_processor)
     with PartialState().main_process_first():  # the main process tokenizes and caches; the others read the cache
         dataset, images, report = stage_dataset(recipe, name, tokenizer, geometry)
-    say(f"{name}: {report.used} samples, {report.tokens:,} tokens ({report.label_tokens:,} trained)"
-        + "".join(f"; skipped {n}: {reason} (e.g. {', '.join(report.examples[reason])})"
-                  for reason, n in report.skipped.most_common())
-        + "".join(f"; used {n} with a {reason} (e.g. {', '.join(report.examples[reason])})"
-                  for reason, n in report.left_out.most_common()))
+    say(
+        f"{name}: {report.used} samples, {report.tokens:,} tokens ({report.label_tokens:,} trained)"
+        + "".join(
+            f"; skipped {n}: {reason} (e.g. {', '.join(report.examples[reason])})"
+            for reason, n in report.skipped.most_common()
+        )
+        + "".join(
+            f"; used {n} with a {reason} (e.g. {', '.join(report.examples[reason])})"
+            for reason, n in report.left_out.most_common()
+        )
+    )
     rows = Rows(dataset, cfg.max_seq_len, cfg.packing, cfg.seed)
-    collator = Collator(images, processor.image_processor, cfg.image_aspect_ratio, tokenizer.pad_token_id,
-                        image_token_id, packing=cfg.packing,
-                        flatten=model.config._attn_implementation == "flash_attention_2")
+    collator = Collator(
+        images,
+        processor.image_processor,
+        cfg.image_aspect_ratio,
+        tokenizer.pad_token_id,
+        image_token_id,
+        packing=cfg.packing,
+        flatten=model.config._attn_implementation == "flash_attention_2",
+    )
     return rows, collator, report
 
 
-def train_stage(recipe: Recipe, name: str, model, processor, rows: Rows, collator: Collator, progress=None,
-                resume_from: Path | None = None) -> tuple[QllavaTrainer, float]:
+def train_stage(
+    recipe: Recipe,
+    name: str,
+    model,
+    processor,
+    rows: Rows,
+    collator: Collator,
+    progress=None,
+    resume_from: Path | None = None,
+) -> tuple[QllavaTrainer, float]:
     """(trainer, seconds) after training a stage's model on its rows (from a checkpoint when given)."""
     callbacks = [ProgressCallback(progress(name))] if progress else []
-    trainer = _build_trainer(model, processor, rows, collator, getattr(recipe, name),
-                             RunFolder(recipe.run_dir).checkpoints(name), callbacks,
-                             dataloader_num_workers(recipe.data.dataloader_num_workers))
+    trainer = _build_trainer(
+        model,
+        processor,
+        rows,
+        collator,
+        getattr(recipe, name),
+        RunFolder(recipe.run_dir).checkpoints(name),
+        callbacks,
+        dataloader_num_workers(recipe.data.dataloader_num_workers),
+    )
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     return trainer, time.perf_counter() - started
@@ -255,10 +287,20 @@ class ProgressCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs and state.is_world_process_zero:
             elapsed = time.perf_counter() - self.started
-            self.show({"event": "log", "step": state.global_step, "max_steps": state.max_steps,
-                       "loss": logs["loss"], "lr": logs.get("learning_rate", 0.0), "elapsed_s": elapsed,
-                       "tokens_per_s": logs["tokens_per_s"], "label_tokens_per_s": logs["label_tokens_per_s"],
-                       "pad_fraction": logs["pad_fraction"], "memory_gib": peak_memory_gib()})
+            self.show(
+                {
+                    "event": "log",
+                    "step": state.global_step,
+                    "max_steps": state.max_steps,
+                    "loss": logs["loss"],
+                    "lr": logs.get("learning_rate", 0.0),
+                    "elapsed_s": elapsed,
+                    "tokens_per_s": logs["tokens_per_s"],
+                    "label_tokens_per_s": logs["label_tokens_per_s"],
+                    "pad_fraction": logs["pad_fraction"],
+                    "memory_gib": peak_memory_gib(),
+                }
+            )
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -272,28 +314,56 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _build_trainer(model, processor, rows: Rows, collator: Collator, cfg, checkpoints: Path, callbacks,
-                   num_workers: int = 0):
+def _build_trainer(
+    model, processor, rows: Rows, collator: Collator, cfg, checkpoints: Path, callbacks, num_workers: int = 0
+):
     """The trainer of a stage. With num_workers > 0, DataLoader worker processes build the batches (images decoded
     and preprocessed there). They are started anew each epoch (not persistent): each starts from the rows that
     _EpochRows has just drawn for its epoch."""
     cuda = torch.cuda.is_available()
     dtype = model.get_input_embeddings().weight.dtype
     args = SFTConfig(
-        output_dir=str(checkpoints), per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_ratio,
-        lr_scheduler_type=cfg.lr_scheduler_type, weight_decay=cfg.weight_decay, seed=cfg.seed,
-        logging_steps=cfg.logging_steps, logging_first_step=True, save_strategy="steps" if cfg.save_steps else "no",
-        save_steps=cfg.save_steps or 500, save_total_limit=2, activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False}, bf16=cuda and dtype == torch.bfloat16,
-        fp16=cuda and dtype == torch.float16, use_cpu=not cuda, disable_tqdm=True, report_to=cfg.report_to or "none",
-        remove_unused_columns=False, dataloader_num_workers=num_workers, dataloader_pin_memory=cuda,
-        dataloader_persistent_workers=False, max_length=None, packing=False,
-        dataset_kwargs={"skip_prepare_dataset": True}, save_only_model=False)
+        output_dir=str(checkpoints),
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        warmup_steps=cfg.warmup_ratio,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        weight_decay=cfg.weight_decay,
+        seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=2,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        bf16=cuda and dtype == torch.bfloat16,
+        fp16=cuda and dtype == torch.float16,
+        use_cpu=not cuda,
+        disable_tqdm=True,
+        report_to=cfg.report_to or "none",
+        remove_unused_columns=False,
+        dataloader_num_workers=num_workers,
+        dataloader_pin_memory=cuda,
+        dataloader_persistent_workers=False,
+        max_length=None,
+        packing=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        save_only_model=False,
+    )
     optimizer = build_optimizer(model, cfg)
-    trainer = QllavaTrainer(model=model, args=args, rows=rows, data_collator=collator,
-                            processing_class=processor, optimizers=(optimizer, None), callbacks=callbacks)
+    trainer = QllavaTrainer(
+        model=model,
+        args=args,
+        rows=rows,
+        data_collator=collator,
+        processing_class=processor,
+        optimizers=(optimizer, None),
+        callbacks=callbacks,
+    )
     _trainable_to_float32(model)  # TRL casts trainable weights of a 4-bit model to bf16; keep float32 masters
     trainer.add_callback(_EpochRows(rows))
     trainer.add_callback(LogAsRecipeSays())
@@ -322,12 +392,20 @@ def build_optimizer(model, cfg) -> torch.optim.Optimizer:
         is_proj = id(p) in proj
         lr = (cfg.projector_lr or cfg.learning_rate) if is_proj else cfg.learning_rate
         decay = 0.0 if p.ndim < 2 else cfg.weight_decay
-        groups.setdefault((is_proj, decay), {"params": [], "lr": lr, "weight_decay": decay,
-                                            "name": ("projector" if is_proj else "adapter") + ("" if decay else "_no_decay")})
+        groups.setdefault(
+            (is_proj, decay),
+            {
+                "params": [],
+                "lr": lr,
+                "weight_decay": decay,
+                "name": ("projector" if is_proj else "adapter") + ("" if decay else "_no_decay"),
+            },
+        )
         groups[(is_proj, decay)]["params"].append(p)
     if cfg.optim == "adamw_torch":
         return torch.optim.AdamW(list(groups.values()), lr=cfg.learning_rate, fused=torch.cuda.is_available())
     import bitsandbytes as bnb
+
     cls = bnb.optim.PagedAdamW8bit if cfg.optim == "paged_adamw_8bit" else bnb.optim.AdamW8bit
     return cls(list(groups.values()), lr=cfg.learning_rate)
 
@@ -366,7 +444,8 @@ def _check_projector_source(recipe: Recipe, names) -> None:
         return
     raise FileNotFoundError(
         f"stage 2 starts from the stage-1 projector {path}, which does not exist: run stage 1 first "
-        f"(qllava finetune RECIPE --stage 1), or set stage2.projector = \"fresh\" or a projector file")
+        f'(qllava finetune RECIPE --stage 1), or set stage2.projector = "fresh" or a projector file'
+    )
 
 
 def _trainable_to_float32(model) -> None:
@@ -380,13 +459,21 @@ def _stage_metrics(trainer, report, counts: TokenCounts, seconds: float, name: s
     a resumed stage's time adds the segments before it (up to the checkpoint it continued from)."""
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"stage": name, "steps": trainer.state.global_step, "first_loss": losses[0] if losses else None,
-            "final_loss": losses[-1] if losses else None, "train_seconds": round(trainer.earlier.seconds + seconds, 2),
-            "resumed_at": trainer.earlier.resumed_at,
-            "tokens_per_s": counts.tokens / seconds, "label_tokens_per_s": counts.label_tokens / seconds,
-            "pad_fraction": counts.pad_fraction, "trainable_params": trainable,
-            "attn_implementation": model.config._attn_implementation, "peak_memory_gib": peak_memory_gib(),
-            "data": report.to_dict()}
+    return {
+        "stage": name,
+        "steps": trainer.state.global_step,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "train_seconds": round(trainer.earlier.seconds + seconds, 2),
+        "resumed_at": trainer.earlier.resumed_at,
+        "tokens_per_s": counts.tokens / seconds,
+        "label_tokens_per_s": counts.label_tokens / seconds,
+        "pad_fraction": counts.pad_fraction,
+        "trainable_params": trainable,
+        "attn_implementation": model.config._attn_implementation,
+        "peak_memory_gib": peak_memory_gib(),
+        "data": report.to_dict(),
+    }
 
 
 def _save_stage(model, processor, recipe: Recipe, out_dir: Path, metrics: dict, log_history: list, name: str) -> None:
@@ -415,6 +502,7 @@ def loss_figure(log_history: list, title: str):
     looked steep."""
     # A bare Figure, not pyplot: no global backend switch in the caller's process (notebooks keep theirs).
     from matplotlib.figure import Figure
+
     points = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
     if not points:
         return None

@@ -46,8 +46,11 @@ class TokenCounter(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs:
             elapsed = time.perf_counter() - self.started
-            logs.update(tokens_per_s=self.counts.tokens / elapsed, label_tokens_per_s=self.counts.label_tokens / elapsed,
-                        pad_fraction=self.counts.pad_fraction)
+            logs.update(
+                tokens_per_s=self.counts.tokens / elapsed,
+                label_tokens_per_s=self.counts.label_tokens / elapsed,
+                pad_fraction=self.counts.pad_fraction,
+            )
 
 
 class QllavaTrainer(SFTTrainer):
@@ -74,8 +77,13 @@ class QllavaTrainer(SFTTrainer):
         return self.earlier.seconds + time.perf_counter() - self.segment_started
 
     def get_train_dataloader(self):
-        return self._get_dataloader(dataset=self.rows, description="Training", batch_size=self._train_batch_size,
-                                    sampler_fn=self._get_train_sampler, is_training=True)
+        return self._get_dataloader(
+            dataset=self.rows,
+            description="Training",
+            batch_size=self._train_batch_size,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
 
     def _get_train_sampler(self, train_dataset=None):
         # Packed rows are not all full: drawing rows of similar length into a micro-batch keeps the padding
@@ -104,8 +112,13 @@ class QllavaTrainer(SFTTrainer):
         if self.args.should_save:
             folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
             files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
-            marker = {"step": self.state.global_step, "files": files, "processes": self.args.world_size,
-                      "train_seconds": round(self.train_seconds(), 2), "resumed_at": self.earlier.resumed_at}
+            marker = {
+                "step": self.state.global_step,
+                "files": files,
+                "processes": self.args.world_size,
+                "train_seconds": round(self.train_seconds(), 2),
+                "resumed_at": self.earlier.resumed_at,
+            }
             partial = folder / f"{COMPLETE}.partial"
             partial.write_text(json.dumps(marker))
             partial.replace(folder / COMPLETE)
@@ -116,10 +129,12 @@ class QllavaTrainer(SFTTrainer):
         modeling.load_projector(model, folder / modeling.PROJECTOR_FILE)
         if hasattr(model, "peft_config"):
             from peft import set_peft_model_state_dict
+
             result = set_peft_model_state_dict(model, load_file(str(folder / ADAPTER_FILE)))
             if result.unexpected_keys:
-                raise ValueError(f"{folder}: adapter weights that this model has no place for: "
-                                 f"{result.unexpected_keys[:3]}")
+                raise ValueError(
+                    f"{folder}: adapter weights that this model has no place for: {result.unexpected_keys[:3]}"
+                )
 
 
 @dataclass(frozen=True)

@@ -50,18 +50,31 @@ def load_tower(name: str, **kwargs):
     config = tower_config(name)
     tower, info = tower_class(config).from_pretrained(name, config=config, output_loading_info=True, **kwargs)
     unused = [k for k in info["unexpected_keys"] if not k.startswith(OTHER_HALF)]
-    problems = [f"{len(keys)} {what} (e.g. {sorted(keys)[0]})" for what, keys in
-                (("weights missing, which would be random", info["missing_keys"]),
-                 ("weights of another shape", info["mismatched_keys"]), ("weights the tower does not use", unused))
-                if keys]
+    problems = [
+        f"{len(keys)} {what} (e.g. {sorted(keys)[0]})"
+        for what, keys in (
+            ("weights missing, which would be random", info["missing_keys"]),
+            ("weights of another shape", info["mismatched_keys"]),
+            ("weights the tower does not use", unused),
+        )
+        if keys
+    ]
     if problems:
-        raise VisionError(f"vision tower {name} ({config.model_type}) does not load as a "
-                          f"{type(tower).__name__}: {'; '.join(problems)}")
+        raise VisionError(
+            f"vision tower {name} ({config.model_type}) does not load as a "
+            f"{type(tower).__name__}: {'; '.join(problems)}"
+        )
     return tower
 
 
-def load_image_processor(vision_tower: str, image_processor: str = "", image_size: int = 0,
-                         image_mean: list[float] = (), image_std: list[float] = (), processor=None):
+def load_image_processor(
+    vision_tower: str,
+    image_processor: str = "",
+    image_size: int = 0,
+    image_mean: list[float] = (),
+    image_std: list[float] = (),
+    processor=None,
+):
     """The image processor of the tower (or of `image_processor`, or the one given), with the recipe's size /
     mean / std put over it; a tower that ships none gets a resize + centre-crop + normalize one from those
     settings."""
@@ -70,12 +83,17 @@ def load_image_processor(vision_tower: str, image_processor: str = "", image_siz
         processor = processor or AutoImageProcessor.from_pretrained(source)
     except (OSError, ValueError):
         if not (image_size and image_mean and image_std):
-            raise VisionError(f"{source} ships no image processor (preprocessor_config.json): set "
-                              "model.image_processor, or model.image_size, model.image_mean and model.image_std")
+            raise VisionError(
+                f"{source} ships no image processor (preprocessor_config.json): set "
+                "model.image_processor, or model.image_size, model.image_mean and model.image_std"
+            )
         processor = CLIPImageProcessor()
     if image_size:
-        processor.size = {"shortest_edge": image_size} if "shortest_edge" in _as_dict(processor.size) \
+        processor.size = (
+            {"shortest_edge": image_size}
+            if "shortest_edge" in _as_dict(processor.size)
             else {"height": image_size, "width": image_size}
+        )
         if getattr(processor, "crop_size", None):
             processor.crop_size = {"height": image_size, "width": image_size}
     if image_mean:
@@ -113,7 +131,9 @@ def tower_tokens(config, height: int, width: int, feature_layer: int = -2) -> in
 
 def prefix_tokens(config, height: int, width: int, feature_layer: int = -2) -> int:
     """Features that are not image patches: CLIP and DINOv2's CLS token, DINOv2's registers; none for SigLIP."""
-    return tower_tokens(config, height, width, feature_layer) - (height // config.patch_size) * (width // config.patch_size)
+    return tower_tokens(config, height, width, feature_layer) - (height // config.patch_size) * (
+        width // config.patch_size
+    )
 
 
 def tokens_per_image(config, image_processor, select_strategy: str, feature_layer: int = -2) -> int:
@@ -123,9 +143,11 @@ def tokens_per_image(config, image_processor, select_strategy: str, feature_laye
     tokens = tower_tokens(config, height, width, feature_layer)
     if select_strategy == "default":
         if prefix_tokens(config, height, width, feature_layer) == 0:
-            raise VisionError(f"model.vision_feature_select_strategy: \"default\" drops the first feature as the "
-                              f"CLS token, but a {config.model_type} tower has none (it would drop an image "
-                              "patch): set \"full\"")
+            raise VisionError(
+                f'model.vision_feature_select_strategy: "default" drops the first feature as the '
+                f"CLS token, but a {config.model_type} tower has none (it would drop an image "
+                'patch): set "full"'
+            )
         tokens -= 1
     return tokens
 
@@ -191,11 +213,13 @@ class AnyresGeometry:
         """The (height, width) of the grid an image of `size` (width, height) is resized into: the most of its
         pixels kept, then the fewest pixels wasted."""
         width, height = size
+
         def fit(pinpoint):
             grid_height, grid_width = pinpoint
             scale = min(grid_width / width, grid_height / height)
             kept = min(int(width * scale) * int(height * scale), width * height)
             return -kept, grid_width * grid_height - kept
+
         return min(self.grid_pinpoints, key=lambda p: fit(tuple(p)))
 
 
@@ -215,9 +239,15 @@ def image_geometry(config, image_processor) -> ImageGeometry | AnyresGeometry:
 # eval, chat and serve all read images through open_image, and token counts are taken from the upright size.
 # For each orientation (2-8), the transpose that turns the stored pixels upright; 1 or none: as stored.
 ORIENTATION_TAG = 0x0112
-UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-           8: Image.Transpose.ROTATE_90}
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 TURNED_BY_PIL = ("TIFF",)
 """Formats whose PIL reader turns an image upright itself (its size at open, its pixels when decoded)."""
@@ -312,8 +342,10 @@ def open_image(source, name=None) -> Image.Image:
     except FileNotFoundError:
         raise VisionError(f"image {name}: file not found") from None
     except Image.DecompressionBombError as e:
-        raise VisionError(f"image {name}: too large to decode safely: {e} (PIL.Image.MAX_IMAGE_PIXELS); resize it: "
-                          "training shrinks every image to the processor's size anyway") from None
+        raise VisionError(
+            f"image {name}: too large to decode safely: {e} (PIL.Image.MAX_IMAGE_PIXELS); resize it: "
+            "training shrinks every image to the processor's size anyway"
+        ) from None
     except (OSError, ValueError) as e:
         raise VisionError(f"image {name}: cannot be read as an image ({e})") from None
     return rgb.transpose(UPRIGHT[turn]) if turn in UPRIGHT else rgb

@@ -73,14 +73,27 @@ class ContractError(ValueError):
     """An argument outside flash-attn's contract: the real kernel would refuse it or compute garbage."""
 
 
-def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+def flash_attn_func(
+    q,
+    k,
+    v,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
     """Attention over a padded-free batch: q (batch, seqlen_q, heads, d), k and v (batch, seqlen_k, heads_k, d).
     Returns out (batch, seqlen_q, heads, d), or (out, softmax_lse (batch, heads, seqlen_q), S_dmask)."""
     _check_options(dropout_p, window_size, softcap, alibi_slopes, None)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ContractError(f"flash_attn_func takes (batch, seqlen, heads, head_dim) tensors, got q {tuple(q.shape)}, "
-                            f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ContractError(
+            f"flash_attn_func takes (batch, seqlen, heads, head_dim) tensors, got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     if k.shape[0] != q.shape[0]:
         raise ContractError(f"q and k have different batch sizes: {q.shape[0]} and {k.shape[0]}")
     batch, seqlen_q, heads, dim = q.shape
@@ -90,41 +103,96 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     flat = [x.reshape(-1, *x.shape[2:]) for x in (q, k, v)]
     _check_tensors(*flat)
     _record("flash_attn_func", q, causal, cu_q, window_size, softcap)
-    out, lse = _VarlenAttention.apply(*flat, cu_q, cu_k, _scale(softmax_scale, dim), causal, tuple(window_size),
-                                      float(softcap))
+    out, lse = _VarlenAttention.apply(
+        *flat, cu_q, cu_k, _scale(softmax_scale, dim), causal, tuple(window_size), float(softcap)
+    )
     out = out.view(batch, seqlen_q, heads, dim)
     if not return_attn_probs:
         return out
     return out, lse.view(heads, batch, seqlen_q).transpose(0, 1), _no_probs(q)
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None):
+def flash_attn_varlen_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    block_table=None,
+):
     """Attention over sequences laid end to end: q (total_q, heads, d), k and v (total_k, heads_k, d), sequence i
     being rows cu_seqlens[i]:cu_seqlens[i + 1]. Each sequence attends only to itself (causal: bottom-right aligned).
     Returns out (total_q, heads, d), or (out, softmax_lse (heads, total_q), S_dmask)."""
     _check_options(dropout_p, window_size, softcap, alibi_slopes, block_table)
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-        raise ContractError(f"flash_attn_varlen_func takes (total, heads, head_dim) tensors, got q {tuple(q.shape)}, "
-                            f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ContractError(
+            f"flash_attn_varlen_func takes (total, heads, head_dim) tensors, got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     _check_tensors(q, k, v)
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q, max_seqlen_q, "max_seqlen_q")
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k, max_seqlen_k, "max_seqlen_k")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ContractError(f"cu_seqlens_q has {cu_seqlens_q.numel()} entries and cu_seqlens_k "
-                            f"{cu_seqlens_k.numel()}: one more than the number of sequences, for both")
-    _record("flash_attn_varlen_func", q, causal, cu_seqlens_q, window_size, softcap, cu_seqlens_k,
-            int(max_seqlen_q), int(max_seqlen_k))
-    out, lse = _VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, _scale(softmax_scale, q.shape[-1]), causal,
-                                      tuple(window_size), float(softcap))
+        raise ContractError(
+            f"cu_seqlens_q has {cu_seqlens_q.numel()} entries and cu_seqlens_k "
+            f"{cu_seqlens_k.numel()}: one more than the number of sequences, for both"
+        )
+    _record(
+        "flash_attn_varlen_func",
+        q,
+        causal,
+        cu_seqlens_q,
+        window_size,
+        softcap,
+        cu_seqlens_k,
+        int(max_seqlen_q),
+        int(max_seqlen_k),
+    )
+    out, lse = _VarlenAttention.apply(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        _scale(softmax_scale, q.shape[-1]),
+        causal,
+        tuple(window_size),
+        float(softcap),
+    )
     return (out, lse, _no_probs(q)) if return_attn_probs else out
 
 
-def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
-                            cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None,
-                            causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
-                            alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+def flash_attn_with_kvcache(
+    q,
+    k_cache,
+    v_cache,
+    k=None,
+    v=None,
+    rotary_cos=None,
+    rotary_sin=None,
+    cache_seqlens=None,
+    cache_batch_idx=None,
+    cache_leftpad=None,
+    block_table=None,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    rotary_interleaved=True,
+    alibi_slopes=None,
+    num_splits=0,
+    return_softmax_lse=False,
+):
     """Present because transformers imports it (and reads its signature); used only for paged continuous batching,
     which qllava does not do."""
     raise NotImplementedError("flash_attn_with_kvcache (paged continuous batching) is not part of this reference")
@@ -157,7 +225,8 @@ def write_package(folder: Path) -> Path:
     (package / "__init__.py").write_text(
         '"""flash-attn\'s API, from the plain-torch reference in tests/flash_attn_reference.py."""\n'
         "from flash_attn_reference import (__version__, flash_attn_func, flash_attn_varlen_func,  # noqa: F401\n"
-        "                                  flash_attn_with_kvcache)\n")
+        "                                  flash_attn_with_kvcache)\n"
+    )
     (package / "bert_padding.py").write_text("from flash_attn_reference import pad_input, unpad_input  # noqa: F401\n")
     dist = folder / f"flash_attn-{__version__}.dist-info"
     dist.mkdir(exist_ok=True)
@@ -210,8 +279,9 @@ class _VarlenAttention(torch.autograd.Function):
 def _sequences(cu_q, cu_k):
     """(query rows, key rows) of each sequence."""
     bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
-    return [(slice(bounds_q[i], bounds_q[i + 1]), slice(bounds_k[i], bounds_k[i + 1]))
-            for i in range(len(bounds_q) - 1)]
+    return [
+        (slice(bounds_q[i], bounds_q[i + 1]), slice(bounds_k[i], bounds_k[i + 1])) for i in range(len(bounds_q) - 1)
+    ]
 
 
 def _grouped(x, heads):
@@ -258,7 +328,7 @@ def _probabilities(q, k, scale, causal, window, softcap):
 
 
 def _scale(softmax_scale, head_dim: int) -> float:
-    return head_dim ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
 
 
 def _no_probs(q):
@@ -268,11 +338,15 @@ def _no_probs(q):
 
 def _check_options(dropout_p, window_size, softcap, alibi_slopes, block_table) -> None:
     if dropout_p != 0:
-        raise ContractError(f"dropout_p={dropout_p}: the reference computes exact attention; attention dropout is "
-                            "random (qllava's models have none)")
+        raise ContractError(
+            f"dropout_p={dropout_p}: the reference computes exact attention; attention dropout is "
+            "random (qllava's models have none)"
+        )
     if alibi_slopes is not None or block_table is not None:
-        raise ContractError("alibi_slopes and block_table are not part of this reference (transformers passes neither "
-                            "to the varlen function for qllava's models)")
+        raise ContractError(
+            "alibi_slopes and block_table are not part of this reference (transformers passes neither "
+            "to the varlen function for qllava's models)"
+        )
     if len(window_size) != 2 or any(int(w) != w or w < -1 for w in window_size):
         raise ContractError(f"window_size={window_size!r}: two ints, each -1 (unbounded) or >= 0")
     if softcap < 0:
@@ -286,8 +360,9 @@ def _check_tensors(q, k, v) -> None:
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ContractError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape != v.shape or k.shape[-1] != q.shape[-1]:
-        raise ContractError(f"k and v must have one shape and q's head_dim: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                            f"v {tuple(v.shape)}")
+        raise ContractError(
+            f"k and v must have one shape and q's head_dim: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     if q.shape[1] % k.shape[1]:
         raise ContractError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
     if q.shape[-1] > 256:
@@ -300,15 +375,20 @@ def _check_cu_seqlens(name: str, cu, rows, max_seqlen, max_name: str) -> None:
     """cu_seqlens as the kernel trusts it: int32, 1-D, contiguous, from 0 to the row count, never decreasing; and
     max_seqlen (an int or a one-element integer tensor) at least the longest sequence."""
     if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32:
-        raise ContractError(f"{name} must be a torch.int32 tensor, got "
-                            f"{cu.dtype if isinstance(cu, torch.Tensor) else type(cu).__name__}")
+        raise ContractError(
+            f"{name} must be a torch.int32 tensor, got "
+            f"{cu.dtype if isinstance(cu, torch.Tensor) else type(cu).__name__}"
+        )
     if cu.dim() != 1 or cu.numel() < 2 or not cu.is_contiguous() or cu.device != rows.device:
-        raise ContractError(f"{name} must be a contiguous 1-D tensor of sequences + 1 entries on q's device, got "
-                            f"shape {tuple(cu.shape)}")
+        raise ContractError(
+            f"{name} must be a contiguous 1-D tensor of sequences + 1 entries on q's device, got "
+            f"shape {tuple(cu.shape)}"
+        )
     bounds = cu.tolist()
     if bounds[0] != 0 or bounds[-1] != rows.shape[0]:
-        raise ContractError(f"{name} runs from {bounds[0]} to {bounds[-1]}; it must run from 0 to the {rows.shape[0]} "
-                            "rows it indexes")
+        raise ContractError(
+            f"{name} runs from {bounds[0]} to {bounds[-1]}; it must run from 0 to the {rows.shape[0]} rows it indexes"
+        )
     lengths = [b - a for a, b in zip(bounds, bounds[1:])]
     if min(lengths) < 0:
         raise ContractError(f"{name} decreases: {bounds}")
@@ -318,11 +398,24 @@ def _check_cu_seqlens(name: str, cu, rows, max_seqlen, max_name: str) -> None:
     elif not isinstance(max_seqlen, int):
         raise ContractError(f"{max_name} must be an int, got {type(max_seqlen).__name__}")
     if int(max_seqlen) < max(lengths):
-        raise ContractError(f"{max_name}={int(max_seqlen)} is shorter than the longest sequence ({max(lengths)}): "
-                            "the kernel would leave its last rows uncomputed")
+        raise ContractError(
+            f"{max_name}={int(max_seqlen)} is shorter than the longest sequence ({max(lengths)}): "
+            "the kernel would leave its last rows uncomputed"
+        )
 
 
 def _record(function, q, causal, cu_q, window, softcap, cu_k=None, max_q=None, max_k=None) -> None:
-    calls.append({"function": function, "causal": bool(causal), "dtype": q.dtype, "heads": q.shape[-2],
-                  "cu_seqlens_q": cu_q.tolist(), "cu_seqlens_k": None if cu_k is None else cu_k.tolist(),
-                  "max_seqlen_q": max_q, "max_seqlen_k": max_k, "window_size": tuple(window), "softcap": softcap})
+    calls.append(
+        {
+            "function": function,
+            "causal": bool(causal),
+            "dtype": q.dtype,
+            "heads": q.shape[-2],
+            "cu_seqlens_q": cu_q.tolist(),
+            "cu_seqlens_k": None if cu_k is None else cu_k.tolist(),
+            "max_seqlen_q": max_q,
+            "max_seqlen_k": max_k,
+            "window_size": tuple(window),
+            "softcap": softcap,
+        }
+    )

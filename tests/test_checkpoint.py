@@ -12,10 +12,16 @@ from qllava import merge
 from qllava.checkpoint import CheckpointError, Files, ahead, file_order, write_file
 
 TENSORS = {
-    "model.layers.10.w": torch.randn(3, 5, dtype=torch.float64), "model.layers.2.w": torch.randn(7).half(),
-    "ids": torch.arange(6).reshape(2, 3), "scale": torch.tensor(2.5), "mask": torch.tensor([True, False, True]),
-    "b": torch.randn(4, 3).bfloat16(), "a": torch.randn(2, 2), "q": torch.tensor([1, 250], dtype=torch.uint8),
-    "n": torch.tensor([-3], dtype=torch.int8), "i": torch.tensor([7], dtype=torch.int32),
+    "model.layers.10.w": torch.randn(3, 5, dtype=torch.float64),
+    "model.layers.2.w": torch.randn(7).half(),
+    "ids": torch.arange(6).reshape(2, 3),
+    "scale": torch.tensor(2.5),
+    "mask": torch.tensor([True, False, True]),
+    "b": torch.randn(4, 3).bfloat16(),
+    "a": torch.randn(2, 2),
+    "q": torch.tensor([1, 250], dtype=torch.uint8),
+    "n": torch.tensor([-3], dtype=torch.int8),
+    "i": torch.tensor([7], dtype=torch.int32),
 }
 
 
@@ -37,8 +43,11 @@ def test_a_file_written_weight_by_weight_is_the_file_save_file_writes(tmp_path):
 
 def test_write_file_refuses_a_weight_out_of_order_or_of_another_shape_naming_the_file(tmp_path):
     layout = {"a": torch.empty(2, 2, device="meta"), "b": torch.empty(3, device="meta")}
-    with pytest.raises(CheckpointError, match=r"x\.safetensors: expected weight b torch.float32 \(3,\) next, got "
-                                              r"b torch.float32 \(4,\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"x\.safetensors: expected weight b torch.float32 \(3,\) next, got "
+        r"b torch.float32 \(4,\)",
+    ):
         write_file(tmp_path / "x.safetensors", layout, iter([("a", torch.zeros(2, 2)), ("b", torch.zeros(4))]))
     with pytest.raises(CheckpointError, match="expected weight a .* got nothing"):
         write_file(tmp_path / "x.safetensors", layout, iter([]))
@@ -92,8 +101,10 @@ def test_the_one_pass_merge_is_peft_s_merge_and_measures_its_rounding(dtype, mon
     base = torch.randn(96, 70).to(dtype)
     lora_a, lora_b = torch.randn(8, 70), torch.randn(96, 8) * 0.01
     weights = merge._Weights.__new__(merge._Weights)
-    weights.lora = {"w": {"A": lora_a, "B": lora_b, "scaling": 2.0},
-                    "big": {"A": torch.randn(8, 100), "B": torch.randn(120, 8), "scaling": 1.0}}
+    weights.lora = {
+        "w": {"A": lora_a, "B": lora_b, "scaling": 2.0},
+        "big": {"A": torch.randn(8, 100), "B": torch.randn(120, 8), "scaling": 1.0},
+    }
     weights.merged_count, weights.error, weights.change, weights._delta = 0, 0.0, 0.0, torch.empty(0)
     weights._with_delta("big", torch.randn(120, 100).to(dtype))  # the delta is computed in a larger buffer
     weights.merged_count, weights.error, weights.change = 0, 0.0, 0.0

@@ -25,12 +25,21 @@ sys.exit(status)
 def stage2(tiny_inputs, trained_run, run, launcher, rows, accumulation):
     shutil.copytree(trained_run / "stage1", run / "stage1")
     # stage1.max_steps: the value trained_run's stage 1 was trained with (stage 2 refuses to build on it otherwise)
-    overrides = tiny_overrides(tiny_inputs, run) + ["stage2.max_steps=10", "stage2.logging_steps=2", "eval.at=[]",
-                                                    "stage1.max_steps=30",
-                                                    f"stage2.per_device_train_batch_size={rows}",
-                                                    f"stage2.gradient_accumulation_steps={accumulation}"]
-    done = subprocess.run([*launcher, "finetune", str(TINY_RECIPE), "--stage", "2", *overrides],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True)
+    overrides = tiny_overrides(tiny_inputs, run) + [
+        "stage2.max_steps=10",
+        "stage2.logging_steps=2",
+        "eval.at=[]",
+        "stage1.max_steps=30",
+        f"stage2.per_device_train_batch_size={rows}",
+        f"stage2.gradient_accumulation_steps={accumulation}",
+    ]
+    done = subprocess.run(
+        [*launcher, "finetune", str(TINY_RECIPE), "--stage", "2", *overrides],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -51,6 +60,8 @@ def test_two_processes_match_one_with_the_same_effective_batch(trained_run, tiny
         a, b = load_file(str(tmp_path / "one" / "stage2" / name)), load_file(str(tmp_path / "two" / "stage2" / name))
         worst = max(((a[k] - b[k]).abs().max() / a[k].abs().max().clamp(min=1e-12)).item() for k in a)
         assert worst <= 1e-5, f"{name}: 2 processes differ from 1 by {worst:.2e} (relative)"
-    losses = [[e["loss"] for e in json.loads((tmp_path / r / "stage2" / "log_history.json").read_text()) if "loss" in e]
-              for r in ("one", "two")]
+    losses = [
+        [e["loss"] for e in json.loads((tmp_path / r / "stage2" / "log_history.json").read_text()) if "loss" in e]
+        for r in ("one", "two")
+    ]
     assert max(abs(x - y) for x, y in zip(*losses)) <= 1e-5

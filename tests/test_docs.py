@@ -46,7 +46,8 @@ def relative_links(page: Path) -> list[str]:
 def test_slugs_follow_githubs_rules():
     assert slug("`qllava export --gguf`: llama.cpp, LM Studio") == "qllava-export---gguf-llamacpp-lm-studio"
     assert slug("`benchmarks/load_7b.py`: loading the 7B decoder in 4-bit") == (
-        "benchmarksload_7bpy-loading-the-7b-decoder-in-4-bit")
+        "benchmarksload_7bpy-loading-the-7b-decoder-in-4-bit"
+    )
     assert slug("Parity with official LLaVA: tokens and labels") == "parity-with-official-llava-tokens-and-labels"
 
 

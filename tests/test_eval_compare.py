@@ -30,11 +30,13 @@ def test_an_interrupted_eval_resumes_without_redoing_answered_questions(eval_arg
     def counting(loaded, items, *args, **kwargs):
         asked.extend(i.question_id for i in items)
         return real_answer(loaded, items, *args, **kwargs)
+
     monkeypatch.setattr(ev, "answer", counting)
 
     def stop_after_two_batches(done, total):
         if done >= 8:
             raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
         ev.evaluate(**eval_args, out=out, limit=12, batch_size=4, max_new_tokens=4, progress=stop_after_two_batches)
     first = [json.loads(line) for line in out.read_text().splitlines()]
@@ -46,8 +48,12 @@ def test_an_interrupted_eval_resumes_without_redoing_answered_questions(eval_arg
     records = [json.loads(line) for line in out.read_text().splitlines()]  # the cut line is gone: JSON lines again
     assert [r["text"] for r in records[:8]] == [r["text"] for r in first] and len(records) == 12
     assert [r["question_id"] for r in records] == [f"eval-{i}" for i in range(12)]
-    assert all(set(r) == LLAVA_FIELDS and r["prompt"] == "<image>\nWhat color is the shape?" or
-               r["prompt"].startswith("<image>\n") for r in records)
+    assert all(
+        set(r) == LLAVA_FIELDS
+        and r["prompt"] == "<image>\nWhat color is the shape?"
+        or r["prompt"].startswith("<image>\n")
+        for r in records
+    )
     again = ev.evaluate(**eval_args, out=out, limit=12, batch_size=4, max_new_tokens=4)
     assert again["asked_now"] == 0 and again["metrics"] == result["metrics"] and len(asked) == 12
     assert set(result["per_question"]) == {f"eval-{i}" for i in range(12)}
@@ -55,8 +61,12 @@ def test_an_interrupted_eval_resumes_without_redoing_answered_questions(eval_arg
 
 def test_answers_of_another_model_are_refused(eval_args, tmp_path):
     out = tmp_path / "answers.jsonl"
-    out.write_text(json.dumps({"question_id": "eval-0", "text": "red",
-                               "metadata": {"key": "eval-0", "model_fingerprint": "someone-else"}}) + "\n")
+    out.write_text(
+        json.dumps(
+            {"question_id": "eval-0", "text": "red", "metadata": {"key": "eval-0", "model_fingerprint": "someone-else"}}
+        )
+        + "\n"
+    )
     with pytest.raises(DataError, match="holds answers of another model"):
         ev.evaluate(**eval_args, out=out, limit=2)
 
@@ -71,8 +81,18 @@ def test_the_finetune_scores_are_qllava_evals(trained_run, eval_args):
 
 def test_eval_cli_and_compare(eval_args, trained_run, tmp_path, capsys):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    common = ["--benchmark", "vqa", "--data", eval_args["data"], "--images", eval_args["images"], "--limit", "12",
-              "--max-new-tokens", "4"]
+    common = [
+        "--benchmark",
+        "vqa",
+        "--data",
+        eval_args["data"],
+        "--images",
+        eval_args["images"],
+        "--limit",
+        "12",
+        "--max-new-tokens",
+        "4",
+    ]
     assert main(["eval", str(trained_run), *common, "--out", str(a)]) == 0
     assert "accuracy" in capsys.readouterr().out
     assert main(["eval", str(trained_run), *common, "--out", str(b), "--batch-size", "5"]) == 0
@@ -81,8 +101,10 @@ def test_eval_cli_and_compare(eval_args, trained_run, tmp_path, capsys):
     assert "| backbone |" in report and "mistral" in report and "95% CI" in report
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
     assert main(["compare", str(tmp_path / "missing.metrics.json")]) == 2
-    assert f"{tmp_path / 'missing.metrics.json'}: no such file (a result is the FILE.metrics.json that qllava eval" \
+    assert (
+        f"{tmp_path / 'missing.metrics.json'}: no such file (a result is the FILE.metrics.json that qllava eval"
         in " ".join(capsys.readouterr().out.split())
+    )
 
 
 def test_paired_bootstrap():
@@ -105,8 +127,15 @@ def test_answers_files_are_the_ones_llava_writes(name, tmp_path, monkeypatch):
     llava_answers = ev.read_answers(paths["answers"])
     monkeypatch.setattr(ev, "answer", lambda loaded, items, *args, **kw: [llava_answers[i.question_id] for i in items])
     out = tmp_path / "answers.jsonl"
-    result = ev.evaluate(tmp_path, benchmark, str(paths["data"]), out=out, annotations=str(paths["annotations"]),
-                         batch_size=1000, loaded=no_model())
+    result = ev.evaluate(
+        tmp_path,
+        benchmark,
+        str(paths["data"]),
+        out=out,
+        annotations=str(paths["annotations"]),
+        batch_size=1000,
+        loaded=no_model(),
+    )
     ours = [json.loads(line) for line in out.read_text().splitlines()]
     theirs = [json.loads(line) for line in paths["answers"].read_text().splitlines()]
     assert all(set(r) == LLAVA_FIELDS for r in ours)
@@ -119,13 +148,23 @@ def test_answers_files_are_the_ones_llava_writes(name, tmp_path, monkeypatch):
 def no_model(template: str = "vicuna_v1") -> Loaded:
     """A Loaded for evaluate() calls whose answers are given (ev.answer patched): no model, no context to check."""
     from types import SimpleNamespace
+
     return Loaded(SimpleNamespace(config=SimpleNamespace()), None, template, "pad", "run")
 
 
 def write_result(path, per_question, benchmark="vqa", question_set="q1"):
-    path.write_text(json.dumps({"benchmark": benchmark, "data": "d", "model": {"name": path.name.split(".")[0]},
-                                "metrics": {"accuracy": sum(per_question.values()) / len(per_question)},
-                                "per_question": per_question, "question_set": question_set}))
+    path.write_text(
+        json.dumps(
+            {
+                "benchmark": benchmark,
+                "data": "d",
+                "model": {"name": path.name.split(".")[0]},
+                "metrics": {"accuracy": sum(per_question.values()) / len(per_question)},
+                "per_question": per_question,
+                "question_set": question_set,
+            }
+        )
+    )
     return path
 
 
@@ -138,8 +177,10 @@ def test_compare_pairs_only_results_on_the_same_questions(tmp_path, capsys):
     report = compare([first, same, fewer, other_file, other_benchmark], tmp_path / "cmp")
     d = report["difference_vs_first"]
     assert d["b"]["paired"] and d["b"]["questions"] == 3 and d["b"]["mean"] == pytest.approx(-1 / 3)
-    assert d["c"] == {"paired": False, "reason": "different question sets (2 questions in both, 1 only in the "
-                                                 "first, 0 only in this one)"}
+    assert d["c"] == {
+        "paired": False,
+        "reason": "different question sets (2 questions in both, 1 only in the first, 0 only in this one)",
+    }
     assert d["d"]["reason"] == "the same question ids with other questions or references (another question file)"
     assert d["e"]["reason"] == "different benchmarks (vqa and pope)"
     md = (tmp_path / "cmp" / "report.md").read_text()
@@ -159,8 +200,10 @@ def test_compare_pairs_only_results_on_the_same_questions(tmp_path, capsys):
 
 # --- eval settings: negative limits, the settings an answers file was made with, the decoder's context ---
 
+
 def test_a_negative_limit_is_refused_before_anything_is_written(eval_args, tiny_recipe, tmp_path):
     from qllava.recipe import RecipeError
+
     out = tmp_path / "answers.jsonl"
     for limit in (-1, -359):
         with pytest.raises(DataError, match=f"limit {limit}: must be >= 0"):
@@ -179,6 +222,7 @@ def given_answers(monkeypatch):
     def answer(loaded, items, *args, **kwargs):
         asked.extend(item.question_id for item in items)
         return ["red"] * len(items)
+
     monkeypatch.setattr(ev, "answer", answer)
     return asked
 
@@ -190,8 +234,9 @@ def _rewrite(path, change):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def test_an_answers_file_is_continued_only_with_the_settings_it_was_made_with(eval_args, given_answers, tmp_path,
-                                                                               capsys):
+def test_an_answers_file_is_continued_only_with_the_settings_it_was_made_with(
+    eval_args, given_answers, tmp_path, capsys
+):
     out = tmp_path / "answers.jsonl"
     ev.evaluate(**eval_args, out=out, limit=4, max_new_tokens=4)
     settings = {"max_new_tokens": 4, "template": "mistral_instruct", "image_aspect_ratio": "pad", "blank_images": False}
@@ -202,10 +247,16 @@ def test_an_answers_file_is_continued_only_with_the_settings_it_was_made_with(ev
     files = {p: p.read_bytes() for p in (out, ev.metrics_file(out))}
     cases = [
         (dict(max_new_tokens=16), None, "max_new_tokens 4 there, 16 now"),
-        (dict(max_new_tokens=4), lambda r: r["metadata"]["settings"].update(template="vicuna_v1"),
-         "template 'vicuna_v1' there, 'mistral_instruct' now"),
-        (dict(max_new_tokens=4), lambda r: r["metadata"]["settings"].update(image_aspect_ratio="anyres"),
-         "image_aspect_ratio 'anyres' there, 'pad' now"),
+        (
+            dict(max_new_tokens=4),
+            lambda r: r["metadata"]["settings"].update(template="vicuna_v1"),
+            "template 'vicuna_v1' there, 'mistral_instruct' now",
+        ),
+        (
+            dict(max_new_tokens=4),
+            lambda r: r["metadata"]["settings"].update(image_aspect_ratio="anyres"),
+            "image_aspect_ratio 'anyres' there, 'pad' now",
+        ),
         (dict(max_new_tokens=4, blank_images=True), None, "blank_images False there, True now"),
     ]
     for options, change, says in cases:
@@ -220,8 +271,9 @@ def test_an_answers_file_is_continued_only_with_the_settings_it_was_made_with(ev
             out.write_bytes(files[out])
         assert {p: p.read_bytes() for p in files} == files and len(given_answers) == 8  # nothing asked, nothing written
     # the same ids asking other questions (another question file): refused too
-    _rewrite(out, lambda r: r.update(prompt="<image>\nWhat is the weather like?") if r["question_id"] == "eval-2"
-             else None)
+    _rewrite(
+        out, lambda r: r.update(prompt="<image>\nWhat is the weather like?") if r["question_id"] == "eval-2" else None
+    )
     with pytest.raises(DataError, match="holds answers to other questions under the same ids \\(1, e.g. eval-2"):
         ev.evaluate(**eval_args, out=out, limit=12, max_new_tokens=4)
     out.write_bytes(files[out])
@@ -244,8 +296,9 @@ def long_questions(tiny_inputs, tmp_path, repeats: dict[int, int]) -> str:
     return str(path)
 
 
-def test_questions_beyond_the_decoders_context_are_refused_before_any_answer(trained_run, tiny_inputs, tmp_path,
-                                                                           given_answers):
+def test_questions_beyond_the_decoders_context_are_refused_before_any_answer(
+    trained_run, tiny_inputs, tmp_path, given_answers
+):
     """The tiny decoder reads 1,024 positions: a question of thousands of tokens, and one that fits only without
     its answer, are named with their lengths before anything is generated or written."""
     images = str(tiny_inputs / "shapes" / "images")
@@ -254,8 +307,10 @@ def test_questions_beyond_the_decoders_context_are_refused_before_any_answer(tra
     with pytest.raises(ev.ContextError) as refused:
         ev.evaluate(trained_run, "vqa", data, images, out=out, max_new_tokens=8)
     message = str(refused.value)
-    assert message.startswith("1 of 4 questions with an answer of up to 8 new tokens do not fit the decoder's context "
-                              "of 1,024 positions (its max_position_embeddings), e.g. eval-1 (")
+    assert message.startswith(
+        "1 of 4 questions with an answer of up to 8 new tokens do not fit the decoder's context "
+        "of 1,024 positions (its max_position_embeddings), e.g. eval-1 ("
+    )
     assert message.endswith("image tokens included: remove them from the question file")
     assert given_answers == [] and not out.exists() and not ev.metrics_file(out).exists()
     # one that fits, but not with its answer: the number of new tokens that still fit is named
@@ -268,9 +323,12 @@ def test_questions_beyond_the_decoders_context_are_refused_before_any_answer(tra
         length = len(ev.question_prompt(loaded, asked, [(64, 64)]))
     assert length < 1024
     data = long_questions(tiny_inputs, tmp_path, {2: n})
-    with pytest.raises(ev.ContextError, match=f"e.g. eval-2 \\({length:,} tokens\\), image tokens included: remove "
-                                              f"them from the question file, or lower --max-new-tokens to "
-                                              f"{1024 - length} or less"):
+    with pytest.raises(
+        ev.ContextError,
+        match=f"e.g. eval-2 \\({length:,} tokens\\), image tokens included: remove "
+        f"them from the question file, or lower --max-new-tokens to "
+        f"{1024 - length} or less",
+    ):
         ev.evaluate(trained_run, "vqa", data, images, out=out, max_new_tokens=128, loaded=loaded)
     assert given_answers == [] and not out.exists()
     result = ev.evaluate(trained_run, "vqa", data, images, out=out, max_new_tokens=1024 - length, loaded=loaded)
@@ -284,12 +342,16 @@ def eval_args_data(tiny_inputs) -> str:
 def test_answer_itself_never_generates_past_the_context(trained_run, tiny_inputs, tmp_path, monkeypatch):
     """The held-out scoring during finetune goes through answer() without evaluate()'s up-front check."""
     from qllava.recipe import load_recipe
+
     loaded = prompts_only(trained_run)
     monkeypatch.setattr(ev, "generate", lambda *a, **k: pytest.fail("generated past the context"))
     items = _items(long_questions(tiny_inputs, tmp_path, {0: 400}))
     images = load_recipe(trained_run / "stage2" / "recipe.toml").eval.image_folder
-    with pytest.raises(ev.ContextError, match="question eval-0 is [0-9,]+ tokens \\(image tokens included\\): with up "
-                                              "to 6 new tokens that is more than the decoder's context of 1,024"):
+    with pytest.raises(
+        ev.ContextError,
+        match="question eval-0 is [0-9,]+ tokens \\(image tokens included\\): with up "
+        "to 6 new tokens that is more than the decoder's context of 1,024",
+    ):
         ev.answer(loaded, items, images, 6)
 
 
@@ -298,21 +360,29 @@ def prompts_only(run) -> Loaded:
     from types import SimpleNamespace
     from qllava import model as modeling
     from qllava.recipe import load_recipe
+
     stage = run / "stage2"
     recipe = load_recipe(stage / "recipe.toml")
-    return Loaded(SimpleNamespace(config=modeling.load_llava_config(recipe.model)),
-                  modeling.stage_processor(stage, recipe.model), recipe.stage2.template, "pad", "run")
+    return Loaded(
+        SimpleNamespace(config=modeling.load_llava_config(recipe.model)),
+        modeling.stage_processor(stage, recipe.model),
+        recipe.stage2.template,
+        "pad",
+        "run",
+    )
 
 
 def test_chat_and_serve_refuse_a_conversation_beyond_the_context(trained_run, tiny_inputs, monkeypatch, capsys):
     from qllava import chat as chatting, cli, serve
+
     loaded = prompts_only(trained_run)
     image = tiny_inputs / "shapes" / "images" / "eval-0.png"
     monkeypatch.setattr(chatting, "generate", lambda *a, **k: pytest.fail("generated past the context"))
     chat = chatting.Chat(loaded, image)
     long = "What color is the shape? " * 400
-    with pytest.raises(ev.ContextError, match="the question with its image is [0-9,]+ tokens .*: ask a shorter "
-                                              "question$"):
+    with pytest.raises(
+        ev.ContextError, match="the question with its image is [0-9,]+ tokens .*: ask a shorter question$"
+    ):
         chat.reply(long, 16)
     assert chat.turns == []
 
@@ -320,14 +390,19 @@ def test_chat_and_serve_refuse_a_conversation_beyond_the_context(trained_run, ti
     def conversation(words: int):
         chat.turns = [("user", "<image>\nWhat color is the shape?"), ("assistant", " ".join(["red"] * words))]
         return len(prompt_ids(loaded, chat.turns + [("user", "And the side?")], [chat.image]))
+
     one, hundred = conversation(1), conversation(101)
     length = conversation(int((800 - one) / ((hundred - one) / 100)) + 1)
     assert 600 < length < 1000
-    with pytest.raises(ev.ContextError, match=f"the conversation with this question is {length} tokens .*: lower the "
-                                              f"max new tokens to {1024 - length} or less, or start a new conversation"):
+    with pytest.raises(
+        ev.ContextError,
+        match=f"the conversation with this question is {length} tokens .*: lower the "
+        f"max new tokens to {1024 - length} or less, or start a new conversation",
+    ):
         chat.reply("And the side?", 512)
     assert len(chat.turns) == 2
     import gradio as gr
+
     with pytest.raises(gr.Error, match="the conversation with this question is"):
         serve.check_fits(chat, "And the side?", 512)
     serve.check_fits(chat, "And the side?", 4)  # fits: no message
@@ -348,6 +423,7 @@ def _items(data: str):
 
 # --- compare: what a RESULT may be, and what a result lacks ---
 
+
 def test_compare_finds_the_result_of_a_run_folder_and_names_missing_files_as_given(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "eval").mkdir(parents=True)
@@ -359,13 +435,21 @@ def test_compare_finds_the_result_of_a_run_folder_and_names_missing_files_as_giv
     capsys.readouterr()
     cases = {
         "missing answers": ([str(tmp_path / "gone.jsonl")], f"error: {tmp_path / 'gone.jsonl'}: no such answers file"),
-        "answers without metrics": ([str(tmp_path / "cut.jsonl")], f"error: {tmp_path / 'cut.jsonl'}: answers without "
-                                    "their scores (cut.metrics.json is missing): run the qllava eval that wrote them "
-                                    "again"),
-        "missing result": ([str(tmp_path / "gone.metrics.json")], f"error: {tmp_path / 'gone.metrics.json'}: no such "
-                           "file"),
-        "run without results": ([str(tmp_path / "empty")], f"error: {tmp_path / 'empty'}: no evaluation result in "
-                                f"{tmp_path / 'empty' / 'eval'} (run qllava eval {tmp_path / 'empty'} first"),
+        "answers without metrics": (
+            [str(tmp_path / "cut.jsonl")],
+            f"error: {tmp_path / 'cut.jsonl'}: answers without "
+            "their scores (cut.metrics.json is missing): run the qllava eval that wrote them "
+            "again",
+        ),
+        "missing result": (
+            [str(tmp_path / "gone.metrics.json")],
+            f"error: {tmp_path / 'gone.metrics.json'}: no such file",
+        ),
+        "run without results": (
+            [str(tmp_path / "empty")],
+            f"error: {tmp_path / 'empty'}: no evaluation result in "
+            f"{tmp_path / 'empty' / 'eval'} (run qllava eval {tmp_path / 'empty'} first",
+        ),
     }
     (tmp_path / "cut.jsonl").write_text('{"question_id": 1, "text": "red"}\n')
     (tmp_path / "empty" / "eval").mkdir(parents=True)

@@ -44,8 +44,9 @@ def gguf_files(folder: Path) -> tuple[Path, Path]:
     return text, next(folder.glob("mmproj-*.gguf"))
 
 
-def llama_answer(bin_dir: Path, folder: Path, image: Path, question: str, max_new_tokens: int = 8,
-                 debug_graph: bool = False) -> tuple[str, str]:
+def llama_answer(
+    bin_dir: Path, folder: Path, image: Path, question: str, max_new_tokens: int = 8, debug_graph: bool = False
+) -> tuple[str, str]:
     """llama-mtmd-cli's greedy answer and all it printed, with the options export prints.
 
     llama.cpp logs (the answer and the graph debug alike) through a queue that a thread writes out, and exits without
@@ -54,10 +55,25 @@ def llama_answer(bin_dir: Path, folder: Path, image: Path, question: str, max_ne
     question, which llama-mtmd-cli renders as -p renders it (the image marker, then the question)."""
     text, mmproj = gguf_files(folder)
     env = {**os.environ, **({"MTMD_DEBUG_GRAPH": "1"} if debug_graph else {})}
-    command = [str(bin_dir / "llama-mtmd-cli"), "-m", str(text), "--mmproj", str(mmproj), "--jinja", "--temp", "0",
-               "-n", str(max_new_tokens), "-c", "2048", "-t", "2"]
-    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          env=env) as process:
+    command = [
+        str(bin_dir / "llama-mtmd-cli"),
+        "-m",
+        str(text),
+        "--mmproj",
+        str(mmproj),
+        "--jinja",
+        "--temp",
+        "0",
+        "-n",
+        str(max_new_tokens),
+        "-c",
+        "2048",
+        "-t",
+        "2",
+    ]
+    with subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    ) as process:
         out, err = Output(process.stdout), Output(process.stderr)
         for line, prompts in ((f"/image {image}", 1), (question, 2)):  # a prompt at start, one after each step
             out.wait_for(PROMPT, prompts, process)
@@ -121,8 +137,9 @@ def corners(features: torch.Tensor) -> np.ndarray:
 
 def transformers_features(loaded, image: Path) -> torch.Tensor:
     """The projected image features of `image` (tokens x hidden), as transformers' LLaVA computes them."""
-    pixels = vision.image_inputs([vision.open_image(image)], loaded.processor.image_processor,
-                                 loaded.image_aspect_ratio)["pixel_values"].float()
+    pixels = vision.image_inputs(
+        [vision.open_image(image)], loaded.processor.image_processor, loaded.image_aspect_ratio
+    )["pixel_values"].float()
     with torch.no_grad():
         out = loaded.model.model.get_image_features(pixel_values=pixels).pooler_output
     return torch.cat(list(out)) if isinstance(out, (list, tuple)) else out.reshape(-1, out.shape[-1])
@@ -141,7 +158,8 @@ def class_token_last(model):
         weight = embeddings.patch_embedding.weight
         patches = embeddings.patch_embedding(pixel_values.to(weight.dtype)).flatten(2).transpose(1, 2)
         tokens = torch.cat([patches, embeddings.class_embedding.expand(patches.shape[0], 1, -1)], dim=1)
-        return tokens + embeddings.position_embedding.weight[:tokens.shape[1]]
+        return tokens + embeddings.position_embedding.weight[: tokens.shape[1]]
+
     embeddings.forward = forward
     try:
         yield
@@ -159,9 +177,22 @@ def tower_sized(image: Path, size: int, out: Path) -> Path:
 def llama_tokens(bin_dir: Path, text_file: Path, text: str, bos: bool, tmp_path: Path) -> list[int]:
     prompt = tmp_path / "prompt.txt"
     prompt.write_bytes(text.encode())
-    done = subprocess.run([str(bin_dir / "llama-tokenize"), "-m", str(text_file), "-f", str(prompt), "--ids",
-                           "--log-disable", "--no-escape", *([] if bos else ["--no-bos"])],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            str(bin_dir / "llama-tokenize"),
+            "-m",
+            str(text_file),
+            "-f",
+            str(prompt),
+            "--ids",
+            "--log-disable",
+            "--no-escape",
+            *([] if bos else ["--no-bos"]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -174,20 +205,30 @@ def assert_prompts_tokenize_as_trained(bin_dir, folder, loaded, prompts, tmp_pat
     tokenizer = loaded.processor.tokenizer
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     for prompt in prompts:
-        rendered = templates.render(loaded.template, [("user", "<image>\n" + prompt)], tokenizer.bos_token or "",
-                                    tokenizer.eos_token, generation_prompt=True)
+        rendered = templates.render(
+            loaded.template,
+            [("user", "<image>\n" + prompt)],
+            tokenizer.bos_token or "",
+            tokenizer.eos_token,
+            generation_prompt=True,
+        )
         trained = encode(rendered, tokenizer, image_id)[0]
         chunks = rendered.text.split("<image>")
-        ours = llama_tokens(bin_dir, text_file, chunks[0], True, tmp_path) + [image_id] + \
-            llama_tokens(bin_dir, text_file, chunks[1], False, tmp_path)
+        ours = (
+            llama_tokens(bin_dir, text_file, chunks[0], True, tmp_path)
+            + [image_id]
+            + llama_tokens(bin_dir, text_file, chunks[1], False, tmp_path)
+        )
         assert ours == trained, (prompt, ours, trained)
     return len(prompts)
 
 
 def held_out(tiny_inputs, n: int) -> list[tuple[Path, str]]:
     samples = json.loads((tiny_inputs / "shapes" / "eval.json").read_text())[:n]
-    return [(tiny_inputs / "shapes" / "images" / s["image"], s["conversations"][0]["value"].replace("<image>\n", ""))
-            for s in samples]
+    return [
+        (tiny_inputs / "shapes" / "images" / s["image"], s["conversations"][0]["value"].replace("<image>\n", ""))
+        for s in samples
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -203,17 +244,25 @@ def test_the_gguf_chat_template_renders_llama_cpps_media_markers_as_training_ren
     render = ImmutableSandboxedEnvironment().from_string(gguf_template).render
     for question in ("What is this?", "\nWhat is this?  ", " What is this?"):
         messages = [{"role": "user", "content": marker + question}]
-        expected = templates.render(template, [("user", "<image>\n" + question.strip())], "<s>", "</s>",
-                                    generation_prompt=True).text.replace("<image>", marker)
-        assert render(messages=messages, bos_token="<s>", eos_token="</s>", add_generation_prompt=True) == \
-            "<s>" + expected
+        expected = templates.render(
+            template, [("user", "<image>\n" + question.strip())], "<s>", "</s>", generation_prompt=True
+        ).text.replace("<image>", marker)
+        assert (
+            render(messages=messages, bos_token="<s>", eos_token="</s>", add_generation_prompt=True) == "<s>" + expected
+        )
     # text without a marker, and later turns, are rendered as the merged checkpoint's own template renders them
-    turns = [{"role": "user", "content": marker + "Q1"}, {"role": "assistant", "content": "A1"},
-             {"role": "user", "content": "Q2"}]
+    turns = [
+        {"role": "user", "content": marker + "Q1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2"},
+    ]
     plain = ImmutableSandboxedEnvironment().from_string(templates.chat_template(template, True)).render
-    assert render(messages=turns, bos_token="<s>", eos_token="</s>", add_generation_prompt=True) == \
-        plain(messages=[{**turns[0], "content": marker + "\nQ1"}, *turns[1:]], bos_token="<s>", eos_token="</s>",
-              add_generation_prompt=True)
+    assert render(messages=turns, bos_token="<s>", eos_token="</s>", add_generation_prompt=True) == plain(
+        messages=[{**turns[0], "content": marker + "\nQ1"}, *turns[1:]],
+        bos_token="<s>",
+        eos_token="</s>",
+        add_generation_prompt=True,
+    )
 
 
 def test_the_cli_offers_the_types_export_writes():
@@ -222,8 +271,9 @@ def test_the_cli_offers_the_types_export_writes():
     assert next(a for a in export_parser._actions if a.dest == "type").choices == export.GGUF_TYPES
 
 
-def test_an_unfinished_stage2_an_existing_folder_and_missing_tools_are_refused_before_writing(trained_run, tmp_path,
-                                                                                              capsys, monkeypatch):
+def test_an_unfinished_stage2_an_existing_folder_and_missing_tools_are_refused_before_writing(
+    trained_run, tmp_path, capsys, monkeypatch
+):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     (run / "stage2" / "metrics.json").unlink()
@@ -248,6 +298,7 @@ def test_an_unfinished_stage2_an_existing_folder_and_missing_tools_are_refused_b
 
 def test_without_cmake_or_a_compiler_the_llama_cpp_tests_are_skipped_saying_why(monkeypatch):
     import llama_cpp_build
+
     monkeypatch.setattr(llama_cpp_build.shutil, "which", lambda tool: None if tool == "cmake" else "/usr/bin/" + tool)
     assert llama_cpp_build.why_not_buildable() == "building llama.cpp needs cmake, not found on PATH"
 
@@ -263,6 +314,7 @@ def test_the_cli_prints_the_files_their_sizes_and_the_command_to_try_them(traine
 
 def test_a_merged_folder_exports_what_its_run_exports(trained_run, merged_fp32, tmp_path):
     import gguf
+
     for source in (trained_run, merged_fp32):
         export_gguf(source, tmp_path / source.name, gguf_type="f32", say=lambda _: None)
     for run_file, merged_file in zip(gguf_files(tmp_path / trained_run.name), gguf_files(tmp_path / merged_fp32.name)):
@@ -289,15 +341,29 @@ def edited_copy(merged: Path, tmp_path: Path, **changes) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("changes, refusal", [
-    ({"text_config.model_type": "qwen2"}, "decoder architecture 'qwen2'"),
-    ({"vision_config": {"model_type": "dinov2", "hidden_size": 128, "num_hidden_layers": 2,
-                        "num_attention_heads": 4, "intermediate_size": 256, "image_size": 518, "patch_size": 14}},
-     "vision tower DINOv2: llama.cpp's LLaVA graph"),
-    ({"projector_hidden_act": "silu"}, "projector: silu activation"),
-    ({"vision_feature_select_strategy": "full"}, "vision_feature_select_strategy 'full' with a clip_vision_model"),
-    ({"vision_config.hidden_act": "relu"}, "vision tower: activation 'relu'"),
-])
+@pytest.mark.parametrize(
+    "changes, refusal",
+    [
+        ({"text_config.model_type": "qwen2"}, "decoder architecture 'qwen2'"),
+        (
+            {
+                "vision_config": {
+                    "model_type": "dinov2",
+                    "hidden_size": 128,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 4,
+                    "intermediate_size": 256,
+                    "image_size": 518,
+                    "patch_size": 14,
+                }
+            },
+            "vision tower DINOv2: llama.cpp's LLaVA graph",
+        ),
+        ({"projector_hidden_act": "silu"}, "projector: silu activation"),
+        ({"vision_feature_select_strategy": "full"}, "vision_feature_select_strategy 'full' with a clip_vision_model"),
+        ({"vision_config.hidden_act": "relu"}, "vision tower: activation 'relu'"),
+    ],
+)
 def test_a_model_llama_cpp_cannot_run_is_refused_naming_why(changes, refusal, merged_fp32, tmp_path, capsys):
     folder = edited_copy(merged_fp32, tmp_path, **{k.replace("__", "."): v for k, v in changes.items()})
     assert cli.main(["export", str(folder), "--gguf", str(tmp_path / "out")]) == 2
@@ -308,6 +374,7 @@ def test_a_model_llama_cpp_cannot_run_is_refused_naming_why(changes, refusal, me
 @pytest.fixture(scope="module")
 def merged_fp32(trained_run, tmp_path_factory):
     from qllava.merge import merge
+
     out = tmp_path_factory.mktemp("export_merged") / "merged"
     merge(trained_run, out, dtype="float32", verify=False, say=lambda _: None)
     return out
@@ -321,12 +388,15 @@ def merged_fp32(trained_run, tmp_path_factory):
 def tiny_exports(trained_run, llama_cpp, tmp_path_factory):
     """The tiny demo run exported from the run itself (merged on the fly) in f32, f16 and q8_0."""
     root = tmp_path_factory.mktemp("tiny_gguf")
-    return {t: (root / t, export_gguf(trained_run, root / t, gguf_type=t, say=lambda _: None))
-            for t in ("f32", "f16", "q8_0")}
+    return {
+        t: (root / t, export_gguf(trained_run, root / t, gguf_type=t, say=lambda _: None))
+        for t in ("f32", "f16", "q8_0")
+    }
 
 
 def test_the_tiny_demo_export_writes_both_files_and_the_command_to_try_them(tiny_exports):
     import gguf
+
     folder, report = tiny_exports["f16"]
     text, mmproj = gguf_files(folder)
     assert (text.name, mmproj.name) == ("run-F16.gguf", "mmproj-run-F16.gguf")
@@ -342,15 +412,17 @@ def test_the_tiny_demo_export_writes_both_files_and_the_command_to_try_them(tiny
     assert not folder.with_name(folder.name + ".partial").exists()
 
 
-def test_llama_cpp_tokenizes_the_tiny_demos_prompts_as_training_did(tiny_exports, trained_run, tiny_inputs,
-                                                                     llama_cpp, tmp_path):
+def test_llama_cpp_tokenizes_the_tiny_demos_prompts_as_training_did(
+    tiny_exports, trained_run, tiny_inputs, llama_cpp, tmp_path
+):
     loaded = load_for_inference(trained_run)
     prompts = sorted({q for _, q in held_out(tiny_inputs, 72)}) + ["Which shapes can appear in the pictures?"]
     assert assert_prompts_tokenize_as_trained(llama_cpp, tiny_exports["f32"][0], loaded, prompts, tmp_path) == 4
 
 
 def test_the_tiny_demos_clip_features_in_llama_cpp_are_transformers_with_the_class_token_last(
-        tiny_exports, trained_run, tiny_inputs, llama_cpp, tmp_path):
+    tiny_exports, trained_run, tiny_inputs, llama_cpp, tmp_path
+):
     loaded = load_for_inference(trained_run, quantized=False)
     image = tower_sized(tiny_inputs / "shapes" / "images" / "eval-0.png", 64, tmp_path / "square.png")
     right = transformers_features(loaded, image)
@@ -358,8 +430,9 @@ def test_the_tiny_demos_clip_features_in_llama_cpp_are_transformers_with_the_cla
         shifted = transformers_features(loaded, image)
     scale = right.abs().max().item()
     for gguf_type in ("f32", "f16"):
-        _, log = llama_answer(llama_cpp, tiny_exports[gguf_type][0], image, "What color is the shape?", 1,
-                              debug_graph=True)
+        _, log = llama_answer(
+            llama_cpp, tiny_exports[gguf_type][0], image, "What color is the shape?", 1, debug_graph=True
+        )
         logged, total = image_features_logged(log)
         # llama.cpp computes the features of the class-token-last tower (ggml-org/llama.cpp#25814) ...
         assert np.abs(corners(shifted) - logged).max() <= TOLERANCE * scale, gguf_type
@@ -369,7 +442,8 @@ def test_the_tiny_demos_clip_features_in_llama_cpp_are_transformers_with_the_cla
 
 
 def test_llama_cpps_answers_on_the_tiny_demo_are_qllava_chats_given_llama_cpps_image_features(
-        tiny_exports, trained_run, tiny_inputs, llama_cpp):
+    tiny_exports, trained_run, tiny_inputs, llama_cpp
+):
     loaded = load_for_inference(trained_run, quantized=False)
     questions = held_out(tiny_inputs, 12)
     with class_token_last(loaded.model):
@@ -378,8 +452,9 @@ def test_llama_cpps_answers_on_the_tiny_demo_are_qllava_chats_given_llama_cpps_i
     trained = load_for_inference(trained_run)
     assert [qllava_answer(trained, image, question) for image, question in questions] == expected
     for gguf_type in ("f32", "f16", "q8_0"):
-        answers = [llama_answer(llama_cpp, tiny_exports[gguf_type][0], image, question)[0]
-                   for image, question in questions]
+        answers = [
+            llama_answer(llama_cpp, tiny_exports[gguf_type][0], image, question)[0] for image, question in questions
+        ]
         assert answers == expected, gguf_type
 
 
@@ -395,22 +470,25 @@ def smollm2_exports(smollm2_run, llama_cpp, tmp_path_factory):
     return {gguf_type: root / gguf_type for gguf_type in ("f32", "f16", "q8_0")}
 
 
-def test_llama_cpp_computes_transformers_image_features_for_a_siglip_tower(smollm2_exports, smollm2_run, tiny_inputs,
-                                                                           llama_cpp, tmp_path):
+def test_llama_cpp_computes_transformers_image_features_for_a_siglip_tower(
+    smollm2_exports, smollm2_run, tiny_inputs, llama_cpp, tmp_path
+):
     loaded = load_for_inference(smollm2_run[0], quantized=False)
     image = tower_sized(tiny_inputs / "shapes" / "images" / "eval-0.png", 64, tmp_path / "square.png")
     right = transformers_features(loaded, image)
     scale = right.abs().max().item()
     for gguf_type in ("f32", "f16"):
-        _, log = llama_answer(llama_cpp, smollm2_exports[gguf_type], image, "What color is the shape?", 1,
-                              debug_graph=True)
+        _, log = llama_answer(
+            llama_cpp, smollm2_exports[gguf_type], image, "What color is the shape?", 1, debug_graph=True
+        )
         logged, total = image_features_logged(log)
         assert np.abs(corners(right) - logged).max() <= TOLERANCE * scale, gguf_type
         assert abs(right.sum().item() - total) <= TOLERANCE * scale * right.numel() ** 0.5, gguf_type
 
 
-def test_llama_cpps_greedy_answers_equal_qllava_chat_on_the_smollm2_run(smollm2_exports, smollm2_run, tiny_inputs,
-                                                                        llama_cpp):
+def test_llama_cpps_greedy_answers_equal_qllava_chat_on_the_smollm2_run(
+    smollm2_exports, smollm2_run, tiny_inputs, llama_cpp
+):
     # the run's model in full precision: what the export holds (`qllava chat` on the merged folder answers the same;
     # on the run itself it loads the 4-bit training model, which answered 11 of 12 of these questions alike)
     full = load_for_inference(smollm2_run[0], quantized=False)
@@ -420,12 +498,19 @@ def test_llama_cpps_greedy_answers_equal_qllava_chat_on_the_smollm2_run(smollm2_
             assert llama_answer(llama_cpp, folder, image, question)[0] == expected, (gguf_type, question)
 
 
-ADVERSARIAL = ["What is 12345 + 678?", "  two  spaces,\ttab\nnewline\n\nblank line  ", "café, naïve, 東京, 🙂",
-               "It's, they're, we've, I'll; don't.", "<|im_end|> and </s> as text", "x" * 300]
+ADVERSARIAL = [
+    "What is 12345 + 678?",
+    "  two  spaces,\ttab\nnewline\n\nblank line  ",
+    "café, naïve, 東京, 🙂",
+    "It's, they're, we've, I'll; don't.",
+    "<|im_end|> and </s> as text",
+    "x" * 300,
+]
 
 
-def test_llama_cpp_tokenizes_smollm2_prompts_as_training_did(smollm2_exports, smollm2_run, tiny_inputs, llama_cpp,
-                                                             tmp_path):
+def test_llama_cpp_tokenizes_smollm2_prompts_as_training_did(
+    smollm2_exports, smollm2_run, tiny_inputs, llama_cpp, tmp_path
+):
     loaded = load_for_inference(smollm2_run[0], quantized=False)
     prompts = sorted({q for _, q in held_out(tiny_inputs, 72)}) + ADVERSARIAL
     assert assert_prompts_tokenize_as_trained(llama_cpp, smollm2_exports["f16"], loaded, prompts, tmp_path) == 9
@@ -433,6 +518,7 @@ def test_llama_cpp_tokenizes_smollm2_prompts_as_training_did(smollm2_exports, sm
 
 def test_q4_k_m_is_made_by_llama_quantize_and_runs(smollm2_run, tiny_inputs, llama_cpp, tmp_path, monkeypatch):
     import gguf
+
     monkeypatch.setenv("PATH", f"{llama_cpp}{os.pathsep}{os.environ['PATH']}")
     report = export_gguf(smollm2_run[0], tmp_path / "q4", gguf_type="q4_k_m", say=lambda _: None)
     text, mmproj = gguf_files(tmp_path / "q4")
@@ -449,15 +535,19 @@ def test_q4_k_m_is_made_by_llama_quantize_and_runs(smollm2_run, tiny_inputs, lla
 @pytest.fixture(scope="module")
 def next_run(next_inputs, tmp_path_factory):
     from qllava import train
+
     run = tmp_path_factory.mktemp("next_export") / "run"
-    train.finetune(next_recipe(next_inputs, run, "stage1.max_steps=3", "stage2.max_steps=6", "eval.at=[]"),
-                   say=lambda _: None)
+    train.finetune(
+        next_recipe(next_inputs, run, "stage1.max_steps=3", "stage2.max_steps=6", "eval.at=[]"), say=lambda _: None
+    )
     return run
 
 
-def test_llava_next_exports_its_grid_and_newline_and_llama_cpp_tiles_images_its_own_way(next_run, next_inputs,
-                                                                                       llama_cpp, tmp_path):
+def test_llava_next_exports_its_grid_and_newline_and_llama_cpp_tiles_images_its_own_way(
+    next_run, next_inputs, llama_cpp, tmp_path
+):
     import gguf
+
     export_gguf(next_run, tmp_path / "next", gguf_type="f32", say=lambda _: None)
     _, mmproj = gguf_files(tmp_path / "next")
     reader = gguf.GGUFReader(mmproj)

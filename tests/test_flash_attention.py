@@ -29,6 +29,7 @@ def flash_attn(tmp_path_factory):
     """
     from transformers import modeling_flash_attention_utils as fa_utils
     from transformers.utils import import_utils
+
     folder = reference.write_package(tmp_path_factory.mktemp("site-packages"))
     available = fa2_check_with_a_cuda_device(import_utils)
     with pytest.MonkeyPatch.context() as patch:
@@ -37,8 +38,16 @@ def flash_attn(tmp_path_factory):
         patch.syspath_prepend(str(folder))
         patch.setattr(fa_utils, "is_flash_attn_2_available", available)
         patch.setitem(fa_utils.FLASH_ATTENTION_COMPATIBILITY_MATRIX[2], "general_availability_check", available)
-        for name in ("_loaded_implementation", "_flash_fn", "_flash_varlen_fn", "_flash_with_kvcache_fn", "_pad_fn",
-                     "_unpad_fn", "_process_flash_kwargs_fn", "_process_with_kvcache_kwargs_fn"):
+        for name in (
+            "_loaded_implementation",
+            "_flash_fn",
+            "_flash_varlen_fn",
+            "_flash_with_kvcache_fn",
+            "_pad_fn",
+            "_unpad_fn",
+            "_process_flash_kwargs_fn",
+            "_process_with_kvcache_kwargs_fn",
+        ):
             patch.setattr(fa_utils, name, getattr(fa_utils, name))  # what lazy_import_flash_attention caches
         clear_install_caches(import_utils)
         yield reference
@@ -62,13 +71,19 @@ def fa2_check_with_a_cuda_device(import_utils):
             return check(kernels_fallback_ok)
         finally:
             import_utils.is_torch_cuda_available = original
+
     return available
 
 
 def clear_install_caches(import_utils) -> None:
     """What transformers remembers about installed packages, forgotten (the package appears and goes)."""
-    for name in ("_package_distribution_mapping", "is_flash_attn_2_available", "is_flash_attn_3_available",
-                 "is_flash_attn_4_available", "is_flash_attn_greater_or_equal"):
+    for name in (
+        "_package_distribution_mapping",
+        "is_flash_attn_2_available",
+        "is_flash_attn_3_available",
+        "is_flash_attn_4_available",
+        "is_flash_attn_greater_or_equal",
+    ):
         getattr(import_utils, name).cache_clear()
 
 
@@ -76,6 +91,7 @@ def clear_install_caches(import_utils) -> None:
 def setup(tiny_inputs, tmp_path_factory):
     """The tiny recipe, its processor and six samples: five image conversations and a text-only one."""
     from qllava.recipe import load_recipe
+
     recipe = load_recipe(TINY_RECIPE, tiny_overrides(tiny_inputs, tmp_path_factory.mktemp("fa2")))
     processor = modeling.build_processor(recipe.model)
     return recipe, processor, samples(recipe, processor, images=5)
@@ -90,6 +106,7 @@ def exact(monkeypatch):
 
 # The reference itself: exact attention, checked against torch's scaled_dot_product_attention.
 
+
 def _random(*shape, dtype=torch.float32):
     return torch.randn(*shape, dtype=dtype, requires_grad=True)
 
@@ -99,9 +116,14 @@ def _sdpa_per_sequence(q, k, v, cu_q, cu_k, causal=True, window=(-1, -1), softca
     outs = []
     bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
     for i in range(len(bounds_q) - 1):
-        qs, ks, vs = (x[a:b].transpose(0, 1) for x, a, b in ((q, bounds_q[i], bounds_q[i + 1]),
-                                                              (k, bounds_k[i], bounds_k[i + 1]),
-                                                              (v, bounds_k[i], bounds_k[i + 1])))
+        qs, ks, vs = (
+            x[a:b].transpose(0, 1)
+            for x, a, b in (
+                (q, bounds_q[i], bounds_q[i + 1]),
+                (k, bounds_k[i], bounds_k[i + 1]),
+                (v, bounds_k[i], bounds_k[i + 1]),
+            )
+        )
         lq, lk = qs.shape[1], ks.shape[1]
         rows, cols = torch.arange(lq)[:, None] + lk - lq, torch.arange(lk)[None, :]
         allowed = torch.ones(lq, lk, dtype=torch.bool)
@@ -119,12 +141,15 @@ def _sdpa_per_sequence(q, k, v, cu_q, cu_k, causal=True, window=(-1, -1), softca
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("case", [
-    {},  # causal, grouped-query heads
-    {"lengths_k": [7, 3, 9]},  # more keys than queries: the causal mask aligned to the bottom right
-    {"window": (2, 2)},
-    {"softcap": 1.5},
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        {},  # causal, grouped-query heads
+        {"lengths_k": [7, 3, 9]},  # more keys than queries: the causal mask aligned to the bottom right
+        {"window": (2, 2)},
+        {"softcap": 1.5},
+    ],
+)
 def test_the_reference_is_exact_attention_forward_and_backward(exact, case):
     torch.manual_seed(0)
     lengths_q = [5, 1, 9]
@@ -133,8 +158,18 @@ def test_the_reference_is_exact_attention_forward_and_backward(exact, case):
     cu_k = torch.cumsum(torch.tensor([0] + lengths_k), 0).to(torch.int32)
     q, k, v = _random(15, 4, 8), _random(sum(lengths_k), 2, 8), _random(sum(lengths_k), 2, 8)
     options = {"window_size": case.get("window", (-1, -1)), "softcap": case.get("softcap", 0.0)}
-    out, lse, probs = reference.flash_attn_varlen_func(q, k, v, cu_q, cu_k, torch.tensor(9, dtype=torch.int32),
-                                                       max(lengths_k), causal=True, return_attn_probs=True, **options)
+    out, lse, probs = reference.flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_q,
+        cu_k,
+        torch.tensor(9, dtype=torch.int32),
+        max(lengths_k),
+        causal=True,
+        return_attn_probs=True,
+        **options,
+    )
     expected = _sdpa_per_sequence(q, k, v, cu_q, cu_k, True, options["window_size"], options["softcap"])
     assert out.shape == (15, 4, 8) and lse.shape == (4, 15) and lse.dtype == torch.float32 and probs.numel() == 0
     assert (out - expected).abs().max() <= 1e-6
@@ -144,7 +179,7 @@ def test_the_reference_is_exact_attention_forward_and_backward(exact, case):
     for g, w in zip(got, want):
         assert (g - w).abs().max() <= 1e-5
     if not case:  # the logsumexp of the first query of the second sequence: it sees its own key alone
-        assert torch.allclose(lse[:, 5], (q[5] * k[5].repeat_interleave(2, 0)).sum(-1) / 8 ** 0.5)
+        assert torch.allclose(lse[:, 5], (q[5] * k[5].repeat_interleave(2, 0)).sum(-1) / 8**0.5)
 
 
 def test_flash_attn_func_is_the_batched_case(exact):
@@ -161,21 +196,33 @@ def test_flash_attn_func_is_the_batched_case(exact):
 
 def _varlen(**change):
     q = torch.zeros(6, 2, 8, dtype=torch.bfloat16)
-    args = {"q": q, "k": q, "v": q, "cu_seqlens_q": torch.tensor([0, 2, 6], dtype=torch.int32),
-            "cu_seqlens_k": torch.tensor([0, 2, 6], dtype=torch.int32), "max_seqlen_q": 4, "max_seqlen_k": 4}
+    args = {
+        "q": q,
+        "k": q,
+        "v": q,
+        "cu_seqlens_q": torch.tensor([0, 2, 6], dtype=torch.int32),
+        "cu_seqlens_k": torch.tensor([0, 2, 6], dtype=torch.int32),
+        "max_seqlen_q": 4,
+        "max_seqlen_k": 4,
+    }
     return reference.flash_attn_varlen_func(**{**args, **change})
 
 
-@pytest.mark.parametrize("change, named", [
-    ({"q": torch.zeros(6, 2, 8)}, "fp16 and bf16"),
-    ({"cu_seqlens_q": torch.tensor([0, 2, 6])}, "cu_seqlens_q must be a torch.int32"),
-    ({"cu_seqlens_k": torch.tensor([0, 4, 2, 6], dtype=torch.int32)}, "cu_seqlens_k decreases"),
-    ({"cu_seqlens_q": torch.tensor([0, 2, 5], dtype=torch.int32)}, "cu_seqlens_q runs from 0 to 5"),
-    ({"max_seqlen_q": 3}, "max_seqlen_q=3 is shorter than the longest sequence (4)"),
-    ({"dropout_p": 0.1}, "dropout_p=0.1"),
-    ({"k": torch.zeros(6, 3, 8, dtype=torch.bfloat16), "v": torch.zeros(6, 3, 8, dtype=torch.bfloat16)},
-     "not a multiple of 3"),
-])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"q": torch.zeros(6, 2, 8)}, "fp16 and bf16"),
+        ({"cu_seqlens_q": torch.tensor([0, 2, 6])}, "cu_seqlens_q must be a torch.int32"),
+        ({"cu_seqlens_k": torch.tensor([0, 4, 2, 6], dtype=torch.int32)}, "cu_seqlens_k decreases"),
+        ({"cu_seqlens_q": torch.tensor([0, 2, 5], dtype=torch.int32)}, "cu_seqlens_q runs from 0 to 5"),
+        ({"max_seqlen_q": 3}, "max_seqlen_q=3 is shorter than the longest sequence (4)"),
+        ({"dropout_p": 0.1}, "dropout_p=0.1"),
+        (
+            {"k": torch.zeros(6, 3, 8, dtype=torch.bfloat16), "v": torch.zeros(6, 3, 8, dtype=torch.bfloat16)},
+            "not a multiple of 3",
+        ),
+    ],
+)
 def test_the_reference_refuses_what_flash_attn_refuses_or_would_miscompute(change, named):
     assert _varlen().shape == (6, 2, 8)
     with pytest.raises(reference.ContractError) as refused:
@@ -185,21 +232,28 @@ def test_the_reference_refuses_what_flash_attn_refuses_or_would_miscompute(chang
 
 # transformers' FlashAttention-2 path, run by qllava's model builder and collator on CPU.
 
+
 def test_transformers_takes_the_reference_for_flash_attn_2(flash_attn, setup):
     """transformers accepts the installed reference, calls its functions, and qllava's builder gives both the
     decoder and the vision tower FlashAttention-2."""
     from transformers import modeling_flash_attention_utils as fa_utils
+
     assert fa_utils.is_flash_attn_2_available() and not fa_utils.is_flash_attn_4_available()
     (func, varlen, _, pad, unpad), _ = fa_utils.lazy_import_flash_attention("flash_attention_2")
-    assert (func, varlen, pad, unpad) == (reference.flash_attn_func, reference.flash_attn_varlen_func,
-                                          reference.pad_input, reference.unpad_input)
+    assert (func, varlen, pad, unpad) == (
+        reference.flash_attn_func,
+        reference.flash_attn_varlen_func,
+        reference.pad_input,
+        reference.unpad_input,
+    )
     process = fa_utils.lazy_import_flash_attention("flash_attention_2")[1][0]  # read from varlen's signature
     passed = {name for name, taken in process.keywords["supports_mapping"].items() if taken}
     assert passed >= {"dropout_p", "window_size", "softcap", "deterministic", "max_seqlen_q", "max_seqlen_k"}
     recipe, processor, _ = setup
     model = fp32_model(recipe, processor, "flash_attention_2")
-    assert {c._attn_implementation for c in (model.config, model.config.text_config, model.config.vision_config)} \
-        == {"flash_attention_2"}
+    assert {c._attn_implementation for c in (model.config, model.config.text_config, model.config.vision_config)} == {
+        "flash_attention_2"
+    }
 
 
 def test_flash_attention_isolates_packed_samples_only_in_one_flattened_row(flash_attn, exact, setup):
@@ -220,7 +274,7 @@ def test_flash_attention_isolates_packed_samples_only_in_one_flattened_row(flash
     assert batch["input_ids"].shape == (1, sum(lengths)) and "attention_mask" not in batch
     with torch.no_grad():
         logits = model(**batch, use_cache=False).logits[0]
-    worst = max((logits[cut[i]:cut[i + 1]] - alone[i]).abs().max().item() for i in range(len(items)))
+    worst = max((logits[cut[i] : cut[i + 1]] - alone[i]).abs().max().item() for i in range(len(items)))
     assert worst <= 1e-5, f"flattened packed row vs alone, max abs logit diff {worst:.2e}"
     decoder = [c for c in reference.calls if c["causal"]]
     tower = [c for c in reference.calls if not c["causal"]]
@@ -236,7 +290,7 @@ def test_flash_attention_isolates_packed_samples_only_in_one_flattened_row(flash
     with torch.no_grad():
         logits = model(**batch, use_cache=False).logits
     second = items[1]["length"]
-    assert (logits[0, lengths[0]:lengths[0] + second] - alone[1]).abs().max() > 1e-3
+    assert (logits[0, lengths[0] : lengths[0] + second] - alone[1]).abs().max() > 1e-3
 
 
 def test_flash_attention_packed_loss_and_gradients_equal_the_sdpa_runs(flash_attn, exact, setup):
@@ -251,18 +305,26 @@ def test_flash_attention_packed_loss_and_gradients_equal_the_sdpa_runs(flash_att
     micro_batches = [[[items[0], items[5]], [items[1], items[2]]], [[items[3]], [items[4]]]]
     unpacked = collator_for(processor, recipe, False)
     reference_step = unpacked_step(sdpa, unpacked, items)
-    runs = {"sdpa packed": packed_step(sdpa, collator_for(processor, recipe, True), micro_batches,
-                                       reference_step.label_tokens)}
+    runs = {
+        "sdpa packed": packed_step(
+            sdpa, collator_for(processor, recipe, True), micro_batches, reference_step.label_tokens
+        )
+    }
     reference.calls.clear()
-    runs["fa2 packed"] = packed_step(fa2, collator_for(processor, recipe, True, flatten=True), micro_batches,
-                                     reference_step.label_tokens)
+    runs["fa2 packed"] = packed_step(
+        fa2, collator_for(processor, recipe, True, flatten=True), micro_batches, reference_step.label_tokens
+    )
     varlen = [c["cu_seqlens_q"] for c in reference.calls if c["function"] == "flash_attn_varlen_func"]
     runs["fa2 unpacked"] = unpacked_step(fa2, unpacked, items)
     errors = {name: step.error(reference_step) for name, step in runs.items()}
     errors["fa2 packed vs sdpa packed"] = runs["fa2 packed"].error(runs["sdpa packed"])
-    print(f"against sdpa unpacked (loss {reference_step.loss:.6f}):", "; ".join(
-        f"{name}: loss {step.loss_error(reference_step):.1e}, gradients {step.gradient_error(reference_step):.1e}"
-        for name, step in runs.items()))
+    print(
+        f"against sdpa unpacked (loss {reference_step.loss:.6f}):",
+        "; ".join(
+            f"{name}: loss {step.loss_error(reference_step):.1e}, gradients {step.gradient_error(reference_step):.1e}"
+            for name, step in runs.items()
+        ),
+    )
     print("worst relative errors:", {k: f"{v:.1e}" for k, v in errors.items()})
     assert max(errors.values()) <= 1e-5, errors
     # the first micro-batch is one row of four samples, the second one of two
@@ -274,6 +336,7 @@ def test_flash_attention_packed_llava_next_rows_equal_the_sdpa_runs(flash_attn, 
     through the tower's flash_attn_func), packed and flattened, against SDPA unpacked."""
     import test_llava_next as next_tests
     from conftest import next_recipe
+
     recipe = next_recipe(next_inputs, tmp_path / "run")
     processor = modeling.build_processor(recipe.model)
     items = next_tests.samples(recipe, processor)
@@ -284,13 +347,15 @@ def test_flash_attention_packed_llava_next_rows_equal_the_sdpa_runs(flash_attn, 
     micro_batches = [[[items[0], items[3]], [items[1]]], [[items[2]]]]
     expected = unpacked_step(sdpa, next_tests.collator(recipe, processor, False), items)
     reference.calls.clear()
-    got = packed_step(fa2, next_tests.collator(recipe, processor, True, flatten=True), micro_batches,
-                      expected.label_tokens)
+    got = packed_step(
+        fa2, next_tests.collator(recipe, processor, True, flatten=True), micro_batches, expected.label_tokens
+    )
     error = got.error(expected)
     print(f"llava-next: fa2 packed vs sdpa unpacked, worst relative error {error:.1e}")
     assert error <= 1e-5
-    assert [len(c["cu_seqlens_q"]) - 1 for c in reference.calls if c["function"] == "flash_attn_varlen_func"] \
-        == [3] * fa2.config.text_config.num_hidden_layers  # the second micro-batch, one sample: flash_attn_func
+    assert [len(c["cu_seqlens_q"]) - 1 for c in reference.calls if c["function"] == "flash_attn_varlen_func"] == [
+        3
+    ] * fa2.config.text_config.num_hidden_layers  # the second micro-batch, one sample: flash_attn_func
 
 
 def test_generation_with_flash_attention_equals_sdpa(flash_attn, exact, setup):
@@ -299,6 +364,7 @@ def test_generation_with_flash_attention_equals_sdpa(flash_attn, exact, setup):
     answers as SDPA."""
     from PIL import Image
     from qllava import inference
+
     recipe, processor, _ = setup
     sdpa = fp32_model(recipe, processor, "sdpa")
     fa2 = fp32_model(recipe, processor, "flash_attention_2")
@@ -317,12 +383,14 @@ def test_generation_with_flash_attention_equals_sdpa(flash_attn, exact, setup):
     assert decode and all(c["cu_seqlens_q"] == [0, 1, 2] for c in decode)
 
 
-def test_training_with_flash_attention_feeds_one_row_per_micro_batch_to_varlen_attention(flash_attn, exact,
-                                                                                         tiny_recipe, monkeypatch):
+def test_training_with_flash_attention_feeds_one_row_per_micro_batch_to_varlen_attention(
+    flash_attn, exact, tiny_recipe, monkeypatch
+):
     """A real packed training run (stage 1: 4-bit decoder, qllava's trainer and collator, two rows per micro-batch)
     with attn_implementation = "flash_attention_2": every micro-batch reaches the decoder as one row without mask
     or cache, and flash-attn's varlen function gets one sequence per sample, cut where position_ids restart."""
     from qllava import train
+
     positions = []
     load = modeling.load_base_model
 
@@ -332,11 +400,20 @@ def test_training_with_flash_attention_feeds_one_row_per_micro_batch_to_varlen_a
         def watch(module, args, kwargs):
             assert kwargs.get("attention_mask") is None and kwargs.get("use_cache") is False
             positions.append(kwargs["position_ids"])
+
         model.model.language_model.register_forward_pre_hook(watch, with_kwargs=True)
         return model
+
     monkeypatch.setattr(modeling, "load_base_model", load_and_watch)
-    result = train.run_stage(tiny_recipe('model.attn_implementation="flash_attention_2"', "stage1.max_steps=3",
-                                         "stage1.per_device_train_batch_size=2"), "stage1", say=lambda _: None)
+    result = train.run_stage(
+        tiny_recipe(
+            'model.attn_implementation="flash_attention_2"',
+            "stage1.max_steps=3",
+            "stage1.per_device_train_batch_size=2",
+        ),
+        "stage1",
+        say=lambda _: None,
+    )
     assert result.metrics["attn_implementation"] == "flash_attention_2" and len(positions) == 3
     starts = []
     for p in positions:
@@ -352,6 +429,7 @@ def test_a_half_precision_model_hands_flash_attention_half_precision(flash_attn,
     bf16, LoRA and projector as float32 masters) under the bf16 autocast the trainer uses on a GPU, through the
     reference as it is (fp16/bf16 only). Its loss is SDPA's within bf16 rounding."""
     from qllava import train
+
     _, _, items = setup
     half = ['model.dtype="bfloat16"', 'quantization.bnb_4bit_compute_dtype="bfloat16"', 'stage2.projector="fresh"']
     losses = {}

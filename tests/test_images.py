@@ -39,11 +39,22 @@ ORIENTATION = 0x0112
 # The stored pixels of an image whose orientation tag is o are the upright picture put through the inverse of the
 # tag's meaning (EXIF 2.3, "Orientation"): 2 mirrored left-right, 3 turned 180, 4 mirrored top-bottom, 5 transposed,
 # 6 turned 90 clockwise to be upright (so stored turned 90 anticlockwise), 7 transversed, 8 the other quarter turn.
-STORED = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-          4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
-          7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
-BLOCKS = {"top left": (230, 20, 20), "top right": (20, 200, 20), "bottom left": (20, 20, 230),
-          "bottom right": (240, 240, 240)}
+STORED = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+BLOCKS = {
+    "top left": (230, 20, 20),
+    "top right": (20, 200, 20),
+    "bottom left": (20, 20, 230),
+    "bottom right": (240, 240, 240),
+}
 
 
 def upright_picture(width=48, height=32) -> Image.Image:
@@ -56,8 +67,10 @@ def upright_picture(width=48, height=32) -> Image.Image:
 
 def quarters(image: Image.Image) -> list:
     width, height = image.size
-    return [image.getpixel((x * width // 2 + width // 4, y * height // 2 + height // 4))
-            for x, y in [(0, 0), (1, 0), (0, 1), (1, 1)]]
+    return [
+        image.getpixel((x * width // 2 + width // 4, y * height // 2 + height // 4))
+        for x, y in [(0, 0), (1, 0), (0, 1), (1, 1)]
+    ]
 
 
 def close(a, b, tolerance=40) -> bool:
@@ -80,7 +93,10 @@ def save_oriented(path: Path, orientation: int, picture=None, fmt=None) -> Path:
 
 
 def chat(sample_id, image=None, question="<image>\nWhat is it?", answer="a picture"):
-    sample = {"id": sample_id, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+    sample = {
+        "id": sample_id,
+        "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+    }
     if image:
         sample["image"] = image
     return sample
@@ -93,11 +109,14 @@ def write_json(path: Path, samples) -> str:
 
 # ---- item 3: one orientation policy -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("suffix", [".jpg", ".png", ".webp", ".tif"])
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_every_orientation_in_every_format_is_used_upright_as_viewers_and_transformers_show_it(tmp_path, suffix,
-                                                                                               orientation):
+def test_every_orientation_in_every_format_is_used_upright_as_viewers_and_transformers_show_it(
+    tmp_path, suffix, orientation
+):
     from transformers.image_utils import load_image
+
     path = save_oriented(tmp_path / f"photo{suffix}", orientation)
     header = image_header(path)
     # PIL turns a TIFF upright itself (as it does for official LLaVA): only the other formats differ from LLaVA.
@@ -158,23 +177,37 @@ def test_a_malformed_exif_block_is_no_orientation_in_every_path(tmp_path):
 
 def hf_images_dataset(folder: Path, images: list) -> str:
     """A saved Hugging Face dataset of one image question per row; `images` as the datasets library stores them."""
-    messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
-                 {"role": "assistant", "content": [{"type": "text", "text": "a picture"}]}]] * len(images)
-    features = datasets.Features({
-        "messages": [{"role": datasets.Value("string"),
-                      "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
-        "images": datasets.List(datasets.Image())})
-    datasets.Dataset.from_dict({"messages": messages, "images": [[image] for image in images]},
-                               features=features).save_to_disk(str(folder))
+    messages = [
+        [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "a picture"}]},
+        ]
+    ] * len(images)
+    features = datasets.Features(
+        {
+            "messages": [
+                {
+                    "role": datasets.Value("string"),
+                    "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}],
+                }
+            ],
+            "images": datasets.List(datasets.Image()),
+        }
+    )
+    datasets.Dataset.from_dict(
+        {"messages": messages, "images": [[image] for image in images]}, features=features
+    ).save_to_disk(str(folder))
     return str(folder)
 
 
 def test_one_photo_is_the_same_pixels_through_llava_json_a_dataset_and_chat(tmp_path):
     from qllava.chat import Chat
     from qllava.inference import Loaded
+
     photo = save_oriented(tmp_path / "img" / "photo.jpg", 6)
-    dataset = hf_images_dataset(tmp_path / "hf", [{"bytes": photo.read_bytes(), "path": None},
-                                                  {"bytes": None, "path": str(photo)}])
+    dataset = hf_images_dataset(
+        tmp_path / "hf", [{"bytes": photo.read_bytes(), "path": None}, {"bytes": None, "path": str(photo)}]
+    )
     expected = np.asarray(open_image(photo))  # what chat, eval and serve (through Chat) give the model
     assert expected.shape == (32, 48, 3)  # (height, width): upright
     from_json = ImageStore([str(tmp_path / "img")]).open(0, "photo.jpg")
@@ -207,13 +240,20 @@ def test_a_rotated_non_square_photo_trains_in_llava_next_from_a_dataset_and_from
     json_file = write_json(tmp_path / "data.json", [chat("photo", "photo.jpg")])
     model = modeling.load_base_model(recipe, processor, quantized=False).eval()
     for data in (dataset_dir, json_file):
-        stage = StageConfig(data=[data], image_folder=str(tmp_path / "img"), template="mistral_instruct",
-                            max_seq_len=512, image_aspect_ratio="anyres")
-        samples, images, report = build_stage_dataset(stage, tokenizer, image_id, geometry, str(tmp_path / "cache"),
-                                                      "stage2")
+        stage = StageConfig(
+            data=[data],
+            image_folder=str(tmp_path / "img"),
+            template="mistral_instruct",
+            max_seq_len=512,
+            image_aspect_ratio="anyres",
+        )
+        samples, images, report = build_stage_dataset(
+            stage, tokenizer, image_id, geometry, str(tmp_path / "cache"), "stage2"
+        )
         assert samples[0]["image_tokens"] == [upright_tokens] and report.oriented_images == 1
         batch = Collator(images, processor.image_processor, "anyres", tokenizer.pad_token_id, image_id).batch(
-            [[samples[0]]])
+            [[samples[0]]]
+        )
         assert batch["image_sizes"].tolist() == [[128, 64]]  # (height, width): upright
         with torch.no_grad():  # the model takes as many image features as the sample has image tokens
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
@@ -227,13 +267,24 @@ def test_data_stats_counts_the_images_with_an_exif_orientation(tiny_inputs, tmp_
     upright_picture().save(images / "plain.png")
     samples += [chat("plain", "plain.png"), chat("text-only", question="Hello?")]
     data = write_json(tmp_path / "data.json", samples)
-    argv = ["data", "stats", str(TINY_RECIPE), "--stage", "2", *tiny_overrides(tiny_inputs, tmp_path / "run"),
-            f'stage2.data=["{data}"]', f'stage2.image_folder="{images}"', f'data.cache_dir="{tmp_path / "cache"}"']
+    argv = [
+        "data",
+        "stats",
+        str(TINY_RECIPE),
+        "--stage",
+        "2",
+        *tiny_overrides(tiny_inputs, tmp_path / "run"),
+        f'stage2.data=["{data}"]',
+        f'stage2.image_folder="{images}"',
+        f'data.cache_dir="{tmp_path / "cache"}"',
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "images turned upright by their EXIF orientation" in out
-    assert "7 images with an EXIF orientation, used upright as a viewer shows them (e.g. turned-2, turned-3, " \
-           "turned-4)" in out
+    assert (
+        "7 images with an EXIF orientation, used upright as a viewer shows them (e.g. turned-2, turned-3, "
+        "turned-4)" in out
+    )
     recipe = load_recipe(TINY_RECIPE, argv[5:])
     figures = stats.stage_stats(recipe, "stage2")
     assert (figures["oriented_images"], figures["samples"], figures["with_image"]) == (7, 10, 9)
@@ -279,6 +330,7 @@ def copy_over_keeping_the_time(path: Path, size) -> None:  # cp -p new old
 @pytest.fixture
 def next_tokenizer(tiny_inputs):
     from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(tiny_inputs / "mistral")
     tokenizer.add_tokens(["<image>"], special_tokens=True)
     return tokenizer
@@ -293,12 +345,15 @@ def bmp_stage(tmp_path: Path, n=3) -> StageConfig:
 
 
 def prepare(stage, tokenizer, tmp_path, geometry=NEXT):
-    return build_stage_dataset(stage, tokenizer, tokenizer.convert_tokens_to_ids("<image>"), geometry,
-                               str(tmp_path / "cache"), "stage2")
+    return build_stage_dataset(
+        stage, tokenizer, tokenizer.convert_tokens_to_ids("<image>"), geometry, str(tmp_path / "cache"), "stage2"
+    )
 
 
-@pytest.mark.parametrize("replace", [replace_in_place, replace_keeping_the_time, replace_by_rename_keeping_the_time,
-                                     copy_over_keeping_the_time])
+@pytest.mark.parametrize(
+    "replace",
+    [replace_in_place, replace_keeping_the_time, replace_by_rename_keeping_the_time, copy_over_keeping_the_time],
+)
 def test_an_image_replaced_by_another_aspect_ratio_makes_the_data_prepared_again(tmp_path, next_tokenizer, replace):
     stage = bmp_stage(tmp_path)
     first, _, report = prepare(stage, next_tokenizer, tmp_path)
@@ -328,21 +383,25 @@ def test_the_collator_checks_each_image_against_its_count_and_names_the_file(tmp
     samples, images, _ = prepare(stage, next_tokenizer, tmp_path)
     collator = Collator(images, None, "anyres", 0, next_tokenizer.convert_tokens_to_ids("<image>"))
     replace_keeping_the_time(tmp_path / "img" / "p1.bmp", (4, 8))  # while training runs
-    expected = (f"image {tmp_path / 'img' / 'p1.bmp'}: its 4x8 pixels (upright) make 28 image tokens, but sample p1 "
-                "was prepared for 52: the file changed after the data were prepared: run the same command again "
-                "with --resume: the data are prepared again from the images as they are now")
+    expected = (
+        f"image {tmp_path / 'img' / 'p1.bmp'}: its 4x8 pixels (upright) make 28 image tokens, but sample p1 "
+        "was prepared for 52: the file changed after the data were prepared: run the same command again "
+        "with --resume: the data are prepared again from the images as they are now"
+    )
     with pytest.raises(DataError) as error:
         collator.image_inputs([samples[0], samples[1]])
     assert str(error.value) == expected
     # In a DataLoader worker (as on a GPU), torch re-raises it with the worker's traceback: the user reads one line.
-    loader = torch.utils.data.DataLoader([[samples[1]]], batch_size=1, num_workers=1,
-                                         collate_fn=lambda rows: collator.image_inputs(rows[0]))
+    loader = torch.utils.data.DataLoader(
+        [[samples[1]]], batch_size=1, num_workers=1, collate_fn=lambda rows: collator.image_inputs(rows[0])
+    )
     with pytest.raises(DataError) as error:
         next(iter(loader))
     assert "Traceback" in str(error.value) and user_message(error.value) == expected
 
 
 # ---- item 11: image tokens per image, min / mean / max -------------------------------------------------------------
+
 
 def test_data_stats_reports_the_range_of_image_tokens(next_setup, tiny_recipe):
     recipe, processor, geometry = next_setup
@@ -353,22 +412,27 @@ def test_data_stats_reports_the_range_of_image_tokens(next_setup, tiny_recipe):
         if conv.image:
             with Image.open(os.path.join(recipe.stage2.image_folder, conv.image)) as image:  # the files themselves
                 counts.append(geometry.tokens_of(image.size))
-    assert figures["image_tokens"] == {"min": min(counts), "mean": pytest.approx(sum(counts) / len(counts)),
-                                       "max": max(counts)}
+    assert figures["image_tokens"] == {
+        "min": min(counts),
+        "mean": pytest.approx(sum(counts) / len(counts)),
+        "max": max(counts),
+    }
     assert min(counts) < max(counts)  # the largest image's count is not every image's
     assert stats.stage_stats(tiny_recipe(), "stage2")["image_tokens"] == {"min": 16, "mean": 16.0, "max": 16}
 
 
 # ---- item 8: a file cut short is found before training, and said plainly during it ---------------------------------
 
+
 def cut_short(path: Path) -> Path:
     data = path.read_bytes()
-    path.write_bytes(data[:len(data) * 2 // 3])
+    path.write_bytes(data[: len(data) * 2 // 3])
     return path
 
 
-def test_data_stats_check_images_decodes_every_image_and_names_each_broken_file(tiny_inputs, tmp_path, capsys,
-                                                                                 monkeypatch):
+def test_data_stats_check_images_decodes_every_image_and_names_each_broken_file(
+    tiny_inputs, tmp_path, capsys, monkeypatch
+):
     images = tmp_path / "img"
     names = [save_oriented(images / f"good{i}.png", 1, upright_picture(96, 64)).name for i in range(5)]
     cut_png = cut_short(save_oriented(images / "cut.png", 1, Image.effect_noise((96, 64), 50).convert("RGB")))
@@ -376,9 +440,18 @@ def test_data_stats_check_images_decodes_every_image_and_names_each_broken_file(
     samples = [chat(f"good{i}", name) for i, name in enumerate(names)]
     samples += [chat("png-cut", "cut.png"), chat("jpg-cut", "cut.jpg"), chat("jpg-cut-again", "cut.jpg")]
     data = write_json(tmp_path / "data.json", samples)
-    argv = ["data", "stats", str(TINY_RECIPE), "--stage", "2", *tiny_overrides(tiny_inputs, tmp_path / "run"),
-            f'stage2.data=["{data}"]', f'stage2.image_folder="{images}"', f'data.cache_dir="{tmp_path / "cache"}"',
-            "data.num_proc=2"]
+    argv = [
+        "data",
+        "stats",
+        str(TINY_RECIPE),
+        "--stage",
+        "2",
+        *tiny_overrides(tiny_inputs, tmp_path / "run"),
+        f'stage2.data=["{data}"]',
+        f'stage2.image_folder="{images}"',
+        f'data.cache_dir="{tmp_path / "cache"}"',
+        "data.num_proc=2",
+    ]
     assert main(argv) == 0  # their headers read fine
     capsys.readouterr()
     monkeypatch.setattr(stats, "CHECK_CHUNK", 2)  # several pieces of work, in 2 processes
@@ -387,8 +460,10 @@ def test_data_stats_check_images_decodes_every_image_and_names_each_broken_file(
     assert "stage2: 7 images decoded in" in out and "2 cannot be used" in out  # each file decoded once
     assert f"image {cut_png}: cannot be read as an image (" in out and "the image of sample png-cut" in out
     assert f"image {cut_jpg}: cannot be read as an image (" in out and "the image of sample jpg-cut" in out
-    assert ("error: 2 image file(s) cannot be used as training would use them (listed above): remove or fix each "
-            "one, then train") in out
+    assert (
+        "error: 2 image file(s) cannot be used as training would use them (listed above): remove or fix each "
+        "one, then train"
+    ) in out
     assert not (tmp_path / "run").exists()
 
 
@@ -399,17 +474,29 @@ def test_an_image_cut_short_stops_training_with_what_to_do_and_resume_continues(
     questions = json.loads((shapes / "questions.json").read_text())[:6]
     cut = cut_short(images / questions[2]["image"])
     data = write_json(tmp_path / "questions.json", questions)
-    argv = ["finetune", str(TINY_RECIPE), *tiny_overrides(tiny_inputs, tmp_path / "run"), f'stage2.data=["{data}"]',
-            f'stage2.image_folder="{images}"', f'data.cache_dir="{tmp_path / "cache"}"', "eval.at=[]",
-            "stage1.max_steps=2", "stage2.max_steps=2", "stage2.max_seq_len=512", "data.dataloader_num_workers=1",
-            "data.max_missing_image_fraction=0.9"]
+    argv = [
+        "finetune",
+        str(TINY_RECIPE),
+        *tiny_overrides(tiny_inputs, tmp_path / "run"),
+        f'stage2.data=["{data}"]',
+        f'stage2.image_folder="{images}"',
+        f'data.cache_dir="{tmp_path / "cache"}"',
+        "eval.at=[]",
+        "stage1.max_steps=2",
+        "stage2.max_steps=2",
+        "stage2.max_seq_len=512",
+        "data.dataloader_num_workers=1",
+        "data.max_missing_image_fraction=0.9",
+    ]
     assert main(argv) == 2
     out = capsys.readouterr().out
-    error = out[out.index("error:"):]
+    error = out[out.index("error:") :]
     assert error.count("\n") == 1 and "Traceback" not in error  # one line, though a worker process raised it
     assert f"image {cut}: cannot be read as an image (" in " ".join(error.split())
-    assert ("remove or fix the file, then run the same command with --resume (a sample whose image is missing is "
-            "skipped and counted)") in " ".join(error.split())
+    assert (
+        "remove or fix the file, then run the same command with --resume (a sample whose image is missing is "
+        "skipped and counted)"
+    ) in " ".join(error.split())
     trained = (tmp_path / "run" / "stage1" / modeling.PROJECTOR_FILE).stat().st_mtime_ns
     cut.unlink()
     assert main(argv + ["--resume"]) == 0
@@ -420,6 +507,7 @@ def test_an_image_cut_short_stops_training_with_what_to_do_and_resume_continues(
 
 # ---- item 14: images over PIL's decompression-bomb warning size --------------------------------------------------
 
+
 def test_large_images_bring_no_raw_pil_warning_and_are_counted(tiny_inputs, tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # scaled down: 89 MP (warning) and 179 MP (error)
     images = tmp_path / "img"
@@ -427,15 +515,24 @@ def test_large_images_bring_no_raw_pil_warning_and_are_counted(tiny_inputs, tmp_
     Image.new("RGB", (80, 70)).save(images / "large.png")  # 5,600 pixels: over the warning size, under 2x
     Image.new("RGB", (100, 110)).save(images / "bomb.png")  # 11,000: over twice the limit
     Image.new("RGB", (40, 40)).save(images / "small.png")
-    data = write_json(tmp_path / "data.json", [chat("large", "large.png"), chat("bomb", "bomb.png"),
-                                               chat("small", "small.png")])
-    recipe = load_recipe(TINY_RECIPE, tiny_overrides(tiny_inputs, tmp_path / "run") + [
-        f'stage2.data=["{data}"]', f'stage2.image_folder="{images}"', f'data.cache_dir="{tmp_path / "cache"}"',
-        "data.max_missing_image_fraction=0.5"])
+    data = write_json(
+        tmp_path / "data.json", [chat("large", "large.png"), chat("bomb", "bomb.png"), chat("small", "small.png")]
+    )
+    recipe = load_recipe(
+        TINY_RECIPE,
+        tiny_overrides(tiny_inputs, tmp_path / "run")
+        + [
+            f'stage2.data=["{data}"]',
+            f'stage2.image_folder="{images}"',
+            f'data.cache_dir="{tmp_path / "cache"}"',
+            "data.max_missing_image_fraction=0.5",
+        ],
+    )
     with warnings.catch_warnings(record=True) as caught:
         figures = stats.stage_stats(recipe, "stage2")
         assert image_header(images / "large.png").large and open_image(images / "large.png").size == (80, 70)
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)], [str(w) for w in caught]
     assert (figures["large_images"], figures["large_images_examples"], figures["samples"]) == (1, ["large"], 2)
-    assert figures["skipped"] == {"image larger than PIL's decompression-bomb limit (2 x PIL.Image.MAX_IMAGE_PIXELS "
-                                  "pixels)": 1}
+    assert figures["skipped"] == {
+        "image larger than PIL's decompression-bomb limit (2 x PIL.Image.MAX_IMAGE_PIXELS pixels)": 1
+    }

@@ -24,13 +24,20 @@ V16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 def test_tokens_per_image_equal_llava_next_processor_on_many_sizes():
     from transformers import LlavaNextImageProcessor, LlavaNextProcessor
-    image_processor = LlavaNextImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-                                              image_grid_pinpoints=V16_PINPOINTS)
+
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_grid_pinpoints=V16_PINPOINTS
+    )
     tokenizer = tiny.build_tokenizer(["what"])
     tokenizer.add_tokens(["<image>"], special_tokens=True)
-    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                                   image_token="<image>")
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
+    )
     config = modeling.load_llava_config(load_recipe(ROOT / "recipes" / "llava_next_mistral_qlora.toml").model)
     geometry = modeling.image_geometry(config, image_processor)
     rng = random.Random(0)
@@ -63,15 +70,29 @@ def samples(recipe, processor) -> list[dict]:
     chosen.append(next(c for c in convs if not c.image))
     config = modeling.load_llava_config(recipe.model)
     tok = processor.tokenizer
-    ds = tokenize_dataset(chosen, stage.template, tok, tok.convert_tokens_to_ids("<image>"),
-                          modeling.image_geometry(config, processor.image_processor), stage.max_seq_len, DataReport())
+    ds = tokenize_dataset(
+        chosen,
+        stage.template,
+        tok,
+        tok.convert_tokens_to_ids("<image>"),
+        modeling.image_geometry(config, processor.image_processor),
+        stage.max_seq_len,
+        DataReport(),
+    )
     return [ds[i] for i in range(len(ds))]
 
 
 def collator(recipe, processor, packing, flatten=False):
     where = image_source(recipe.stage2.data[0], recipe.stage2.image_folder)
-    return Collator(ImageStore([where]), processor.image_processor, "anyres", processor.tokenizer.pad_token_id,
-                    processor.tokenizer.convert_tokens_to_ids("<image>"), packing=packing, flatten=flatten)
+    return Collator(
+        ImageStore([where]),
+        processor.image_processor,
+        "anyres",
+        processor.tokenizer.pad_token_id,
+        processor.tokenizer.convert_tokens_to_ids("<image>"),
+        packing=packing,
+        flatten=flatten,
+    )
 
 
 def test_images_of_different_sizes_take_different_token_counts_and_the_model_accepts_them(setup):
@@ -82,8 +103,9 @@ def test_images_of_different_sizes_take_different_token_counts_and_the_model_acc
     batch = collator(recipe, processor, True).batch([items])
     assert batch["image_sizes"].shape == (3, 2)
     with torch.no_grad():
-        assert model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits.shape[1] == \
-            sum(s["length"] for s in items)
+        assert model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits.shape[1] == sum(
+            s["length"] for s in items
+        )
 
 
 def stage2_model(recipe, processor):
@@ -104,16 +126,18 @@ def test_packed_llava_next_rows_equal_their_samples_alone_in_loss_and_gradients(
     recipe, processor, items = setup
     model = stage2_model(recipe, processor)
     micro_batches = [[[items[0], items[3]]], [[items[1]], [items[2]]]]
-    err = packed_vs_unpacked_error(model, collator(recipe, processor, True), collator(recipe, processor, False),
-                                   micro_batches)
+    err = packed_vs_unpacked_error(
+        model, collator(recipe, processor, True), collator(recipe, processor, False), micro_batches
+    )
     assert err <= 1e-5, f"packed vs unpacked worst relative error (loss and gradients) {err:.2e}"
 
 
 def test_the_v1_6_mistral_prompt_is_llava_hfs():
     # llava-hf/llava-v1.6-mistral-7b-hf's own prompt (its model card; its chat template renders the same):
     # LLaVA's mistral_instruct with the tokenizer's BOS before it.
-    asked = render("mistral_instruct", [("user", "<image>\nWhat is shown in this image?")], "<s>", "</s>",
-                   generation_prompt=True)
+    asked = render(
+        "mistral_instruct", [("user", "<image>\nWhat is shown in this image?")], "<s>", "</s>", generation_prompt=True
+    )
     assert asked.text == "[INST] <image>\nWhat is shown in this image? [/INST]"
 
 
@@ -121,9 +145,11 @@ def test_a_tiny_llava_next_run_trains_merges_and_runs_in_transformers_pipeline(n
     from qllava import train
     from qllava.chat import Chat
     from qllava.merge import merge
+
     run = tmp_path / "run"
-    recipe = next_recipe(next_inputs, run, "stage1.max_steps=3", "stage2.max_steps=6", "eval.limit=12",
-                         'eval.at=["stage2"]')
+    recipe = next_recipe(
+        next_inputs, run, "stage1.max_steps=3", "stage2.max_steps=6", "eval.limit=12", 'eval.at=["stage2"]'
+    )
     metrics = train.finetune(recipe, say=lambda _: None)
     assert metrics["stage2"]["steps"] == 6 and 0 <= metrics["accuracy_stage2"] <= 1
     state = json.loads((run / "stage2" / "adapter_config.json").read_text())
@@ -140,24 +166,42 @@ def test_a_tiny_llava_next_run_trains_merges_and_runs_in_transformers_pipeline(n
         f"image = Image.open({str(image)!r})\n"
         "out = pipe(text=[{'role': 'user', 'content': [{'type': 'image', 'image': image}, "
         "{'type': 'text', 'text': 'What color is the shape?'}]}], max_new_tokens=4, return_full_text=False)\n"
-        "print(json.dumps({'model': type(pipe.model).__name__, 'text': out[0]['generated_text']}))\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+        "print(json.dumps({'model': type(pipe.model).__name__, 'text': out[0]['generated_text']}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["model"] == "LlavaNextForConditionalGeneration"
     # greedy answers of the 4-bit run and the float32 merged model agree here (deterministic, tiny answers)
     assert Chat(tmp_path / "merged", image).reply("What color is the shape?", max_new_tokens=4) == answer
     from qllava.evaluate import evaluate
+
     shapes = next_inputs / "shapes"
-    result = evaluate(tmp_path / "merged", "vqa", str(shapes / "eval.json"), str(shapes / "images"),
-                      out=tmp_path / "answers.jsonl", limit=6, max_new_tokens=4)
+    result = evaluate(
+        tmp_path / "merged",
+        "vqa",
+        str(shapes / "eval.json"),
+        str(shapes / "images"),
+        out=tmp_path / "answers.jsonl",
+        limit=6,
+        max_new_tokens=4,
+    )
     assert result["questions"] == 6 and result["asked_now"] == 6 and 0 <= result["metrics"]["accuracy"] <= 1
 
 
 def test_the_7b_llava_next_recipe_plans_offline():
-    done = subprocess.run([sys.executable, "-m", "qllava", "plan", "recipes/llava_next_mistral_qlora.toml", "--json"],
-                          cwd=ROOT, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    done = subprocess.run(
+        [sys.executable, "-m", "qllava", "plan", "recipes/llava_next_mistral_qlora.toml", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     plan = json.loads(done.stdout.strip().splitlines()[-1])
     stage2 = plan["stages"]["stage2"]

@@ -43,9 +43,11 @@ TAG_ADDED = {"edge-img-space_q", "edge-img-newline_q"}
 # What LLaVA tokenizes after the image of a human turn that is only the image, up to the answer (recorded with
 # the Mistral v0.1 tokenizer in both configurations): the text after an image is tokenized on its own, so it
 # opens with sentencepiece's "▁" before the template's text resumes.
-AFTER_AN_IMAGE_ONLY_TURN = {"vicuna_v1": ["▁", "▁ASS", "IST", "ANT", ":"],
-                            "mistral_instruct": ["▁", "▁[", "/", "INST", "]"],
-                            "llava_llama_2": ["▁", "▁[", "/", "INST", "]"]}
+AFTER_AN_IMAGE_ONLY_TURN = {
+    "vicuna_v1": ["▁", "▁ASS", "IST", "ANT", ":"],
+    "mistral_instruct": ["▁", "▁[", "/", "INST", "]"],
+    "llava_llama_2": ["▁", "▁[", "/", "INST", "]"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +102,21 @@ def compare(template, tokenizer, conversations, expected) -> Counter:
 @pytest.mark.parametrize("config", ("mistral", "llama2_style"))
 def test_labels_equal_llavas(tokenizers, samples, template, config):
     conversations, captions = samples
-    outcome = compare(template, tokenizers[config], captions if template == "plain" else conversations,
-                      EXPECTED[f"{template}/{config}"])
+    outcome = compare(
+        template,
+        tokenizers[config],
+        captions if template == "plain" else conversations,
+        EXPECTED[f"{template}/{config}"],
+    )
     if template == "plain":
         assert outcome == {"identical": 125, "skipped, LLaVA trains it": 4}
     else:
-        assert outcome == {"identical": 336, "skipped, LLaVA masks or refuses it": 16,
-                           "skipped, LLaVA trains it": 2, "image tag added": 2}
+        assert outcome == {
+            "identical": 336,
+            "skipped, LLaVA masks or refuses it": 16,
+            "skipped, LLaVA trains it": 2,
+            "image tag added": 2,
+        }
 
 
 @pytest.mark.parametrize("template", list(AFTER_AN_IMAGE_ONLY_TURN))
@@ -118,14 +128,18 @@ def test_an_image_only_turn_is_asked_as_it_was_trained(tokenizers, template, con
     the image."""
     tokenizer = tokenizers[config]
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    trained, labels = tokenize_conversation([("user", "<image>"), ("assistant", "A cat.")], template, tokenizer,
-                                            image_id)
-    loaded = SimpleNamespace(processor=SimpleNamespace(tokenizer=tokenizer), template=template,
-                             geometry=SimpleNamespace(tokens_of=lambda size: 1))
+    trained, labels = tokenize_conversation(
+        [("user", "<image>"), ("assistant", "A cat.")], template, tokenizer, image_id
+    )
+    loaded = SimpleNamespace(
+        processor=SimpleNamespace(tokenizer=tokenizer),
+        template=template,
+        geometry=SimpleNamespace(tokens_of=lambda size: 1),
+    )
     prompt = prompt_ids(loaded, [("user", message)], [Image.new("RGB", (8, 8))])
     first_label = next(i for i, label in enumerate(labels) if label != -100)
     assert prompt == trained[:first_label]
-    after_image = tokenizer.convert_ids_to_tokens(prompt[prompt.index(image_id) + 1:])
+    after_image = tokenizer.convert_ids_to_tokens(prompt[prompt.index(image_id) + 1 :])
     assert after_image == AFTER_AN_IMAGE_ONLY_TURN[template]
 
 

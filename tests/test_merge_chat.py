@@ -27,9 +27,17 @@ def test_merged_equals_base_plus_adapter_in_float32(merged_fp32):
     out, report = merged_fp32
     assert report["max_abs_diff_vs_unmerged"] < 1e-4 and report["max_ulps_vs_float32_merge"] == 0.0
     assert report["max_abs_diff_vs_4bit_training_model"] > report["max_abs_diff_vs_unmerged"]  # NF4 is lossy
-    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "processor_config.json",
-                                               "tokenizer.json", "chat_template.jinja", "generation_config.json",
-                                               "README.md", "qllava.json", "merge_report.json"}
+    assert {p.name for p in out.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "generation_config.json",
+        "README.md",
+        "qllava.json",
+        "merge_report.json",
+    }
     assert json.loads((out / "qllava.json").read_text())["template"] == "mistral_instruct"
     assert "## Use" in (out / "README.md").read_text() and report["peak_ram_gib"] > 0 and report["output_bytes"] > 0
 
@@ -43,6 +51,7 @@ def test_a_bfloat16_merge_stores_the_float32_merge_rounded(trained_run, tmp_path
 def merged_in_memory(run, dtype: str, folder):
     """How qllava merged before it streamed: the whole model in memory, peft's merge_and_unload, save_pretrained."""
     from qllava import model as modeling
+
     model = modeling.load_run(run, quantized=False, dtype=dtype)[0].merge_and_unload()
     model.config.use_cache = True
     model.save_pretrained(folder, max_shard_size="1MB")
@@ -58,8 +67,9 @@ def weights(folder):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_streamed_merge_writes_what_merging_the_whole_model_in_memory_wrote(dtype, trained_run, tmp_path,
-                                                                                monkeypatch):
+def test_the_streamed_merge_writes_what_merging_the_whole_model_in_memory_wrote(
+    dtype, trained_run, tmp_path, monkeypatch
+):
     monkeypatch.setattr(merging, "SHARD_SIZE", "1MB")  # several shards, as a 7B merge writes
     report = merge(trained_run, tmp_path / "streamed", dtype=dtype, verify=False, say=lambda _: None)
     merged_in_memory(trained_run, dtype, tmp_path / "memory")
@@ -68,22 +78,31 @@ def test_the_streamed_merge_writes_what_merging_the_whole_model_in_memory_wrote(
     assert streamed[1].keys() == memory[1].keys()
     assert all(torch.equal(t, memory[1][k]) and t.dtype == getattr(torch, dtype) for k, t in streamed[1].items())
     # written a weight at a time, each file holds the bytes save_pretrained writes (headers included)
-    assert all((tmp_path / "streamed" / f).read_bytes() == (tmp_path / "memory" / f).read_bytes()
-               for f in set(streamed[0].values()))
+    assert all(
+        (tmp_path / "streamed" / f).read_bytes() == (tmp_path / "memory" / f).read_bytes()
+        for f in set(streamed[0].values())
+    )
     for name in ("config.json", "generation_config.json"):
-        assert json.loads((tmp_path / "streamed" / name).read_text()) == \
-            json.loads((tmp_path / "memory" / name).read_text())
+        assert json.loads((tmp_path / "streamed" / name).read_text()) == json.loads(
+            (tmp_path / "memory" / name).read_text()
+        )
     # 14 LoRA-adapted weights, the trained embeddings and head (modules_to_save), the projector
     assert report["merged_weights"] == 14 and report["verification"] == "not run: --no-verify was given"
 
 
 @pytest.mark.parametrize("fault", ["left out", "added twice"])
-def test_verification_refuses_a_streamed_merge_that_loses_or_doubles_the_adapter(fault, trained_run, tmp_path,
-                                                                                 monkeypatch):
+def test_verification_refuses_a_streamed_merge_that_loses_or_doubles_the_adapter(
+    fault, trained_run, tmp_path, monkeypatch
+):
     right = merging.merged_delta
-    monkeypatch.setattr(merging, "merged_delta", lambda a, b, scaling, out=None: right(a, b, scaling, out).mul_(
-        0 if fault == "left out" else 2))
-    refusal = r"merged weight model\.language_model\.layers\.\d\.\S+ as written differs from base \+ adapter merged by peft"
+    monkeypatch.setattr(
+        merging,
+        "merged_delta",
+        lambda a, b, scaling, out=None: right(a, b, scaling, out).mul_(0 if fault == "left out" else 2),
+    )
+    refusal = (
+        r"merged weight model\.language_model\.layers\.\d\.\S+ as written differs from base \+ adapter merged by peft"
+    )
     with pytest.raises(MergeError, match=refusal):
         merge(trained_run, tmp_path / "out", dtype="bfloat16", say=lambda _: None)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
@@ -127,8 +146,12 @@ print(json.dumps({"model": type(model).__name__, "text": out[0]["generated_text"
 def test_merged_folder_runs_in_a_transformers_pipeline_without_qllava(merged_fp32, tiny_inputs):
     out, _ = merged_fp32
     image = tiny_inputs / "shapes" / "images" / "eval-0.png"
-    result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_QLLAVA, str(out), str(image)], capture_output=True,
-                            text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_QLLAVA, str(out), str(image)],
+        capture_output=True,
+        text=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": ""},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     answer = json.loads(result.stdout.strip().splitlines()[-1])
     assert answer["model"] == "LlavaForConditionalGeneration" and isinstance(answer["text"], str)
@@ -137,10 +160,14 @@ def test_merged_folder_runs_in_a_transformers_pipeline_without_qllava(merged_fp3
 def test_chat_template_of_the_merged_folder_renders_the_training_template(merged_fp32):
     from transformers import AutoProcessor
     from qllava import templates
+
     out, _ = merged_fp32
     processor = AutoProcessor.from_pretrained(out)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]},
-                {"role": "assistant", "content": "red"}, {"role": "user", "content": "And the shape?"}]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color?"}]},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "And the shape?"},
+    ]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     turns = [("user", "<image>\nWhat color?"), ("assistant", "red"), ("user", "And the shape?")]
     assert text == "<s>" + templates.render("mistral_instruct", turns, "<s>", "</s>", generation_prompt=True).text
@@ -156,8 +183,10 @@ def test_a_stage1_only_run_merges(trained_run, tmp_path):
 def test_merge_refusals(trained_run, merged_fp32, tmp_path, capsys):
     out, _ = merged_fp32
     assert main(["merge", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
-    assert f"{tmp_path} is neither a qllava run (no stage1/ or stage2/) nor a model folder (no config.json): merge " \
+    assert (
+        f"{tmp_path} is neither a qllava run (no stage1/ or stage2/) nor a model folder (no config.json): merge "
         "takes a run folder written by qllava finetune (runs/NAME)" in " ".join(capsys.readouterr().out.split())
+    )
     before = (out / "model.safetensors").read_bytes()
     assert main(["merge", str(trained_run), "--out", str(out)]) == 2
     assert "exists: pass --overwrite to replace it" in capsys.readouterr().out
@@ -199,8 +228,9 @@ def test_a_base_weight_cut_short_is_refused_naming_its_file_from_the_reader_thre
     recipe.write_text(recipe.read_text().replace(f'decoder = "{decoder}"', f'decoder = "{tmp_path}/decoder"'))
     (run / "stage2" / "base.json").unlink()
     assert main(["merge", str(run), "--out", str(tmp_path / "out"), "--no-verify"]) == 2
-    assert re.search(rf"{weights}: weight \S+ is cut short \(\d+ of its \d+ bytes are in the file\)",
-                     capsys.readouterr().out)
+    assert re.search(
+        rf"{weights}: weight \S+ is cut short \(\d+ of its \d+ bytes are in the file\)", capsys.readouterr().out
+    )
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
@@ -225,8 +255,21 @@ def test_chat_refuses_a_missing_or_unreadable_image(trained_run, tmp_path):
 
 
 def test_chat_cli_answers_one_prompt(trained_run, tiny_inputs, capsys):
-    assert main(["chat", str(trained_run), "--image", str(tiny_inputs / "shapes" / "images" / "eval-0.png"),
-                 "--prompt", "What color is the shape?", "--max-new-tokens", "3"]) == 0
+    assert (
+        main(
+            [
+                "chat",
+                str(trained_run),
+                "--image",
+                str(tiny_inputs / "shapes" / "images" / "eval-0.png"),
+                "--prompt",
+                "What color is the shape?",
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip()
 
 
@@ -238,10 +281,19 @@ def test_stage2_continues_from_a_llava_hf_checkpoint_in_4bit(merged_fp32, tiny_i
     from conftest import TINY_RECIPE, tiny_overrides
     from qllava import train
     from qllava.recipe import load_recipe
+
     out, _ = merged_fp32
-    recipe = load_recipe(TINY_RECIPE, tiny_overrides(tiny_inputs, tmp_path / "run") + [
-        f'model.llava="{out}"', 'stage2.projector="model"', "eval.at=[]", "stage2.max_steps=4",
-        "lora.modules_to_save=[]"])
+    recipe = load_recipe(
+        TINY_RECIPE,
+        tiny_overrides(tiny_inputs, tmp_path / "run")
+        + [
+            f'model.llava="{out}"',
+            'stage2.projector="model"',
+            "eval.at=[]",
+            "stage2.max_steps=4",
+            "lora.modules_to_save=[]",
+        ],
+    )
     result = train.run_stage(recipe, "stage2", say=lambda _: None)
     base = result.model.get_base_model()
     quantized = [n for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -250,6 +302,13 @@ def test_stage2_continues_from_a_llava_hf_checkpoint_in_4bit(merged_fp32, tiny_i
     assert isinstance(base.lm_head, torch.nn.Linear) and not isinstance(base.lm_head, bnb.nn.Linear4bit)
     assert result.metrics["steps"] == 4 and (tmp_path / "run" / "stage2" / "adapter_model.safetensors").exists()
     # stage 1 on the same checkpoint: only its projector trains, on the frozen 4-bit base
-    stage1 = train.run_stage(load_recipe(TINY_RECIPE, tiny_overrides(tiny_inputs, tmp_path / "run1") + [
-        f'model.llava="{out}"', "eval.at=[]", "stage1.max_steps=2"]), "stage1", say=lambda _: None)
+    stage1 = train.run_stage(
+        load_recipe(
+            TINY_RECIPE,
+            tiny_overrides(tiny_inputs, tmp_path / "run1")
+            + [f'model.llava="{out}"', "eval.at=[]", "stage1.max_steps=2"],
+        ),
+        "stage1",
+        say=lambda _: None,
+    )
     assert stage1.metrics["steps"] == 2 and stage1.metrics["trainable_params"] == 64 * 128 + 64 + 64 * 64 + 64

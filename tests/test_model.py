@@ -24,7 +24,7 @@ def batch(model, processor, seed=0):
     text = torch.randint(3, 300, (1, 12), generator=g)
     ids = torch.cat([torch.tensor([[1]]), torch.full((1, n_image), model.config.image_token_id), text], dim=1)
     labels = ids.clone()
-    labels[:, :1 + n_image] = -100
+    labels[:, : 1 + n_image] = -100
     return {"input_ids": ids, "labels": labels, "pixel_values": torch.randn(1, 3, 64, 64, generator=g)}
 
 
@@ -38,6 +38,7 @@ def lora_grads(peft_model, inputs) -> dict:
 def dequantized_twin(quantized, recipe, processor):
     """The same model in float32 with every NF4 weight replaced by its dequantized value."""
     import bitsandbytes as bnb
+
     twin = modeling.load_base_model(recipe, processor, quantized=False)
     twin_modules = dict(twin.named_modules())
     for name, module in quantized.named_modules():
@@ -79,6 +80,7 @@ def test_without_the_fix_the_cpu_repack_breaks_gradients(recipe, processor):
     """Documents the pitfall the fix guards against (only CPUs with AVX512-BF16 have it)."""
     from bitsandbytes.nn.modules import has_avx512bf16
     import bitsandbytes as bnb
+
     if not has_avx512bf16():
         pytest.skip("this CPU has no AVX512-BF16: the repacking kernel never runs")
     base = modeling.load_base_model(recipe, processor)
@@ -97,6 +99,7 @@ def test_without_the_fix_the_cpu_repack_breaks_gradients(recipe, processor):
 
 def test_decoder_is_4bit_and_the_rest_is_not(recipe, processor):
     import bitsandbytes as bnb
+
     model = modeling.load_base_model(recipe, processor)
     quantized = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert quantized and all(n.startswith("model.language_model.layers.") for n in quantized)
@@ -109,8 +112,11 @@ def test_lora_targets_only_decoder_linear_layers(recipe, processor):
     adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in peft_model.named_parameters() if ".lora_A." in n}
     assert len(adapted) == 14
     assert all(".language_model.layers." in n and n.split(".")[-1] in recipe.lora.target_modules for n in adapted)
-    trainable = {n.split(".modules_to_save")[0].split(".")[-1] if "modules_to_save" in n else "lora"
-                 for n, p in peft_model.named_parameters() if p.requires_grad}
+    trainable = {
+        n.split(".modules_to_save")[0].split(".")[-1] if "modules_to_save" in n else "lora"
+        for n, p in peft_model.named_parameters()
+        if p.requires_grad
+    }
     assert trainable == {"lora", "embed_tokens", "lm_head"}  # the tiny recipe also trains these in full
 
 
@@ -132,10 +138,13 @@ def test_projector_file_round_trip_and_mismatch(recipe, processor, tmp_path):
     modeling.load_projector(other, path)
     assert torch.equal(modeling.projector(other).linear_2.weight, modeling.projector(model).linear_2.weight)
     from safetensors.torch import load_file, save_file
+
     state = load_file(str(path))
     state["linear_1.weight"] = state["linear_1.weight"][:, :5].contiguous()
     save_file(state, tmp_path / "bad.safetensors")
-    with pytest.raises(ValueError, match=r"linear_1.weight has shape \(64, 5\), this model's projector needs \(64, 128\)"):
+    with pytest.raises(
+        ValueError, match=r"linear_1.weight has shape \(64, 5\), this model's projector needs \(64, 128\)"
+    ):
         modeling.load_projector(other, tmp_path / "bad.safetensors")
 
 
@@ -147,6 +156,7 @@ def test_checkpoints_are_read_not_memory_mapped(tiny_inputs):
 
     def mapped_files() -> set:
         return {m.path for m in psutil.Process().memory_maps() if m.path.endswith(".safetensors")}
+
     decoder = str(tiny_inputs / "mistral")
     mapped = AutoModelForCausalLM.from_pretrained(decoder, dtype=torch.float32)
     assert any(path.startswith(decoder) for path in mapped_files())  # the default: views into the mapped file

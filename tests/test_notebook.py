@@ -14,8 +14,14 @@ def executed(tiny_inputs, tmp_path_factory):
     nb = nbformat.read(ROOT / "notebooks" / "qllava_colab.ipynb", as_version=4)
     params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     overrides = tiny_overrides(tiny_inputs, tmp_path_factory.mktemp("nb") / "run") + [
-        "stage1.max_steps=20", "stage2.max_steps=40", "eval.limit=36", "eval.batch_size=36"]
-    params.source += f"\nRECIPE = {str(TINY_RECIPE)!r}\nOVERRIDES = {overrides!r}\nQUESTION = 'What color is the shape?'\n"
+        "stage1.max_steps=20",
+        "stage2.max_steps=40",
+        "eval.limit=36",
+        "eval.batch_size=36",
+    ]
+    params.source += (
+        f"\nRECIPE = {str(TINY_RECIPE)!r}\nOVERRIDES = {overrides!r}\nQUESTION = 'What color is the shape?'\n"
+    )
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
     return nb
 

@@ -6,8 +6,16 @@ import torch
 from PIL import Image
 
 from qllava.data import FEATURES, ImageStore
-from qllava.packing import (REAL_TOKENS, Collator, Rows, SimilarLengthSampler, TokenCounts, best_fit_decreasing,
-                            pad_fraction, padded_batches)
+from qllava.packing import (
+    REAL_TOKENS,
+    Collator,
+    Rows,
+    SimilarLengthSampler,
+    TokenCounts,
+    best_fit_decreasing,
+    pad_fraction,
+    padded_batches,
+)
 
 
 IMAGE_ID = 99
@@ -21,7 +29,7 @@ def samples(lengths, image_every=0, image_tokens=3):
         ids = [1] + ([IMAGE_ID] if has_image else []) + [10 + i] * (n - 1 - (image_tokens if has_image else 0))
         rows["id"].append(str(i))
         rows["input_ids"].append(ids)
-        rows["labels"].append([-100] * (2 if has_image else 1) + ids[2 if has_image else 1:])
+        rows["labels"].append([-100] * (2 if has_image else 1) + ids[2 if has_image else 1 :])
         rows["length"].append(n)
         rows["source"].append(0)
         rows["image"].append(f"{i}.png" if has_image else "")
@@ -44,8 +52,11 @@ class FakeProcessor:
     image_mean = [0.5, 0.5, 0.5]
 
     def __call__(self, images, return_tensors):
-        return {"pixel_values": torch.stack([torch.tensor(img.getpixel((0, 0))[0]).float().expand(3, 4, 4)
-                                             for img in images])}
+        return {
+            "pixel_values": torch.stack(
+                [torch.tensor(img.getpixel((0, 0))[0]).float().expand(3, 4, 4) for img in images]
+            )
+        }
 
 
 def collator(rows, flatten=False):
@@ -85,8 +96,9 @@ def test_packed_rows_restart_positions_and_mask_each_first_label():
 
 def test_the_collator_widens_each_placeholder_to_its_images_stored_token_count():
     """The cache holds one placeholder per image and, per image, its token count (issue 13 makes counts vary)."""
-    data = datasets.concatenate_datasets([samples([6], image_every=1, image_tokens=3), samples([4]),
-                                          samples([9], image_every=1, image_tokens=5)])
+    data = datasets.concatenate_datasets(
+        [samples([6], image_every=1, image_tokens=3), samples([4]), samples([9], image_every=1, image_tokens=5)]
+    )
     rows = Rows(data, max_seq_len=20, packing=False, seed=0)
     batch = collator(rows)([rows[0], rows[1], rows[2]])
     ids, labels = batch["input_ids"], batch["labels"]
@@ -100,7 +112,9 @@ def test_token_counts_come_from_the_batches():
     rows = Rows(samples([3, 5]), max_seq_len=8, packing=False, seed=0)
     counts = TokenCounts()
     counts.add(collator(rows)([rows[0], rows[1]]))
-    assert (counts.tokens, counts.label_tokens, counts.slots) == (8, 6, 10) and counts.pad_fraction == pytest.approx(0.2)
+    assert (counts.tokens, counts.label_tokens, counts.slots) == (8, 6, 10) and counts.pad_fraction == pytest.approx(
+        0.2
+    )
 
 
 def test_rows_are_redrawn_per_epoch_with_the_same_shape():
@@ -108,8 +122,9 @@ def test_rows_are_redrawn_per_epoch_with_the_same_shape():
     first = [list(r) for r in rows.rows]
     rows.set_epoch(1)
     assert rows.rows != first
-    assert sorted(sum(rows.lengths[i] for i in r) for r in rows.rows) == \
-        sorted(sum(rows.lengths[i] for i in r) for r in first)
+    assert sorted(sum(rows.lengths[i] for i in r) for r in rows.rows) == sorted(
+        sum(rows.lengths[i] for i in r) for r in first
+    )
 
 
 def test_flash_attention_batches_are_one_row_without_padding():
@@ -124,7 +139,7 @@ def test_similar_length_sampler_keeps_batches_aligned_and_similar():
     sampler = SimilarLengthSampler(lengths, batch_size=2, seed=0)
     order = list(sampler)
     assert sorted(order) == list(range(11))
-    batches = [order[i:i + 2] for i in range(0, 11, 2)]
+    batches = [order[i : i + 2] for i in range(0, 11, 2)]
     assert len(batches[-1]) == 1  # only the last batch is short, so the loader's cuts match ours
     assert pad_fraction([[lengths[i] for i in b] for b in batches]) < 0.05
     sampler.set_epoch(1)
@@ -133,5 +148,11 @@ def test_similar_length_sampler_keeps_batches_aligned_and_similar():
 
 def test_padded_pad_fraction():
     assert pad_fraction([[10, 5], [4, 4]]) == pytest.approx(1 - 23 / 28)
-    assert padded_batches([1, 2, 3], 2, seed=0) in ([[1, 2], [3]], [[2, 1], [3]], [[1, 3], [2]], [[3, 1], [2]],
-                                                    [[2, 3], [1]], [[3, 2], [1]])
+    assert padded_batches([1, 2, 3], 2, seed=0) in (
+        [[1, 2], [3]],
+        [[2, 1], [3]],
+        [[1, 3], [2]],
+        [[3, 1], [2]],
+        [[2, 3], [1]],
+        [[3, 2], [1]],
+    )

@@ -20,6 +20,7 @@ from qllava.packing import Collator, packed_vs_unpacked_error
 def setup(tiny_inputs, tmp_path_factory):
     from conftest import TINY_RECIPE, tiny_overrides
     from qllava.recipe import load_recipe
+
     recipe = load_recipe(TINY_RECIPE, tiny_overrides(tiny_inputs, tmp_path_factory.mktemp("exact")))
     processor = modeling.build_processor(recipe.model)
     return recipe, processor, samples(recipe, processor)
@@ -34,15 +35,29 @@ def samples(recipe, processor, images: int = 3) -> list[dict]:
     chosen = [c for c in convs if c.image][:images] + [next(c for c in convs if not c.image)]
     tok = processor.tokenizer
     config = modeling.load_llava_config(recipe.model)
-    ds = tokenize_dataset(chosen, stage.template, tok, tok.convert_tokens_to_ids("<image>"),
-                          modeling.image_geometry(config, processor.image_processor), stage.max_seq_len, DataReport())
+    ds = tokenize_dataset(
+        chosen,
+        stage.template,
+        tok,
+        tok.convert_tokens_to_ids("<image>"),
+        modeling.image_geometry(config, processor.image_processor),
+        stage.max_seq_len,
+        DataReport(),
+    )
     return [ds[i] for i in range(len(ds))]
 
 
 def collator_for(processor, recipe, packing: bool, flatten: bool = False) -> Collator:
     where = image_source(recipe.stage2.data[0], recipe.stage2.image_folder)
-    return Collator(ImageStore([where]), processor.image_processor, "pad", processor.tokenizer.pad_token_id,
-                    processor.tokenizer.convert_tokens_to_ids("<image>"), packing=packing, flatten=flatten)
+    return Collator(
+        ImageStore([where]),
+        processor.image_processor,
+        "pad",
+        processor.tokenizer.pad_token_id,
+        processor.tokenizer.convert_tokens_to_ids("<image>"),
+        packing=packing,
+        flatten=flatten,
+    )
 
 
 def fp32_model(recipe, processor, attn: str):
@@ -85,7 +100,7 @@ def test_a_packed_row_equals_its_samples_run_alone(setup, attn):
         at = 0
         for sample in row:
             n = sample["length"]
-            worst = max(worst, (logits[r, at:at + n] - alone_logits(model, unpacked, sample)).abs().max().item())
+            worst = max(worst, (logits[r, at : at + n] - alone_logits(model, unpacked, sample)).abs().max().item())
             at += n
     assert worst <= 1e-5, f"packed vs alone max abs logit diff {worst:.2e}"
     assert (labels != -100).sum() > 0
@@ -97,8 +112,9 @@ def test_packed_loss_and_gradients_equal_the_unpacked_token_weighted_ones(setup)
     recipe, processor, items = setup
     model = stage2_model(recipe, processor, "sdpa")
     micro_batches = [[[items[0], items[3]]], [[items[1]], [items[2]]]]  # step = 2 micro-batches, 3 rows
-    err = packed_vs_unpacked_error(model, collator_for(processor, recipe, True), collator_for(processor, recipe, False),
-                                   micro_batches)
+    err = packed_vs_unpacked_error(
+        model, collator_for(processor, recipe, True), collator_for(processor, recipe, False), micro_batches
+    )
     assert err <= 1e-5, f"packed vs unpacked worst relative error (loss and gradients) {err:.2e}"
 
 
@@ -123,6 +139,7 @@ def test_training_feeds_the_decoder_packed_rows_without_mask_or_cache(tiny_recip
     """Every decoder call of a real packed training run gets position_ids restarting per sample, no attention
     mask and use_cache=False: the conditions under which transformers isolates packed samples."""
     from qllava import train
+
     calls = []
     load = modeling.load_base_model
 
@@ -130,10 +147,13 @@ def test_training_feeds_the_decoder_packed_rows_without_mask_or_cache(tiny_recip
         model = load(*args, **kwargs)
 
         def watch(module, args, kwargs):
-            calls.append((kwargs.get("attention_mask"), kwargs.get("position_ids"), kwargs.get("use_cache"),
-                          kwargs.get("cache")))
+            calls.append(
+                (kwargs.get("attention_mask"), kwargs.get("position_ids"), kwargs.get("use_cache"), kwargs.get("cache"))
+            )
+
         model.model.language_model.register_forward_pre_hook(watch, with_kwargs=True)
         return model
+
     monkeypatch.setattr(modeling, "load_base_model", load_and_watch)
     train.run_stage(tiny_recipe("stage1.max_steps=3", "stage1.per_device_train_batch_size=2"), "stage1")
     assert len(calls) == 3
@@ -146,14 +166,21 @@ def test_training_feeds_the_decoder_packed_rows_without_mask_or_cache(tiny_recip
 def test_packing_benchmark_compares_like_with_like():
     """benchmarks/packing.py, small: both runs train on the same label tokens in the same precision, and its
     own exactness check holds on its model and data."""
-    done = subprocess.run([sys.executable, "benchmarks/packing.py", "--samples", "40", "--repeats", "1"], cwd=ROOT,
-                          capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    done = subprocess.run(
+        [sys.executable, "benchmarks/packing.py", "--samples", "40", "--repeats", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     result = json.loads(lines[-1])
     assert result["precision"] == "float32" and "precision in both runs: float32" in done.stdout
-    label_tokens = {m[1]: int(m[2].replace(",", "")) for m in re.finditer(
-        r"repeat 1 (trl|qllava)\s*:.*label tokens ([\d,]+)", done.stdout)}
+    label_tokens = {
+        m[1]: int(m[2].replace(",", ""))
+        for m in re.finditer(r"repeat 1 (trl|qllava)\s*:.*label tokens ([\d,]+)", done.stdout)
+    }
     assert label_tokens["trl"] == label_tokens["qllava"] > 0
     assert result["packed_vs_unpacked_max_rel_err"] <= 1e-5
     assert result["qllava_pad_fraction"] < 0.1 < 0.3 < result["trl_pad_fraction"]

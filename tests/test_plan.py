@@ -34,7 +34,9 @@ def test_the_24gb_promise_holds_on_paper():
     assert not tight["stages"]["stage2"]["fits"] and 0 < tight["stages"]["stage2"]["max_tokens_per_micro_batch"] < 4096
 
 
-@pytest.mark.parametrize("key,values", [("per_device_train_batch_size", (1, 2, 4)), ("max_seq_len", (1024, 2048, 4096))])
+@pytest.mark.parametrize(
+    "key,values", [("per_device_train_batch_size", (1, 2, 4)), ("max_seq_len", (1024, 2048, 4096))]
+)
 def test_estimates_grow_with_batch_and_sequence_length(key, values):
     peaks = []
     for value in values:
@@ -60,30 +62,49 @@ def test_plan_cli_prints_the_breakdown_and_json(capsys):
 
 
 def test_gpu_check_dry_run():
-    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run"], cwd=ROOT, capture_output=True,
-                          text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--dry-run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert [(r["decoder"], r["stage"]) for r in result["rows"]] == [
-        ("mistral", "stage1"), ("mistral", "stage2"), ("vicuna", "stage1"), ("vicuna", "stage2")]
+        ("mistral", "stage1"),
+        ("mistral", "stage2"),
+        ("vicuna", "stage1"),
+        ("vicuna", "stage2"),
+    ]
     assert all(r["steps"] == 3 and r["tokens_per_s"] > 0 and r["nf4_linears"] == 14 for r in result["rows"])
 
 
 def test_gpu_check_llava_next_dry_run():
-    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--llava-next"], cwd=ROOT,
-                          capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--llava-next"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])["rows"]
     assert [(r["decoder"], r["stage"], r["tokens_per_micro_batch"], r["steps"]) for r in rows] == [
-        ("llava_next", "stage2", 512, 3)]
+        ("llava_next", "stage2", 512, 3)
+    ]
     assert rows[0]["nf4_linears"] == 14 and rows[0]["tokens_per_s"] > 0
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_check_meets_the_memory_targets():
-    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--decoders", "mistral", "--steps", "4"],
-                          cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--decoders", "mistral", "--steps", "4"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {r["stage"]: r for r in json.loads(done.stdout.strip().splitlines()[-1])["rows"]}
     assert rows["stage2"]["peak_allocated_gib"] <= 16 and rows["stage1"]["peak_allocated_gib"] <= 10

@@ -54,6 +54,7 @@ def test_a_correct_bfloat16_merge_of_the_real_decoder_passes_its_check(smollm2_m
 def skip_merge(original):
     def merge(self, *args, **kwargs):  # marks the layer merged, adds nothing
         self.merged_adapters.extend(self.active_adapters)
+
     return merge
 
 
@@ -62,16 +63,20 @@ def merge_twice(original):
         original(self, *args, **kwargs)
         self.merged_adapters.clear()
         original(self, *args, **kwargs)
+
     return merge
 
 
 @pytest.mark.parametrize("wrong", [skip_merge, merge_twice])
-def test_the_bfloat16_merge_check_refuses_a_merge_that_loses_or_doubles_the_adapter(wrong, smollm2_run, tmp_path,
-                                                                                     monkeypatch):
+def test_the_bfloat16_merge_check_refuses_a_merge_that_loses_or_doubles_the_adapter(
+    wrong, smollm2_run, tmp_path, monkeypatch
+):
     linear = peft.tuners.lora.layer.Linear
     monkeypatch.setattr(linear, "merge", wrong(linear.merge))
-    refusal = (r"merged weight model\.language_model\.layers\.\d+\.\S+\.weight is \S+ units in the last place "
-               r"of bfloat16 away from base \+ adapter computed in float32")
+    refusal = (
+        r"merged weight model\.language_model\.layers\.\d+\.\S+\.weight is \S+ units in the last place "
+        r"of bfloat16 away from base \+ adapter computed in float32"
+    )
     with pytest.raises(MergeError, match=refusal):
         merge(smollm2_run[0], tmp_path / "out", say=lambda _: None)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
@@ -103,11 +108,16 @@ def test_the_merged_real_model_is_served_by_transformers_as_it_was_trained(smoll
     tokenizer, image_processor = loaded.processor.tokenizer, loaded.processor.image_processor
     # a square image: transformers' processor does not pad to a square as training did, so give it one that is
     image = tmp_path / "square.png"
-    vision.prepared(vision.open_image(tiny_inputs / "shapes" / "images" / "eval-0.png"), image_processor,
-                    "pad").save(image)
+    vision.prepared(vision.open_image(tiny_inputs / "shapes" / "images" / "eval-0.png"), image_processor, "pad").save(
+        image
+    )
     question, answer = "What color is the shape?", "red"
-    served = subprocess.run([sys.executable, "-c", SERVE, str(out), str(image), question, answer], text=True,
-                            capture_output=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    served = subprocess.run(
+        [sys.executable, "-c", SERVE, str(out), str(image), question, answer],
+        text=True,
+        capture_output=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": ""},
+    )
     assert served.returncode == 0, served.stderr[-3000:]
     served = json.loads(served.stdout.strip().splitlines()[-1])
 
@@ -115,8 +125,10 @@ def test_the_merged_real_model_is_served_by_transformers_as_it_was_trained(smoll
     turns = [("user", "<image>\n" + question), ("assistant", answer)]
     assert not adds_bos(tokenizer)
     assert served["conversation"] == templates.render("vicuna_v1", turns, "<|im_start|>", "<|im_end|>").text
-    assert served["prompt"] == templates.render("vicuna_v1", turns[:1], "<|im_start|>", "<|im_end|>",
-                                                generation_prompt=True).text
+    assert (
+        served["prompt"]
+        == templates.render("vicuna_v1", turns[:1], "<|im_start|>", "<|im_end|>", generation_prompt=True).text
+    )
     assert not served["prompt"].startswith("<|im_start|>")
     # and transformers' processor tokenizes it into the ids training trained on, 16 image tokens included
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
@@ -132,8 +144,10 @@ def test_plan_counts_the_real_decoder_as_the_model_it_builds(tiny_inputs, smollm
     counts = plan.count_parameters(recipe)
     model = modeling.load_base_model(recipe, modeling.build_processor(recipe.model), quantized=False)
     unique = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
-    assert counts.vision_tower + counts.projector + counts.decoder_linear + counts.embeddings + \
-        counts.decoder_other == unique
+    assert (
+        counts.vision_tower + counts.projector + counts.decoder_linear + counts.embeddings + counts.decoder_other
+        == unique
+    )
     assert counts.embeddings == 49216 * 576  # 49,152 + the image token, grown to a multiple of 64; tied: once
     assert unique - counts.vision_tower - counts.projector - 64 * 576 == SMOLLM2_PARAMS
     assert counts.lora == SMOLLM2_LORA and counts.projector == SMOLLM2_PROJECTOR
@@ -148,8 +162,14 @@ def test_every_tower_family_trains_and_merges(family, tiny_inputs, tmp_path):
     tower = tmp_path / family
     tiny.write_vision_tower(tower, seed=0, family=family)
     strategy = "full" if family == "siglip" else "default"
-    recipe = stage2_recipe(tiny_inputs, tiny_inputs / "mistral", tower, tmp_path / "run", "stage2.max_steps=2",
-                                 f'model.vision_feature_select_strategy="{strategy}"')
+    recipe = stage2_recipe(
+        tiny_inputs,
+        tiny_inputs / "mistral",
+        tower,
+        tmp_path / "run",
+        "stage2.max_steps=2",
+        f'model.vision_feature_select_strategy="{strategy}"',
+    )
     metrics = train.finetune(recipe, stages=("stage2",), say=lambda _: None)["stage2"]
     assert metrics["steps"] == 2 and metrics["trainable_params"] == TINY_TRAINABLE
     report = merge(tmp_path / "run", tmp_path / "merged", dtype="float32", say=lambda _: None)

@@ -25,8 +25,11 @@ def test_the_final_stage_is_the_last_complete_one(tmp_path):
 def test_an_unfinished_last_stage_is_not_skipped_silently(tmp_path):
     stage(tmp_path, "stage1")
     stage(tmp_path, "stage2", complete=False)  # training stopped: a projector from a checkpoint, no metrics.json
-    with pytest.raises(FileNotFoundError, match=r"stage2 is not complete \(no metrics.json: training stopped before "
-                                                r"the end\): finish it with `qllava finetune RECIPE --resume`"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"stage2 is not complete \(no metrics.json: training stopped before "
+        r"the end\): finish it with `qllava finetune RECIPE --resume`",
+    ):
         RunFolder(tmp_path).final_stage()
 
 

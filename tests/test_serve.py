@@ -26,11 +26,21 @@ from PIL import Image
 from conftest import TINY_RECIPE, next_recipe, tiny_overrides
 from qllava.cli import main
 
-QUESTIONS = [("eval-0.png", "What color is the shape?"), ("eval-1.png", "What shape is in the image?"),
-             ("eval-2.png", "Is the shape on the left or on the right?")]
+QUESTIONS = [
+    ("eval-0.png", "What color is the shape?"),
+    ("eval-1.png", "What shape is in the image?"),
+    ("eval-2.png", "Is the shape on the left or on the right?"),
+]
 # Chromium in a closed network: no sandbox (root in CI), no GPU, none of the background calls it would make.
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +49,14 @@ def noisy_run(tiny_inputs, tmp_path_factory):
     image and question (a trained model answers in one word), so equal answers mean prompts equal token for token."""
     from qllava import train
     from qllava.recipe import load_recipe
+
     run = tmp_path_factory.mktemp("noisy") / "run"
-    train.finetune(load_recipe(TINY_RECIPE, tiny_overrides(tiny_inputs, run) + [
-        "stage1.max_steps=2", "stage2.max_steps=2", "eval.at=[]"]), say=lambda _: None)
+    train.finetune(
+        load_recipe(
+            TINY_RECIPE, tiny_overrides(tiny_inputs, run) + ["stage1.max_steps=2", "stage2.max_steps=2", "eval.at=[]"]
+        ),
+        say=lambda _: None,
+    )
     return run
 
 
@@ -65,8 +80,12 @@ def serving(run, folder, *options):
     port = free_port()
     log = open(folder / "serve.log", "w")
     env = {**os.environ, "GRADIO_TEMP_DIR": str(folder / "uploads")}
-    process = subprocess.Popen([sys.executable, "-m", "qllava", "serve", str(run), "--port", str(port), *options],
-                               stdout=log, stderr=subprocess.STDOUT, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qllava", "serve", str(run), "--port", str(port), *options],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_until_serving(url, process, folder / "serve.log")
@@ -100,11 +119,13 @@ def wait_until_serving(url: str, process, log, timeout_s: float = 180) -> None:
 @pytest.fixture(scope="module")
 def client(server):
     from gradio_client import Client
+
     return Client(server, verbose=False)
 
 
 def api_answer(client, image, question: str) -> str:
     from gradio_client import handle_file
+
     return client.predict(handle_file(str(image)), question, api_name="/answer")
 
 
@@ -120,6 +141,7 @@ def test_answer_api_equals_qllava_chat_prompt(client, noisy_run, tiny_inputs, ca
 
 def test_concurrent_requests_wait_in_one_queue_for_the_one_model(client, tiny_inputs):
     from gradio_client import handle_file
+
     image, question = tiny_inputs / "shapes" / "images" / "eval-0.png", QUESTIONS[0][1]
     started = time.monotonic()
     alone = api_answer(client, image, question)
@@ -147,7 +169,7 @@ def listening_addresses(port: int) -> set:
             address, hex_port = local.split(":")
             if int(hex_port, 16) == port and state == "0A":  # 0A: LISTEN
                 # the address in 32-bit words of the host's (little-endian) byte order
-                raw = b"".join(bytes.fromhex(address[i:i + 8])[::-1] for i in range(0, len(address), 8))
+                raw = b"".join(bytes.fromhex(address[i : i + 8])[::-1] for i in range(0, len(address), 8))
                 found.add(str(ipaddress.ip_address(raw)))
     return found
 
@@ -163,17 +185,21 @@ def bad_files(folder):
     Image.new("1", (9000, 9000)).save(folder / "huge.png")  # 81 megapixels in a 10 KB file
     Image.new("RGB", (64, 64), "red").save(folder / "whole.png")
     data = (folder / "whole.png").read_bytes()
-    (folder / "cut.png").write_bytes(data[:len(data) // 2])
-    return [(folder / "notes.png", "notes.png is not an image (PNG, JPEG, WebP, ...)."),
-            (folder / "huge.png", "huge.png is too large (at most 50 megapixels): scale it down first."),
-            (folder / "cut.png", "image cut.png: cannot be read as an image (image file is truncated)")]
+    (folder / "cut.png").write_bytes(data[: len(data) // 2])
+    return [
+        (folder / "notes.png", "notes.png is not an image (PNG, JPEG, WebP, ...)."),
+        (folder / "huge.png", "huge.png is too large (at most 50 megapixels): scale it down first."),
+        (folder / "cut.png", "image cut.png: cannot be read as an image (image file is truncated)"),
+    ]
 
 
 def test_bad_input_gets_a_message_and_the_server_keeps_serving(client, server_folder, tiny_inputs, tmp_path):
     from gradio_client.exceptions import AppError
+
     image = tiny_inputs / "shapes" / "images" / "eval-0.png"
-    cases = [(image, "  ", "Type a question about the image first.")] + \
-        [(path, "What color is the shape?", message) for path, message in bad_files(tmp_path)]
+    cases = [(image, "  ", "Type a question about the image first.")] + [
+        (path, "What color is the shape?", message) for path, message in bad_files(tmp_path)
+    ]
     for path, question, message in cases:
         with pytest.raises(AppError) as refused:
             api_answer(client, path, question)
@@ -189,10 +215,13 @@ def test_bad_input_gets_a_message_and_the_server_keeps_serving(client, server_fo
 def test_streamed_reply_grows_to_the_chat_answer(noisy_run, tiny_inputs):
     from qllava.chat import Chat
     from qllava.serve import new_chat, streamed_reply
+
     image = tiny_inputs / "shapes" / "images" / "eval-0.png"
     chat = Chat(noisy_run, image)
     shown = list(streamed_reply(chat, QUESTIONS[0][1], 12, {}))
-    assert len(shown) >= 4 and all(later.strip().startswith(earlier.strip()) for earlier, later in zip(shown, shown[1:]))
+    assert len(shown) >= 4 and all(
+        later.strip().startswith(earlier.strip()) for earlier, later in zip(shown, shown[1:])
+    )
     assert shown[-1] == Chat(chat.loaded, image).reply(QUESTIONS[0][1], 12) == chat.turns[-1][1]
     assert new_chat(chat.loaded, {"path": str(image)}).loaded is chat.loaded  # every visitor shares the one model
 
@@ -201,14 +230,17 @@ def test_streamed_reply_grows_to_the_chat_answer(noisy_run, tiny_inputs):
 def noisy_next_run(next_inputs, tmp_path_factory):
     """recipes/tiny_next.toml trained 2 steps a stage: LLaVA-NeXT, whose image token counts follow image sizes."""
     from qllava import train
+
     run = tmp_path_factory.mktemp("noisy_next") / "run"
-    train.finetune(next_recipe(next_inputs, run, "stage1.max_steps=2", "stage2.max_steps=2", "eval.at=[]"),
-                   say=lambda _: None)
+    train.finetune(
+        next_recipe(next_inputs, run, "stage1.max_steps=2", "stage2.max_steps=2", "eval.at=[]"), say=lambda _: None
+    )
     return run
 
 
 def test_a_llava_next_run_answers_as_qllava_chat_prompt(noisy_next_run, next_inputs, tmp_path, capsys):
     from gradio_client import Client
+
     images = next_inputs / "shapes" / "images"
     assert len({Image.open(images / name).size for name, _ in QUESTIONS}) == len(QUESTIONS)  # three aspect ratios
     with serving(noisy_next_run, tmp_path) as url:
@@ -240,10 +272,12 @@ def serve_error(argv: list[str], capsys) -> str:
 @pytest.mark.parametrize("host", ["0.0.0.0", "[::]", "192.0.2.1"])
 def test_serve_refuses_an_address_other_machines_reach_without_a_password(host, monkeypatch, capsys):
     from qllava import serve
+
     serve._gradio()  # imported before sockets are forbidden below
 
     def no_socket(*args, **kwargs):
         raise AssertionError("a socket was opened before the refusal")
+
     monkeypatch.setattr(socket, "socket", no_socket)
     monkeypatch.delenv("QLLAVA_SERVE_AUTH", raising=False)
     said = serve_error(["serve", "no-such-run", "--host", host, "--port", "7860"], capsys)
@@ -253,10 +287,20 @@ def test_serve_refuses_an_address_other_machines_reach_without_a_password(host, 
     assert "loading" not in said  # the model folder does not even exist: refused before it was looked at
 
 
-@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True), ("127.0.0.2", True),
-                                            ("::1", True), ("0.0.0.0", False), ("192.0.2.1", False)])
+@pytest.mark.parametrize(
+    "host, loopback",
+    [
+        ("127.0.0.1", True),
+        ("localhost", True),
+        ("127.0.0.2", True),
+        ("::1", True),
+        ("0.0.0.0", False),
+        ("192.0.2.1", False),
+    ],
+)
 def test_only_loopback_addresses_are_served_without_a_password(host, loopback):
     from qllava.serve import ServeError, check_access
+
     assert check_access(host, 7860, [("alice", "secret")], no_auth=False) is loopback
     assert check_access(host, 7860, None, no_auth=True) is loopback  # --no-auth: deliberately open
     if loopback:
@@ -270,9 +314,11 @@ def test_serve_says_when_the_address_is_not_this_machines(capsys):
     port = free_port()
     # 192.0.2.1 is reserved for documentation (RFC 5737): no machine has it, so the bind cannot succeed
     said = serve_error(["serve", "no-such-run", "--host", "192.0.2.1", "--port", str(port), "--no-auth"], capsys)
-    assert (f"cannot serve on 192.0.2.1:{port} (Cannot assign requested address): 192.0.2.1 is not an address of "
-            "this machine; pass one of its addresses to --host (127.0.0.1: this machine only; 0.0.0.0: every "
-            "network)") in said
+    assert (
+        f"cannot serve on 192.0.2.1:{port} (Cannot assign requested address): 192.0.2.1 is not an address of "
+        "this machine; pass one of its addresses to --host (127.0.0.1: this machine only; 0.0.0.0: every "
+        "network)"
+    ) in said
     assert "--port" not in said and "loading" not in said
     said = serve_error(["serve", "no-such-run", "--host", "no-such-host.invalid", "--port", str(port)], capsys)
     assert "--host no-such-host.invalid: not an address, nor a name this machine can look up" in said
@@ -280,6 +326,7 @@ def test_serve_says_when_the_address_is_not_this_machines(capsys):
 
 def test_auth_comes_from_the_flag_the_file_or_the_environment(tmp_path):
     from qllava.serve import AUTH_ENV, load_auth
+
     users = tmp_path / "users"
     users.write_text("alice:correct horse\n\n  bob :battery:staple  \n")
     assert load_auth(auth_file=users, environ={}) == [("alice", "correct horse"), ("bob", "battery:staple")]
@@ -289,14 +336,18 @@ def test_auth_comes_from_the_flag_the_file_or_the_environment(tmp_path):
     assert load_auth(no_auth=True, environ={}) is None
 
 
-@pytest.mark.parametrize("text, problem", [
-    ("alice", "line 2: write USER:PASSWORD (a user name, a colon, then the password)"),
-    (":s3cret", "line 2: write USER:PASSWORD"),
-    ("alice:", "line 2: write USER:PASSWORD"),
-    ("bob:s3cret", "user bob is given twice; keep one line per user"),
-])
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("alice", "line 2: write USER:PASSWORD (a user name, a colon, then the password)"),
+        (":s3cret", "line 2: write USER:PASSWORD"),
+        ("alice:", "line 2: write USER:PASSWORD"),
+        ("bob:s3cret", "user bob is given twice; keep one line per user"),
+    ],
+)
 def test_a_bad_auth_file_is_refused_naming_the_line_never_the_password(text, problem, tmp_path):
     from qllava.serve import ServeError, load_auth
+
     users = tmp_path / "users"
     users.write_text(f"bob:hunter2\n{text}\n")
     with pytest.raises(ServeError) as refused:
@@ -307,8 +358,11 @@ def test_a_bad_auth_file_is_refused_naming_the_line_never_the_password(text, pro
 
 def test_auth_settings_that_cannot_be_used_are_refused(tmp_path, capsys):
     from qllava.serve import AUTH_ENV, ServeError, load_auth
-    for auth, environ, message in [(None, {AUTH_ENV: "nopassword"}, f"{AUTH_ENV}: write USER:PASSWORD"),
-                                   ("alice", {}, "--auth: write USER:PASSWORD")]:
+
+    for auth, environ, message in [
+        (None, {AUTH_ENV: "nopassword"}, f"{AUTH_ENV}: write USER:PASSWORD"),
+        ("alice", {}, "--auth: write USER:PASSWORD"),
+    ]:
         with pytest.raises(ServeError, match=message):
             load_auth(auth, environ=environ)
     with pytest.raises(ServeError, match=f"--no-auth, but {AUTH_ENV} is set"):
@@ -318,9 +372,11 @@ def test_auth_settings_that_cannot_be_used_are_refused(tmp_path, capsys):
     (tmp_path / "blank").write_text("\n  \n")
     with pytest.raises(ServeError, match="is empty: write USER:PASSWORD on a line"):
         load_auth(auth_file=tmp_path / "blank", environ={})
-    for argv, flag in [(["--auth", "a:b", "--no-auth"], "--no-auth: not allowed with argument --auth"),
-                       (["--max-queue", "0"], "--max-queue: must be >= 1, got 0"),
-                       (["--max-queue", "lots"], "--max-queue: 'lots' is not an integer")]:
+    for argv, flag in [
+        (["--auth", "a:b", "--no-auth"], "--no-auth: not allowed with argument --auth"),
+        (["--max-queue", "0"], "--max-queue: must be >= 1, got 0"),
+        (["--max-queue", "lots"], "--max-queue: 'lots' is not an integer"),
+    ]:
         with pytest.raises(SystemExit) as stopped:
             main(["serve", "no-such-run", *argv])
         assert stopped.value.code == 2 and flag in capsys.readouterr().err
@@ -329,6 +385,7 @@ def test_auth_settings_that_cannot_be_used_are_refused(tmp_path, capsys):
 def test_with_auth_only_signed_in_clients_get_answers(noisy_run, client, tiny_inputs, tmp_path):
     from gradio_client import Client
     from gradio_client.exceptions import AuthenticationError
+
     image, question = tiny_inputs / "shapes" / "images" / "eval-0.png", QUESTIONS[0][1]
     (tmp_path / "users").write_text("alice:correct horse\nbob:battery:staple\n")
     with serving(noisy_run, tmp_path, "--auth-file", str(tmp_path / "users")) as url:
@@ -346,8 +403,11 @@ def test_with_auth_only_signed_in_clients_get_answers(noisy_run, client, tiny_in
 
 def raw_answer_call(url: str, question: str) -> urllib.error.HTTPError:
     """The HTTP error a plain POST to the /answer API (no client library, no sign-in) gets."""
-    call = urllib.request.Request(url + "gradio_api/call/answer", data=json.dumps({"data": [None, question]}).encode(),
-                                  headers={"Content-Type": "application/json"})
+    call = urllib.request.Request(
+        url + "gradio_api/call/answer",
+        data=json.dumps({"data": [None, question]}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(call, timeout=30)
     return refused.value
@@ -358,10 +418,15 @@ def stub_server(monkeypatch, chat, **options):
     """serve's app and launch settings around a stand-in for the model's conversation (`chat(loaded, image)`),
     in this process on a free local port: (URL, the console's lines)."""
     from qllava import serve
+
     monkeypatch.setattr(serve, "Chat", chat)
     said = []
-    app = serve.start(serve.build_app(SimpleNamespace(kind="stub", template="plain"), "stub", said.append),
-                      "127.0.0.1", free_port(), **options)
+    app = serve.start(
+        serve.build_app(SimpleNamespace(kind="stub", template="plain"), "stub", said.append),
+        "127.0.0.1",
+        free_port(),
+        **options,
+    )
     try:
         yield app.local_url, said
     finally:
@@ -371,10 +436,12 @@ def stub_server(monkeypatch, chat, **options):
 def test_a_full_queue_refuses_politely_and_the_waiting_requests_are_answered(monkeypatch, tiny_inputs):
     from gradio_client import Client, handle_file
     from gradio_client.utils import QueueError, Status
+
     started, release = threading.Event(), threading.Event()
 
     class HeldChat:
         """Answers only when the test lets it: the first request holds the model while the others queue."""
+
         def __init__(self, loaded, image):
             pass
 
@@ -442,9 +509,11 @@ def browser():
     browser download is never used."""
     executable = shutil.which("chromium") or shutil.which("chromium-browser")
     if executable is None:
-        pytest.skip("no chromium on PATH: install Debian's (apt-get install chromium; .ci/run does) to run the "
-                    "browser test")
+        pytest.skip(
+            "no chromium on PATH: install Debian's (apt-get install chromium; .ci/run does) to run the browser test"
+        )
     from playwright.sync_api import sync_playwright
+
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS, headless=True)
         yield browser
@@ -454,6 +523,7 @@ def browser():
 def ask_in_page(page, image, question: str) -> None:
     """What a person does: upload the image, wait for it to show, type the question, press Enter."""
     from playwright.sync_api import expect
+
     page.locator("input[type=file]").set_input_files(str(image))
     expect(page.get_by_label("Remove Image")).to_be_visible(timeout=30_000)  # drawn once the upload is done
     page.get_by_label("Question").fill(question)
@@ -471,6 +541,7 @@ WATCH_ANSWERS = """() => { window.seen = [];
 def test_the_page_streams_the_chat_answer_in_a_real_browser(browser, server, client, noisy_run, tiny_inputs, tmp_path):
     from playwright.sync_api import expect
     from qllava.chat import Chat
+
     image = tiny_inputs / "shapes" / "images" / "eval-1.png"
     chat = Chat(noisy_run, image)
     expected = [chat.reply(QUESTIONS[1][1]), chat.reply(QUESTIONS[2][1], 6)]
@@ -521,6 +592,7 @@ def set_number(page, slider: str, value: str) -> None:
 @pytest.mark.browser
 def test_the_page_shows_a_message_for_bad_input(browser, server, tiny_inputs, tmp_path):
     from playwright.sync_api import expect
+
     page = browser.new_page()
     page.goto(server)
     page.get_by_label("Question").fill("What color is the shape?")

@@ -11,8 +11,9 @@ from qllava.recipe import SyntheticConfig
 
 
 def config(root, **changes):
-    return SyntheticConfig(**{"data_dir": str(root / "shapes"), "train_samples": 400, "eval_samples": 72, "seed": 0,
-                              **changes})
+    return SyntheticConfig(
+        **{"data_dir": str(root / "shapes"), "train_samples": 400, "eval_samples": 72, "seed": 0, **changes}
+    )
 
 
 def stamps(folder):
@@ -25,8 +26,12 @@ def test_a_second_prepare_writes_nothing(tiny_inputs, decoder):
     written, they never matched and the decoder was rewritten on every run."""
     before = {name: stamps(tiny_inputs / name) for name in ("shapes", "clip", decoder)}
     said = []
-    synthetic.prepare(config(tiny_inputs, decoder_family=decoder), str(tiny_inputs / "clip"),
-                      str(tiny_inputs / decoder), say=said.append)
+    synthetic.prepare(
+        config(tiny_inputs, decoder_family=decoder),
+        str(tiny_inputs / "clip"),
+        str(tiny_inputs / decoder),
+        say=said.append,
+    )
     assert said == []
     assert {name: stamps(tiny_inputs / name) for name in before} == before
 
@@ -47,6 +52,7 @@ def test_a_folder_is_written_privately_and_renamed_into_place(tiny_inputs, tmp_p
         # meanwhile, the folder a reader opens is the old one, whole
         assert {p.relative_to(decoder): p.read_bytes() for p in decoder.rglob("*") if p.is_file()} == old
         raise OSError("disk full")
+
     monkeypatch.setattr(tiny, "write_decoder", fails_halfway)
     with pytest.raises(OSError, match="disk full"):
         synthetic.prepare(cfg, str(tiny_inputs / "clip"), str(decoder), say=lambda _: None)

@@ -11,8 +11,12 @@ from qllava.data import encode, expand_images
 from qllava.templates import TemplateError, render
 from qllava.tokenizer import ids_and_offsets, load_tokenizer
 
-TURNS = [("user", "<image>\nWhat is in the image?"), ("assistant", "A cat."),
-         ("user", "What color is it?"), ("assistant", "Black.")]
+TURNS = [
+    ("user", "<image>\nWhat is in the image?"),
+    ("assistant", "A cat."),
+    ("user", "What color is it?"),
+    ("assistant", "Black."),
+]
 IMG = "<image>"
 
 
@@ -33,18 +37,22 @@ def test_vicuna_v1_text_is_llavas():
     assert render("vicuna_v1", TURNS, "<s>", "</s>").text == (
         "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
         "detailed, and polite answers to the user's questions. USER: <image>\nWhat is in the image? ASSISTANT: "
-        "A cat.</s>USER: What color is it? ASSISTANT: Black.</s>")
+        "A cat.</s>USER: What color is it? ASSISTANT: Black.</s>"
+    )
     assert render("vicuna_v1", TURNS[:1], "<s>", "</s>", generation_prompt=True).text.endswith(
-        "USER: <image>\nWhat is in the image? ASSISTANT:")
+        "USER: <image>\nWhat is in the image? ASSISTANT:"
+    )
 
 
 def test_mistral_instruct_and_llava_llama_2_text_is_llavas():
     assert render("mistral_instruct", TURNS, "<s>", "</s>").text == (
-        "[INST] <image>\nWhat is in the image? [/INST] A cat. </s>[INST] What color is it? [/INST] Black. </s>")
+        "[INST] <image>\nWhat is in the image? [/INST] A cat. </s>[INST] What color is it? [/INST] Black. </s>"
+    )
     assert render("llava_llama_2", TURNS, "<s>", "</s>").text == (
         "[INST] <<SYS>>\nYou are a helpful language and vision assistant. You are able to understand the visual "
         "content that the user provides, and assist the user with a variety of tasks using natural language.\n"
-        "<</SYS>>\n\n<image>\nWhat is in the image? [/INST] A cat. </s><s>[INST] What color is it? [/INST] Black. </s>")
+        "<</SYS>>\n\n<image>\nWhat is in the image? [/INST] A cat. </s><s>[INST] What color is it? [/INST] Black. </s>"
+    )
     assert render("mistral_instruct", TURNS[:1], "<s>", "</s>", generation_prompt=True).text.endswith("[/INST]")
 
 
@@ -55,21 +63,125 @@ def test_plain_keeps_only_image_and_caption():
 
 def test_vicuna_v1_with_the_real_mistral_tokenizer(mistral):
     ids, labels = pieces(mistral, "vicuna_v1")
-    system = ["▁A", "▁chat", "▁between", "▁a", "▁curious", "▁user", "▁and", "▁an", "▁artificial", "▁intelligence",
-              "▁assistant", ".", "▁The", "▁assistant", "▁gives", "▁helpful", ",", "▁detailed", ",", "▁and", "▁polite",
-              "▁answers", "▁to", "▁the", "▁user", "'", "s", "▁questions", "."]
-    assert ids == ["<s>", *system, "▁US", "ER", ":", "▁", IMG, IMG, "▁", "<0x0A>", "What", "▁is", "▁in", "▁the",
-                   "▁image", "?", "▁ASS", "IST", "ANT", ":", "▁A", "▁cat", ".", "</s>",
-                   "▁US", "ER", ":", "▁What", "▁color", "▁is", "▁it", "?", "▁ASS", "IST", "ANT", ":", "▁Black", ".", "</s>"]
+    system = [
+        "▁A",
+        "▁chat",
+        "▁between",
+        "▁a",
+        "▁curious",
+        "▁user",
+        "▁and",
+        "▁an",
+        "▁artificial",
+        "▁intelligence",
+        "▁assistant",
+        ".",
+        "▁The",
+        "▁assistant",
+        "▁gives",
+        "▁helpful",
+        ",",
+        "▁detailed",
+        ",",
+        "▁and",
+        "▁polite",
+        "▁answers",
+        "▁to",
+        "▁the",
+        "▁user",
+        "'",
+        "s",
+        "▁questions",
+        ".",
+    ]
+    assert ids == [
+        "<s>",
+        *system,
+        "▁US",
+        "ER",
+        ":",
+        "▁",
+        IMG,
+        IMG,
+        "▁",
+        "<0x0A>",
+        "What",
+        "▁is",
+        "▁in",
+        "▁the",
+        "▁image",
+        "?",
+        "▁ASS",
+        "IST",
+        "ANT",
+        ":",
+        "▁A",
+        "▁cat",
+        ".",
+        "</s>",
+        "▁US",
+        "ER",
+        ":",
+        "▁What",
+        "▁color",
+        "▁is",
+        "▁it",
+        "?",
+        "▁ASS",
+        "IST",
+        "ANT",
+        ":",
+        "▁Black",
+        ".",
+        "</s>",
+    ]
     assert labels == ["▁A", "▁cat", ".", "</s>", "▁Black", ".", "</s>"]
 
 
 def test_mistral_instruct_with_the_real_mistral_tokenizer(mistral):
     ids, labels = pieces(mistral, "mistral_instruct")
-    assert ids == ["<s>", "▁[", "INST", "]", "▁", IMG, IMG, "▁", "<0x0A>", "What", "▁is", "▁in", "▁the", "▁image", "?",
-                   "▁[", "/", "INST", "]", "▁A", "▁cat", ".", "▁", "</s>",
-                   "▁[", "INST", "]", "▁What", "▁color", "▁is", "▁it", "?", "▁[", "/", "INST", "]", "▁Black", ".", "▁",
-                   "</s>"]
+    assert ids == [
+        "<s>",
+        "▁[",
+        "INST",
+        "]",
+        "▁",
+        IMG,
+        IMG,
+        "▁",
+        "<0x0A>",
+        "What",
+        "▁is",
+        "▁in",
+        "▁the",
+        "▁image",
+        "?",
+        "▁[",
+        "/",
+        "INST",
+        "]",
+        "▁A",
+        "▁cat",
+        ".",
+        "▁",
+        "</s>",
+        "▁[",
+        "INST",
+        "]",
+        "▁What",
+        "▁color",
+        "▁is",
+        "▁it",
+        "?",
+        "▁[",
+        "/",
+        "INST",
+        "]",
+        "▁Black",
+        ".",
+        "▁",
+        "</s>",
+    ]
     assert labels == ["▁A", "▁cat", ".", "▁", "</s>", "▁Black", ".", "▁", "</s>"]
 
 
@@ -77,7 +189,7 @@ def test_llava_llama_2_second_round_starts_with_bos(mistral):
     ids, labels = pieces(mistral, "llava_llama_2")
     assert ids[:8] == ["<s>", "▁[", "INST", "]", "▁<<", "SYS", ">>", "<0x0A>"]
     first_answer = ids.index("▁A")
-    assert ids[first_answer:first_answer + 10] == ["▁A", "▁cat", ".", "▁", "</s>", "<s>", "▁[", "INST", "]", "▁What"]
+    assert ids[first_answer : first_answer + 10] == ["▁A", "▁cat", ".", "▁", "</s>", "<s>", "▁[", "INST", "]", "▁What"]
     assert labels == ["▁A", "▁cat", ".", "▁", "</s>", "▁Black", ".", "▁", "</s>"]
 
 
@@ -94,16 +206,19 @@ def test_text_only_conversation(mistral):
     assert labels == ["▁Hello", ".", "</s>"]
 
 
-@pytest.mark.parametrize("template,before,after", [
-    ("vicuna_v1", ["▁ASS", "IST", "ANT", ":"], ["▁", "1", "2", "3", "4", "</s>"]),
-    ("mistral_instruct", ["▁[", "/", "INST", "]"], ["▁", "1", "2", "3", "4", "▁", "</s>"]),
-])
+@pytest.mark.parametrize(
+    "template,before,after",
+    [
+        ("vicuna_v1", ["▁ASS", "IST", "ANT", ":"], ["▁", "1", "2", "3", "4", "</s>"]),
+        ("mistral_instruct", ["▁[", "/", "INST", "]"], ["▁", "1", "2", "3", "4", "▁", "</s>"]),
+    ],
+)
 def test_the_lone_separator_piece_before_a_digit_answer_is_trained(mistral, template, before, after):
     # sentencepiece cannot merge the space after "ASSISTANT:" / "[/INST]" with a digit: it becomes a lone "▁".
     # Official LLaVA masks by token counts up to the role's last token, so that "▁" is a label (checked
     # against LLaVA's own preprocessing in test_llava_parity.py).
     ids, labels = pieces(mistral, template, [("user", "How many?"), ("assistant", "1234")])
-    assert ids[-len(before + after):] == before + after
+    assert ids[-len(before + after) :] == before + after
     assert labels == after
 
 
@@ -122,6 +237,7 @@ def test_a_caption_starting_with_a_space_keeps_sentencepieces_prefix(mistral):
 def test_the_tokenizer_encodes_as_sentencepiece(mistral, mistral_tokenizer_dir):
     import random
     import sentencepiece
+
     sp = sentencepiece.SentencePieceProcessor(model_file=str(mistral_tokenizer_dir / "tokenizer.model"))
     rng = random.Random(0)
     alphabet = list("abcXYZ019 .,:;!?()[]'\"-_/\n\t") + ["  ", "   ", " \n", "猫", "👍", "Ä", "ж"]
@@ -137,15 +253,18 @@ def tiny_tok():
     return tok
 
 
-@pytest.mark.parametrize("template,expected", [
-    ("vicuna_v1", ["▁A", "▁cat", ".", "</s>", "▁Black", ".", "</s>"]),
-    ("mistral_instruct", ["▁A", "▁cat", ".", "▁", "</s>", "▁Black", ".", "▁", "</s>"]),
-])
+@pytest.mark.parametrize(
+    "template,expected",
+    [
+        ("vicuna_v1", ["▁A", "▁cat", ".", "</s>", "▁Black", ".", "</s>"]),
+        ("mistral_instruct", ["▁A", "▁cat", ".", "▁", "</s>", "▁Black", ".", "▁", "</s>"]),
+    ],
+)
 def test_labels_with_a_tiny_tokenizer(tiny_tok, template, expected):
     ids, labels = pieces(tiny_tok, template)
     assert labels == expected
     assert ids[0] == "<s>" and ids.count("<s>") == 1 and ids.count(IMG) == 2
-    assert ids[ids.index(IMG) + 2:ids.index(IMG) + 4] == ["▁", "\n"]  # the chunk after the image starts afresh
+    assert ids[ids.index(IMG) + 2 : ids.index(IMG) + 4] == ["▁", "\n"]  # the chunk after the image starts afresh
 
 
 def test_plain_with_a_tiny_tokenizer(tiny_tok):
@@ -153,12 +272,20 @@ def test_plain_with_a_tiny_tokenizer(tiny_tok):
     assert ids == ["<s>", IMG, "▁A", "▁cat", "\n"] and labels == ["▁A", "▁cat", "\n"]
 
 
-@pytest.mark.parametrize("turns,message", [
-    ([("user", "q")], "the conversation has no assistant turn to train on"),
-    ([("user", "q"), ("assistant", "a"), ("user", "q2")], "the conversation ends with a user turn that has no answer"),
-    ([("user", "q"), ("user", "q2"), ("assistant", "a")],
-     "turn 2 is from 'user'; turns must alternate user, assistant, starting with user"),
-])
+@pytest.mark.parametrize(
+    "turns,message",
+    [
+        ([("user", "q")], "the conversation has no assistant turn to train on"),
+        (
+            [("user", "q"), ("assistant", "a"), ("user", "q2")],
+            "the conversation ends with a user turn that has no answer",
+        ),
+        (
+            [("user", "q"), ("user", "q2"), ("assistant", "a")],
+            "turn 2 is from 'user'; turns must alternate user, assistant, starting with user",
+        ),
+    ],
+)
 def test_malformed_conversations(turns, message):
     with pytest.raises(TemplateError, match=message):
         render("vicuna_v1", turns, "<s>", "</s>")
@@ -175,14 +302,22 @@ def no_bos_tokenizer():
     """A byte-level BPE that adds no BOS (as SmolLM2's and many newer tokenizers), ChatML-like specials."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(["What color is it? red USER ASSISTANT [INST] [/INST]"] * 5, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   unk_token="<|endoftext|>")
+    bpe.train_from_iterator(
+        ["What color is it? red USER ASSISTANT [INST] [/INST]"] * 5,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>"
+    )
 
 
 @pytest.mark.parametrize("template", ["plain", "vicuna_v1", "mistral_instruct", "llava_llama_2"])
@@ -190,20 +325,26 @@ def no_bos_tokenizer():
 def test_the_chat_template_renders_the_training_text_byte_for_byte(template, family, mistral, tiny_tok):
     from qllava.templates import chat_template
     from qllava.tokenizer import adds_bos
+
     tok = {"mistral": mistral, "tiny_bpe": tiny_tok, "no_bos": no_bos_tokenizer()}[family]
     bos_first = adds_bos(tok)
     assert bos_first == (family != "no_bos")
     turns = TURNS[:2] if template == "plain" else TURNS
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]},
-                {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "What color is it?"},
-                {"role": "assistant", "content": [{"type": "text", "text": "Black."}]}][:len(turns)]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "What color is it?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Black."}]},
+    ][: len(turns)]
     jinja = chat_template(template, bos_first)
     prefix = tok.bos_token if bos_first else ""
     trained = render(template, turns, tok.bos_token, tok.eos_token)
     assert tok.apply_chat_template(messages, chat_template=jinja, tokenize=False) == prefix + trained.text
     asked = render(template, turns[:-1], tok.bos_token, tok.eos_token, generation_prompt=True)
-    assert tok.apply_chat_template(messages[:-1], chat_template=jinja, tokenize=False,
-                                   add_generation_prompt=True) == prefix + asked.text
+    assert (
+        tok.apply_chat_template(messages[:-1], chat_template=jinja, tokenize=False, add_generation_prompt=True)
+        == prefix + asked.text
+    )
     # what training tokenizes starts with the BOS exactly when the chat template writes it
     ids, _ = encode(trained, tok, tok.convert_tokens_to_ids(IMG) if IMG in tok.get_vocab() else 0)
     assert (ids[0] == tok.bos_token_id) == bos_first
@@ -212,10 +353,14 @@ def test_the_chat_template_renders_the_training_text_byte_for_byte(template, fam
 @pytest.mark.parametrize("template", ["plain", "vicuna_v1", "mistral_instruct", "llava_llama_2"])
 def test_the_chat_template_takes_a_system_message_as_training_does(template, mistral):
     from qllava.templates import TEMPLATES, chat_template
+
     turns = TURNS[:2] if template == "plain" else TURNS
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]},
-                {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "What color is it?"},
-                {"role": "assistant", "content": "Black."}][:len(turns)]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "What color is it?"},
+        {"role": "assistant", "content": "Black."},
+    ][: len(turns)]
     system = "Answer in one word." if TEMPLATES[template].system else None  # others leave it out, as training does
     jinja = chat_template(template, bos_first=True)
     trained = render(template, turns, mistral.bos_token, mistral.eos_token, system=system)
@@ -224,12 +369,14 @@ def test_the_chat_template_takes_a_system_message_as_training_does(template, mis
 
 
 @pytest.mark.parametrize("template", ["vicuna_v1", "mistral_instruct", "llava_llama_2"])
-@pytest.mark.parametrize("image_only", [[{"type": "image"}], [{"type": "image"}, {"type": "text", "text": " \n"}],
-                                        "<image>", "<image>\n"])
+@pytest.mark.parametrize(
+    "image_only", [[{"type": "image"}], [{"type": "image"}, {"type": "text", "text": " \n"}], "<image>", "<image>\n"]
+)
 def test_a_message_that_is_only_the_image_is_rendered_as_training_renders_it(template, image_only, mistral):
     """LLaVA trains a human turn that is only the image as the tag alone ("USER: <image> ASSISTANT:"); the chat
     template and a prompt write it so too, with no newline after the image (one token more than training)."""
     from qllava.templates import chat_template
+
     trained = render(template, [("user", IMG), ("assistant", "A cat.")], mistral.bos_token, mistral.eos_token)
     assert f"{IMG} " in trained.text and f"{IMG}\n" not in trained.text
     messages = [{"role": "user", "content": image_only}, {"role": "assistant", "content": "A cat."}]
@@ -237,15 +384,20 @@ def test_a_message_that_is_only_the_image_is_rendered_as_training_renders_it(tem
     assert mistral.apply_chat_template(messages, chat_template=jinja, tokenize=False) == "<s>" + trained.text
     asked = render(template, [("user", IMG + "\n")], mistral.bos_token, mistral.eos_token, generation_prompt=True)
     assert trained.text.startswith(asked.text)
-    assert mistral.apply_chat_template(messages[:1], chat_template=jinja, tokenize=False,
-                                       add_generation_prompt=True) == "<s>" + asked.text
+    assert (
+        mistral.apply_chat_template(messages[:1], chat_template=jinja, tokenize=False, add_generation_prompt=True)
+        == "<s>" + asked.text
+    )
     # text after the image, and whitespace-only text without one, are written as before
     with_text = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
-    assert "<image>\nHi [/INST]" in mistral.apply_chat_template(with_text, chat_template=chat_template(
-        "mistral_instruct", bos_first=True), tokenize=False)
+    assert "<image>\nHi [/INST]" in mistral.apply_chat_template(
+        with_text, chat_template=chat_template("mistral_instruct", bos_first=True), tokenize=False
+    )
     assert render(template, [("user", " "), ("assistant", "a")], "<s>", "</s>").text == mistral.apply_chat_template(
         [{"role": "user", "content": [{"type": "text", "text": " "}]}, {"role": "assistant", "content": "a"}],
-        chat_template=jinja, tokenize=False).removeprefix("<s>")
+        chat_template=jinja,
+        tokenize=False,
+    ).removeprefix("<s>")
 
 
 def test_llava_v1_6_mistral_is_asked_as_llava_hf_asks_it():

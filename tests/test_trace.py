@@ -42,8 +42,14 @@ def test_tiny_trace_equals_real_cpu_execution(tiny_recipe, stage):
 
 
 def test_smollm2_trace_equals_real_cpu_execution(tiny_inputs, smollm2_dir, siglip_dir, tmp_path):
-    recipe = smollm2_recipe(tiny_inputs, smollm2_dir, siglip_dir, tmp_path / "run", "stage2.max_seq_len=128",
-                            "stage2.per_device_train_batch_size=2")
+    recipe = smollm2_recipe(
+        tiny_inputs,
+        smollm2_dir,
+        siglip_dir,
+        tmp_path / "run",
+        "stage2.max_seq_len=128",
+        "stage2.per_device_train_batch_size=2",
+    )
     traced, real = _compare(recipe, "stage2")
     _check(traced, real)
     assert traced["breakdown"]["quantized_weights"] > 0 and traced["breakdown"]["trainable_weights"] > 0
@@ -61,8 +67,14 @@ def test_plan_trace_cli_prints_the_issue_keys(tiny_inputs, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "traced peak" in out and "operator at the peak" in out
     stage = json.loads(out.strip().splitlines()[-1])["stages"]["stage1"]
-    assert {"traced_peak_bytes", "breakdown", "op_at_peak", "allowances_bytes", "flops_per_token",
-            "tokens_per_step"} <= stage.keys()
+    assert {
+        "traced_peak_bytes",
+        "breakdown",
+        "op_at_peak",
+        "allowances_bytes",
+        "flops_per_token",
+        "tokens_per_step",
+    } <= stage.keys()
     assert stage["tokens_per_step"] == 4 * 256 and stage["traced_peak_bytes"] > 0
     epoch = stage["epoch"]  # an estimate per card, labelled, with where its token count comes from
     assert set(epoch["hours"]) == {"RTX 4090", "A100-40GB", "H100"} and "estimate" in epoch["label"]

@@ -17,6 +17,7 @@ FLOPs are counted per operator with FlopCounterMode's formulas, split into forwa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import os
@@ -125,6 +126,9 @@ class LiveBytes(TorchDispatchMode):
         self.flop_registry = dict(FlopCounterMode(display=False).flop_registry)
         self.flop_registry[torch.ops.bitsandbytes.gemm_4bit] = gemm_4bit_flops
         self.forward_only = {torch.ops.bitsandbytes.gemm_4bit}
+        # torch's formulas know the CUDA attention kernels, not the CPU one the traced step runs
+        self.flop_registry[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _flash_flops
+        self.flop_registry[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward] = _flash_backward_flops
 
     def register(self, tensor: torch.Tensor, category: str | None = None) -> None:
         key = _key(tensor)
@@ -325,7 +329,10 @@ def fake_stage_model(recipe: Recipe, stage: str, device: str, fake):
         if device == "cpu"
         else _cuda_attention(cfg.attn_implementation, dtype)
     )
-    model = modeling.empty_base_model(recipe, processor, cfg.dtype)
+    # transformers refuses to build a flash_attention_2 model where flash-attn cannot import: build with sdpa, then
+    # name the implementation the card runs (the trace's stand-in serves it: flash_attention_stand_in)
+    buildable = dataclasses.replace(recipe, model=dataclasses.replace(cfg, attn_implementation="sdpa"))
+    model = modeling.empty_base_model(buildable, processor, cfg.dtype)
     for module in model.modules():
         if hasattr(module, "config") and hasattr(module.config, "_attn_implementation"):
             module.config._attn_implementation = attn
@@ -593,7 +600,11 @@ def trace_stage(recipe: Recipe, stage: str, device: str = "cuda", real: bool = F
         with fake or contextlib.nullcontext(), tracker:
             _register_resident(tracker, model)
             try:
-                with card_paths(device == "cuda", tracker, recipe.model.dtype):
+                flash = model.config._attn_implementation == "flash_attention_2" and not real
+                with (
+                    card_paths(device == "cuda", tracker, recipe.model.dtype),
+                    flash_attention(tracker) if flash else contextlib.nullcontext(),
+                ):
                     _steps(trainer, tracker, batches, label_tokens, fake)
             except TraceError:
                 raise
@@ -641,7 +652,9 @@ def epoch_tokens(recipe: Recipe, stage: str, processor, geometry) -> tuple[int, 
     prepared on this machine, else LLaVA-1.5's mix at its per-sample average (MIX_AVERAGES)."""
     try:
         import json
-        from .data import IMAGE_TOKEN, _cache_key, _cache_still_true, image_source
+        from .data import image_source
+        from .data.prepare import _cache_key, _cache_still_true
+        from .tokenizer import IMAGE_TOKEN
 
         cfg = getattr(recipe, stage)
         sources = [image_source(path, cfg.image_folder) for path in cfg.data]
@@ -802,6 +815,83 @@ def _to(value, fake):
     if fake is None:
         return value.clone()
     return torch.empty(value.shape, dtype=value.dtype)  # under the fake mode
+
+
+_FLASH_OPS = []
+
+
+def _flash_ops():
+    """Two operators standing in for flash-attn's kernels in the trace (defined once): the forward returns what
+    FlashAttention-2 returns, the output and a float32 logsumexp per head and token, and keeps q, k, v, output and
+    logsumexp for its backward, which returns dq, dk, dv: no n x n scores anywhere. They run on fake tensors only."""
+    if _FLASH_OPS:
+        return _FLASH_OPS
+
+    @torch.library.custom_op("qllava_trace::flash_attn", mutates_args=())
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise TraceError("qllava_trace::flash_attn stands in for flash-attn in a trace only")
+
+    @forward.register_fake
+    def _(q, k, v):
+        rows, heads, tokens, dim = q.shape
+        return q.new_empty((rows, tokens, heads, dim)), q.new_empty((heads, rows * tokens), dtype=torch.float32)
+
+    @torch.library.custom_op("qllava_trace::flash_attn_backward", mutates_args=())
+    def backward_op(
+        dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise TraceError("qllava_trace::flash_attn_backward stands in for flash-attn in a trace only")
+
+    @backward_op.register_fake
+    def _(dout, q, k, v, out, lse):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, *output)
+
+    def backward(ctx, dout, dlse):
+        return backward_op(dout, *ctx.saved_tensors)
+
+    torch.library.register_autograd("qllava_trace::flash_attn", backward, setup_context=setup_context)
+    _FLASH_OPS.extend([forward, backward_op])
+    return _FLASH_OPS
+
+
+def flash_attention_stand_in(module, query, key, value, attention_mask, **kwargs):
+    """transformers' flash_attention_2 function in a trace: FlashAttention-2's memory (output, logsumexp), and its
+    FLOPs counted as SDPA's formula counts them."""
+    out, _ = torch.ops.qllava_trace.flash_attn(query, key, value)
+    return out, None
+
+
+def _flash_flops(q, k, v, *args, out_val=None, **kwargs) -> int:
+    """Attention FLOPs as torch's SDPA formula counts them (every query with every key; grouped heads as full)."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(q.shape, q.shape, q.shape)
+
+
+def _flash_backward_flops(dout, q, k, v, *args, out_val=None, **kwargs) -> int:
+    """The backward's, likewise."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(q.shape, q.shape, q.shape, q.shape)
+
+
+@contextlib.contextmanager
+def flash_attention(tracker):
+    """transformers' flash_attention_2 served by the stand-in for the trace, its operators counted."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    _flash_ops()
+    tracker.flop_registry[torch.ops.qllava_trace.flash_attn] = _flash_flops
+    tracker.flop_registry[torch.ops.qllava_trace.flash_attn_backward] = _flash_backward_flops
+    tracker.forward_only.add(torch.ops.qllava_trace.flash_attn)
+    ALL_ATTENTION_FUNCTIONS["flash_attention_2"] = flash_attention_stand_in
+    try:
+        yield
+    finally:
+        del ALL_ATTENTION_FUNCTIONS["flash_attention_2"]
 
 
 @contextlib.contextmanager

@@ -33,7 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qllava import model as modeling, plan, tiny, train, vision as vision_seam  # noqa: E402
+from qllava import model as modeling  # noqa: E402
+from qllava import plan, tiny, train
+from qllava import vision as vision_seam
 from qllava.packing import Collator, Rows  # noqa: E402
 from qllava.recipe import recipe_from_dict  # noqa: E402
 
@@ -331,6 +333,7 @@ def synthetic_samples(model, processor, folder: Path, row_tokens: int, rows: int
     can take."""
     import datasets
     from PIL import Image
+
     from qllava.data import FEATURES, ImageStore
 
     images = folder / "images"
@@ -403,8 +406,8 @@ def report(rows: list[dict], card: str, peak: float | None) -> None:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         err = f"{r['plan_error']:+.1%}" if r["plan_error"] is not None else "-"
         print(
-            f"{r['decoder']:8s} {r['stage']:7s} {r['tokens_per_s']:9,.0f} {mfu:>6s} {r['peak_allocated_gib'] or '-':>10} "
-            f"{r['peak_reserved_gib'] or '-':>13} {r['plan_gib']:>9} {err:>9s}"
+            f"{r['decoder']:8s} {r['stage']:7s} {r['tokens_per_s']:9,.0f} {mfu:>6s} "
+            f"{r['peak_allocated_gib'] or '-':>10} {r['peak_reserved_gib'] or '-':>13} {r['plan_gib']:>9} {err:>9s}"
         )
     print(json.dumps({"card": card, "peak_tflops": peak, "rows": rows}))
 

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test venv clean
+.PHONY: demo test fmt venv clean
 
 venv: $(STAMP)
 
@@ -42,8 +42,16 @@ demo: $(STAMP)
 	$(QLLAVA) compare runs/tiny_demo_compare/mistral.jsonl runs/tiny_demo_compare/llama.jsonl \
 		--out runs/tiny_demo_compare
 
+# Formatting and lint first (ruff, configured in pyproject.toml), so drift fails CI before the suite runs.
 test: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# Fixes what `make test` checks first: formats the tree and applies ruff's safe fixes (import order, pyupgrade).
+fmt: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 clean:
 	rm -rf runs/tiny_demo runs/tiny_demo_llama runs/tiny_demo_compare data/tiny_shapes checkpoints/tiny

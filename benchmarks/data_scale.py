@@ -353,6 +353,7 @@ def print_table(results: list[dict], summary: dict) -> None:
 def collator_throughput(recipe_path: Path, cache: Path, workers: int, seconds: float) -> dict:
     """Samples/s through the training DataLoader (packed rows, images decoded and preprocessed) for a while."""
     import torch
+
     from qllava import model as modeling
     from qllava.data import build_stage_dataset
     from qllava.packing import Collator, Rows

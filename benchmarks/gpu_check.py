@@ -34,7 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qllava import model as modeling, plan, tiny, trace, train  # noqa: E402
+from qllava import model as modeling  # noqa: E402
+from qllava import plan, tiny, trace, train
 from qllava.packing import Collator, Rows  # noqa: E402
 from qllava.recipe import recipe_from_dict  # noqa: E402
 
@@ -375,8 +376,9 @@ def report(rows: list[dict], card: str, peak: float | None) -> None:
         err = f"{r['plan_error']:+.1%}" if r["plan_error"] is not None else "-"
         terr = f"{r['trace_error']:+.1%}" if r["trace_error"] is not None else "-"
         print(
-            f"{r['decoder']:8s} {r['stage']:7s} {r['tokens_per_s']:9,.0f} {mfu:>6s} {r['peak_allocated_gib'] or '-':>10} "
-            f"{r['peak_reserved_gib'] or '-':>13} {r['traced_gib']:>11} {terr:>10s} {r['plan_gib']:>9} {err:>9s}"
+            f"{r['decoder']:8s} {r['stage']:7s} {r['tokens_per_s']:9,.0f} {mfu:>6s} "
+            f"{r['peak_allocated_gib'] or '-':>10} {r['peak_reserved_gib'] or '-':>13} {r['traced_gib']:>11} "
+            f"{terr:>10s} {r['plan_gib']:>9} {err:>9s}"
         )
     print(json.dumps({"card": card, "peak_tflops": peak, "rows": rows}))
 

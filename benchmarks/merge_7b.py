@@ -230,6 +230,7 @@ def write_run(work: Path) -> None:
     """A stage-2 run folder as `qllava finetune` writes it, with random projector and adapter weights."""
     import torch
     from safetensors.torch import save_file
+
     from qllava import model as modeling
     from qllava.recipe import recipe_from_dict
 

@@ -51,7 +51,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qllava import model as modeling, tiny, train  # noqa: E402
+from qllava import model as modeling  # noqa: E402
+from qllava import tiny, train
 from qllava.packing import Collator, packed_vs_unpacked_error  # noqa: E402
 from qllava.recipe import recipe_from_dict  # noqa: E402
 
@@ -115,8 +116,9 @@ def main() -> None:
             result = run(checkpoint, work, samples, args, rows_per_step, repeat)
             runs[name].append(result)
             print(
-                f"  repeat {repeat + 1} {name:6s}: {result['seconds']:6.1f} s  {result['tokens'] / result['seconds']:8,.0f} "
-                f"tokens/s  pad {result['pad_fraction']:.1%}  steps {result['steps']}  label tokens {result['label_tokens']:,}"
+                f"  repeat {repeat + 1} {name:6s}: {result['seconds']:6.1f} s  "
+                f"{result['tokens'] / result['seconds']:8,.0f} tokens/s  pad {result['pad_fraction']:.1%}  "
+                f"steps {result['steps']}  label tokens {result['label_tokens']:,}"
             )
     err = exactness(checkpoint, work, args)
     report(runs, err, precision)

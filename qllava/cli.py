@@ -16,7 +16,6 @@ import warnings
 
 from .scorers import BENCHMARKS
 
-
 # Range-checked option types: a number out of range is one line from argparse and exit status 2, before any work.
 # Every numeric option of every command uses one of these (or a new one here).
 
@@ -85,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args) or 0
     except _user_errors() as e:
         from rich.markup import escape  # messages quote paths and sample ids: "[3]" is not markup
+
         from .errors import user_message
 
         console.console.print(f"[bold red]error:[/] {escape(user_message(e))}", soft_wrap=True)
@@ -207,6 +207,7 @@ def cmd_export(args) -> int:
 
 def cmd_chat(args) -> int:
     from transformers import TextStreamer
+
     from . import console
     from .chat import Chat, sampling
     from .inference import ContextError
@@ -291,6 +292,7 @@ def cmd_compare(args) -> int:
 
 def cmd_plan(args) -> int:
     import json
+
     from . import console, plan
     from .recipe import load_recipe
 
@@ -597,17 +599,17 @@ def eval_formats() -> str:
 def _user_errors() -> tuple:
     from .checkpoint import CheckpointError
     from .errors import DataError
+    from .export import ExportError
     from .folders import FolderError
     from .inference import ContextError
-    from .export import ExportError
-    from .recipe import RecipeError
     from .merge import MergeError
     from .model import BaseMismatchError
+    from .recipe import RecipeError
     from .resume import ResumeError
     from .serve import ServeError
     from .templates import TemplateError
-    from .vision import VisionError
     from .trace import TraceError
+    from .vision import VisionError
 
     return (
         RecipeError,

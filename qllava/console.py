@@ -1,4 +1,6 @@
-"""Everything qllava prints with rich: training progress, summary tables. The CLI's edge; nothing imports it but cli.py."""
+"""Everything qllava prints with rich: training progress, summary tables.
+
+The CLI's edge; nothing imports it but cli.py."""
 
 from __future__ import annotations
 

@@ -21,14 +21,15 @@ import shlex
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from . import checkpoint, merge, model as modeling, templates, vision
+from . import checkpoint, merge, templates, vision
+from . import model as modeling
 from .inference import QLLAVA_FILE
 from .recipe import load_recipe
 from .run import RunFolder

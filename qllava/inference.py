@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import model as modeling, templates, vision
+from . import model as modeling
+from . import templates, vision
 from .data import encode, expand_images
 from .folders import QLLAVA_FILE, check_model_folder
 from .recipe import load_recipe

@@ -31,7 +31,8 @@ import psutil
 import torch
 from safetensors.torch import load_file
 
-from . import checkpoint, model as modeling, templates
+from . import checkpoint, templates
+from . import model as modeling
 from .data import DataReport, ImageStore, image_source, read_conversations, tokenize_dataset
 from .errors import DataError
 from .folders import check_run_folder
@@ -487,7 +488,8 @@ def model_card(recipe, stage_dir: Path, run_dir: Path, report: dict) -> str:
     lora = (
         ""
         if stage_dir.name == "stage1"
-        else f" and LoRA (r {recipe.lora.r}, alpha {recipe.lora.lora_alpha}, on {', '.join(recipe.lora.target_modules)})"
+        else f" and LoRA (r {recipe.lora.r}, alpha {recipe.lora.lora_alpha}, "
+        f"on {', '.join(recipe.lora.target_modules)})"
     )
     lines = [
         "---",
@@ -523,7 +525,8 @@ def model_card(recipe, stage_dir: Path, run_dir: Path, report: dict) -> str:
         "model = AutoModelForImageTextToText.from_pretrained(PATH)",
         "processor = AutoProcessor.from_pretrained(PATH)   # its chat template renders the training template",
         'pipe = pipeline("image-text-to-text", model=PATH)',
-        'pipe(text=[{"role": "user", "content": [{"type": "image", "image": IMAGE}, {"type": "text", "text": "What is this?"}]}])',
+        'pipe(text=[{"role": "user", "content": [{"type": "image", "image": IMAGE}, '
+        '{"type": "text", "text": "What is this?"}]}])',
         "```",
         "",
         f"or `qllava chat PATH --image IMAGE`, which also pads images to a square as training did "

@@ -3,8 +3,9 @@
 Stage 1 assembles LlavaForConditionalGeneration in memory from two checkpoints: the decoder is loaded by
 from_pretrained straight into NF4 (weights are quantized tensor by tensor as they are read, so no
 full-precision copy of the 7B decoder is ever written or held; checkpoint files are read, not memory-mapped:
-see unmapped_checkpoints), the CLIP vision tower is loaded in the recipe's dtype, and the 2-layer MLP projector is new (or read from a projector file). A llava-hf checkpoint
-is loaded whole, with the vision tower, projector and lm_head kept out of quantization.
+see unmapped_checkpoints), the CLIP vision tower is loaded in the recipe's dtype, and the 2-layer MLP projector
+is new (or read from a projector file). A llava-hf checkpoint is loaded whole, with the vision tower, projector
+and lm_head kept out of quantization.
 Everything is frozen here; train.py decides what learns.
 """
 
@@ -31,10 +32,10 @@ from transformers import (
 )
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
+from . import vision
 from .folders import check_recipe_folders
 from .recipe import LoraConfig, ModelConfig, QuantizationConfig, Recipe, load_recipe
 from .run import RunFolder
-from . import vision
 from .tokenizer import IMAGE_TOKEN, load_tokenizer, with_pad_token, with_sentencepiece_merges
 
 PROJECTOR_FILE = "projector.safetensors"
@@ -96,6 +97,7 @@ def build_image_processor(cfg: ModelConfig):
     source = cfg.image_processor or cfg.llava or cfg.vision_tower
     if source in PACKAGED_PREPROCESSORS and _local_folder(source) is None:
         from importlib.resources import files
+
         import transformers
 
         packaged = json.loads((files("qllava") / "configs" / PACKAGED_PREPROCESSORS[source]).read_text())

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from . import model as modeling
-from .vision import output_size, tower_tokens
 from .recipe import Recipe
+from .vision import output_size, tower_tokens
 
 GIB = 2**30
 CUDA_CONTEXT = 1.0 * GIB

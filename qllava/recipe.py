@@ -131,7 +131,8 @@ class StageConfig:
     image_folder: str = ""
     """Folder the "image" paths of LLaVA JSON samples are relative to."""
     template: str = "plain"
-    """Conversation template, rendered exactly as official LLaVA does: plain, vicuna_v1, mistral_instruct, llava_llama_2."""
+    """Conversation template, rendered exactly as official LLaVA does: plain, vicuna_v1, mistral_instruct,
+    llava_llama_2."""
     image_aspect_ratio: str = "pad"
     """"pad": pad to a square with the image-mean colour (LLaVA-1.5 stage 2); "crop": resize + centre crop (stage 1);
     "anyres": as the image is (LLaVA-NeXT tiles it by its aspect ratio)."""
@@ -144,7 +145,8 @@ class StageConfig:
     projector_lr: float | None = None
     """Stage 2: learning rate of the projector's own parameter group (LLaVA-1.5: 2e-5); unset = learning_rate."""
     projector: str = "stage1"
-    """Stage 2: where the projector starts: "stage1" (this run's stage 1), "model" (the llava checkpoint's), "fresh", or a file."""
+    """Stage 2: where the projector starts: "stage1" (this run's stage 1), "model" (the llava checkpoint's),
+    "fresh", or a file."""
     num_train_epochs: float = 1.0
     max_steps: int = -1
     """Optimizer steps; overrides num_train_epochs when > 0."""

@@ -100,9 +100,9 @@ def check_recipe(recipe: Recipe, run: RunFolder, names, points: dict[str, Path],
             start_over = "--stage 2 --overwrite (stage 1 is kept)" if name == "stage2" else "--overwrite"
             paragraphs.append(
                 _refusal(
-                    f"{run.stage(name)} cannot be continued with this recipe: its checkpoints hold the optimizer, schedule "
-                    f"and data position of the values it started with ({run.stage(name) / RECIPE_FILE}), and these "
-                    "values, which change what it learns, differ:",
+                    f"{run.stage(name)} cannot be continued with this recipe: its checkpoints hold the optimizer, "
+                    f"schedule and data position of the values it started with ({run.stage(name) / RECIPE_FILE}), "
+                    "and these values, which change what it learns, differ:",
                     differ,
                     "when it started",
                     "continue it",
@@ -128,8 +128,8 @@ def check_recipe(recipe: Recipe, run: RunFolder, names, points: dict[str, Path],
         if differ:
             paragraphs.append(
                 _refusal(
-                    f"stage 2 starts from the projector of {run.stage('stage1')}, which was trained with other values than "
-                    f"this recipe's ({run.stage('stage1') / RECIPE_FILE}):",
+                    f"stage 2 starts from the projector of {run.stage('stage1')}, which was trained with other "
+                    f"values than this recipe's ({run.stage('stage1') / RECIPE_FILE}):",
                     differ,
                     "when it was trained",
                     "train stage 2 from it",

@@ -119,9 +119,8 @@ class LiveBytes(TorchDispatchMode):
         self.label_tokens = 0
         self.bool_index_sites: set[str] = set()
         self.autocast = None
-        self.debug_flops = {}
-        from torch.utils.flop_counter import FlopCounterMode
         import bitsandbytes  # noqa: F401 (registers its operators)
+        from torch.utils.flop_counter import FlopCounterMode
 
         self.flop_registry = dict(FlopCounterMode(display=False).flop_registry)
         self.flop_registry[torch.ops.bitsandbytes.gemm_4bit] = gemm_4bit_flops
@@ -201,9 +200,6 @@ class LiveBytes(TorchDispatchMode):
         else:
             return
         self.counts.flops[part] += flops
-        if os.environ.get("QLLAVA_TRACE_DEBUG"):
-            key = (part, str(func), torch.is_grad_enabled())
-            self.debug_flops[key] = self.debug_flops.get(key, 0) + flops
 
     def _new_peak(self, func) -> None:
         """At a peak, `live` is exact (just swept); nothing leaves it before the next sweep and what comes is appended,
@@ -363,6 +359,7 @@ def offline_processor(cfg):
     token where training puts it: appended to the decoder's vocabulary, or at a llava checkpoint's image_token_id."""
     from tokenizers import Tokenizer, models
     from transformers import LlavaNextProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
     from . import vision
 
     config = modeling.load_llava_config(cfg)
@@ -499,6 +496,7 @@ def worst_case_samples(recipe: Recipe, stage: str, model, processor, folder: Pat
     every micro-batch of both steps (or `rows`)."""
     import datasets
     from PIL import Image
+
     from . import vision
     from .data import FEATURES, ImageStore
 
@@ -580,6 +578,7 @@ def trace_stage(recipe: Recipe, stage: str, device: str = "cuda", real: bool = F
     two optimizer steps of `stage`. `real`: load the real model (its weights) and execute on CPU instead, counted by
     the same tracker (what the tests compare the trace with)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     from . import train
 
     started = time.perf_counter()
@@ -619,10 +618,6 @@ def trace_stage(recipe: Recipe, stage: str, device: str = "cuda", real: bool = F
     counts = tracker.counts
     counts.breakdown = tracker.breakdown()
     counts.peak_storages = len(tracker.at_peak)
-    if os.environ.get("QLLAVA_TRACE_DEBUG"):
-        print(sorted(tracker.at_peak.values())[-12:], file=sys.stderr)
-        for k, v in sorted(tracker.debug_flops.items(), key=lambda kv: -kv[1])[:15]:
-            print(k, v / 1e12, file=sys.stderr)
     text = model.config.text_config
     attn = model.config._attn_implementation
     allowances = allowances_bytes(device, counts, text, batches[0]["input_ids"].shape, attn)
@@ -652,6 +647,7 @@ def epoch_tokens(recipe: Recipe, stage: str, processor, geometry) -> tuple[int, 
     prepared on this machine, else LLaVA-1.5's mix at its per-sample average (MIX_AVERAGES)."""
     try:
         import json
+
         from .data import image_source
         from .data.prepare import _cache_key, _cache_still_true
         from .tokenizer import IMAGE_TOKEN
@@ -718,6 +714,7 @@ def _trainer(recipe, stage, model, processor, rows, collator, work: Path, device
     """The stage's trainer, built by train._build_trainer as training builds it. On a fake CUDA device the optimizer
     is the one a card gets (fused AdamW) and the model stays where it is (the trainer would move it to this CPU)."""
     from transformers import Trainer
+
     from . import train
 
     cfg = getattr(recipe, stage)

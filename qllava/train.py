@@ -23,7 +23,8 @@ from accelerate.utils import gather_object
 from transformers import PrinterCallback, TrainerCallback, set_seed
 from trl import SFTConfig
 
-from . import model as modeling, synthetic
+from . import model as modeling
+from . import synthetic
 from .card import stage_card
 from .data import available_cores, stage_dataset
 from .evaluate import HeldOut
@@ -386,7 +387,7 @@ def build_optimizer(model, cfg) -> torch.optim.Optimizer:
     """AdamW with the projector in its own parameter group (LLaVA's mm_projector_lr); biases without decay."""
     proj = {id(p) for p in modeling.projector_parameters(model).values()}
     groups = {}
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
         is_proj = id(p) in proj

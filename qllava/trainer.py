@@ -146,7 +146,7 @@ class Segments:
     resumed_at: list = field(default_factory=list)
 
     @classmethod
-    def of(cls, checkpoint: Path) -> "Segments":
+    def of(cls, checkpoint: Path) -> Segments:
         """The segments that led to a checkpoint, as the segment resuming from it will record them."""
         marker = json.loads((checkpoint / COMPLETE).read_text())
         return cls(marker.get("train_seconds", 0.0), marker.get("resumed_at", []) + [marker["step"]])

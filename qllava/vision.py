@@ -86,7 +86,7 @@ def load_image_processor(
             raise VisionError(
                 f"{source} ships no image processor (preprocessor_config.json): set "
                 "model.image_processor, or model.image_size, model.image_mean and model.image_std"
-            )
+            ) from None
         processor = CLIPImageProcessor()
     if image_size:
         processor.size = (

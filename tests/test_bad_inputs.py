@@ -4,14 +4,14 @@ Nothing mis-trains silently."""
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
+from conftest import TINY_RECIPE, tiny_overrides
 from PIL import Image
 
-from conftest import TINY_RECIPE, tiny_overrides
 from qllava.cli import main
 
 

@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, TINY_RECIPE, tiny_overrides
 
 from qllava.cli import main
-from conftest import ROOT, TINY_RECIPE, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +106,7 @@ def test_data_stats(tiny_inputs, tmp_path, capsys):
 
 def test_version_and_every_help_shows_defaults_and_explains_every_argument(capsys):
     import argparse
+
     from qllava import __version__
     from qllava.cli import _parser
 
@@ -183,6 +184,7 @@ def test_the_eval_title_keeps_a_long_path_whole(monkeypatch, capsys):
 
 def test_requires_python_is_what_the_code_needs():
     import tomllib
+
     from packaging.specifiers import SpecifierSet
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -192,6 +194,7 @@ def test_requires_python_is_what_the_code_needs():
 
 def test_the_recipe_docs_name_every_recipe_key():
     import dataclasses
+
     from qllava.recipe import TABLES
 
     docs = (ROOT / "docs" / "recipes.md").read_text()

@@ -9,7 +9,6 @@ LLaVA's docs make for testdev. Answers files are read with qllava's reader, as L
 """
 
 import pytest
-
 from conformance_corpus import (
     GQA_CASES,
     MME_ANSWERS,
@@ -22,6 +21,7 @@ from conformance_corpus import (
     write_scienceqa,
     write_textvqa,
 )
+
 from qllava.evaluate import read_answers
 from qllava.scorers import load_items, normalize_answer, parse_letter, parse_mme, parse_yes_no, score
 

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from qllava.data import DataError, DataReport, ImageStore, build_stage_dataset, read_conversations
-from qllava.vision import ImageGeometry, VisionError, pad_to_square
 from qllava.recipe import StageConfig
+from qllava.vision import ImageGeometry, VisionError, pad_to_square
 
 
 def write(tmp_path, samples, name="data.json"):
@@ -537,6 +537,7 @@ def test_a_system_message_is_the_templates_system_prompt_or_counted_as_left_out(
 
 def test_a_16_bit_png_is_scaled_not_white(tmp_path):
     import numpy as np
+
     from qllava.vision import open_image
 
     values = np.array([[0, 257 * 64], [257 * 128, 65535]], dtype=np.uint16)

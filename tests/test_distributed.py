@@ -6,9 +6,8 @@ import shutil
 import subprocess
 import sys
 
-from safetensors.torch import load_file
-
 from conftest import ROOT, TINY_RECIPE, tiny_overrides
+from safetensors.torch import load_file
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 # What `python -m qllava` does, then a report of whether the process group outlived the command: one left

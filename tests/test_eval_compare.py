@@ -4,8 +4,8 @@ import dataclasses
 import json
 
 import pytest
-
 from conformance_corpus import WRITERS
+
 from qllava import evaluate as ev
 from qllava.cli import main
 from qllava.compare import chart, compare, paired_bootstrap
@@ -358,6 +358,7 @@ def test_answer_itself_never_generates_past_the_context(trained_run, tiny_inputs
 def prompts_only(run) -> Loaded:
     """A run's processor and config without its weights: prompts are built and checked, nothing can generate."""
     from types import SimpleNamespace
+
     from qllava import model as modeling
     from qllava.recipe import load_recipe
 
@@ -373,7 +374,8 @@ def prompts_only(run) -> Loaded:
 
 
 def test_chat_and_serve_refuse_a_conversation_beyond_the_context(trained_run, tiny_inputs, monkeypatch, capsys):
-    from qllava import chat as chatting, cli, serve
+    from qllava import chat as chatting
+    from qllava import cli, serve
 
     loaded = prompts_only(trained_run)
     image = tiny_inputs / "shapes" / "images" / "eval-0.png"

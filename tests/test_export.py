@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import next_recipe
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from conftest import next_recipe
 from qllava import cli, export, templates, vision
 from qllava.chat import Chat
 from qllava.data import encode
@@ -557,7 +557,7 @@ def test_llava_next_exports_its_grid_and_newline_and_llama_cpp_tiles_images_its_
     assert "v.image_newline" in {t.name for t in reader.tensors}
     loaded = load_for_inference(next_run)
     images = {}
-    for image, question in held_out(next_inputs, 24):
+    for image, _ in held_out(next_inputs, 24):
         images.setdefault(vision.image_header(image).size, image)
     counts = {}
     for size, image in sorted(images.items()):

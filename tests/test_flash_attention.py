@@ -6,14 +6,14 @@ equal the SDPA runs, packed and unpacked, to test_packing_exact's tolerance."""
 
 import sys
 
+import flash_attn_reference as reference
 import pytest
 import torch
-
-import flash_attn_reference as reference
 from conftest import TINY_RECIPE, tiny_overrides
+from test_packing_exact import alone_logits, collator_for, fp32_model, samples, stage2_model
+
 from qllava import model as modeling
 from qllava.packing import packed_step, unpacked_step
-from test_packing_exact import alone_logits, collator_for, fp32_model, samples, stage2_model
 
 FLOAT32 = reference.ACCEPTED_DTYPES | {torch.float32}
 
@@ -363,6 +363,7 @@ def test_generation_with_flash_attention_equals_sdpa(flash_attn, exact, setup):
     unpad/varlen/pad path), then one query per prompt against the cache (cu_seqlens_q 0, 1, 2): the same greedy
     answers as SDPA."""
     from PIL import Image
+
     from qllava import inference
 
     recipe, processor, _ = setup

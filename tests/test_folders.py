@@ -6,8 +6,8 @@ import json
 import re
 
 import pytest
-
 from conftest import TINY_RECIPE, tiny_overrides
+
 from qllava.cli import main
 from qllava.folders import folder_kind
 
@@ -104,8 +104,8 @@ def test_chat_and_eval_name_the_folder_they_were_given(command, folder, says, ti
 
 
 def test_a_stage_folder_is_named_with_its_run(trained_run, capsys):
-    from qllava.inference import load_for_inference
     from qllava.folders import FolderError
+    from qllava.inference import load_for_inference
 
     with pytest.raises(
         FolderError, match=f"stage2 of the qllava run {trained_run}: pass the run folder, {trained_run}$"

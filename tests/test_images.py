@@ -24,10 +24,11 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_RECIPE, next_recipe, tiny_overrides
 from PIL import Image, ImageOps
 
-from conftest import TINY_RECIPE, next_recipe, tiny_overrides
-from qllava import model as modeling, stats
+from qllava import model as modeling
+from qllava import stats
 from qllava.cli import main
 from qllava.data import DataError, DataReport, ImageStore, build_stage_dataset, image_source, read_conversations
 from qllava.errors import user_message

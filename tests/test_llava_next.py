@@ -10,10 +10,11 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, next_recipe
 from PIL import Image
 
-from conftest import ROOT, next_recipe
-from qllava import model as modeling, tiny
+from qllava import model as modeling
+from qllava import tiny
 from qllava.data import DataReport, ImageStore, image_source, read_conversations, tokenize_dataset
 from qllava.packing import Collator, packed_vs_unpacked_error
 from qllava.recipe import load_recipe

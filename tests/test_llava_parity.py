@@ -19,10 +19,10 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
+import llava_parity_corpus as corpus
 import pytest
 from PIL import Image
 
-import llava_parity_corpus as corpus
 from qllava.data import DataReport, read_conversations, tokenize_conversation
 from qllava.inference import prompt_ids
 from qllava.templates import TemplateError

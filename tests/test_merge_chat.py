@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from qllava import merge as merging
 from qllava.chat import Chat
 from qllava.cli import main
-from qllava.vision import VisionError
-from qllava import merge as merging
 from qllava.merge import MergeError, merge
+from qllava.vision import VisionError
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +159,7 @@ def test_merged_folder_runs_in_a_transformers_pipeline_without_qllava(merged_fp3
 
 def test_chat_template_of_the_merged_folder_renders_the_training_template(merged_fp32):
     from transformers import AutoProcessor
+
     from qllava import templates
 
     out, _ = merged_fp32
@@ -279,6 +280,7 @@ def test_stage2_continues_from_a_llava_hf_checkpoint_in_4bit(merged_fp32, tiny_i
     import bitsandbytes as bnb
     import torch
     from conftest import TINY_RECIPE, tiny_overrides
+
     from qllava import train
     from qllava.recipe import load_recipe
 

@@ -78,8 +78,8 @@ def test_4bit_gradients_match_a_dequantized_reference_after_an_eval_forward(reci
 
 def test_without_the_fix_the_cpu_repack_breaks_gradients(recipe, processor):
     """Documents the pitfall the fix guards against (only CPUs with AVX512-BF16 have it)."""
-    from bitsandbytes.nn.modules import has_avx512bf16
     import bitsandbytes as bnb
+    from bitsandbytes.nn.modules import has_avx512bf16
 
     if not has_avx512bf16():
         pytest.skip("this CPU has no AVX512-BF16: the repacking kernel never runs")

@@ -4,9 +4,8 @@ import json
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
-
 from conftest import ROOT, TINY_RECIPE, tiny_overrides
+from nbclient import NotebookClient
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from qllava.packing import (
     padded_batches,
 )
 
-
 IMAGE_ID = 99
 
 

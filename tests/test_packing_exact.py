@@ -9,16 +9,17 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from qllava import model as modeling
-from qllava.data import DataReport, image_source, read_conversations, tokenize_dataset, ImageStore
+from qllava.data import DataReport, ImageStore, image_source, read_conversations, tokenize_dataset
 from qllava.packing import Collator, packed_vs_unpacked_error
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_inputs, tmp_path_factory):
     from conftest import TINY_RECIPE, tiny_overrides
+
     from qllava.recipe import load_recipe
 
     recipe = load_recipe(TINY_RECIPE, tiny_overrides(tiny_inputs, tmp_path_factory.mktemp("exact")))

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from qllava import plan
 from qllava.cli import main
 from qllava.recipe import load_recipe

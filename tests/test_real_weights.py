@@ -9,10 +9,12 @@ import sys
 
 import peft
 import pytest
+from conftest import SMOLLM2_STEPS as STEPS
+from conftest import smollm2_recipe, stage2_recipe
 from safetensors import safe_open
 
-from conftest import SMOLLM2_STEPS as STEPS, smollm2_recipe, stage2_recipe
-from qllava import inference, model as modeling, plan, templates, tiny, train, vision
+from qllava import inference, plan, templates, tiny, train, vision
+from qllava import model as modeling
 from qllava.chat import Chat
 from qllava.data import expand_images, tokenize_conversation
 from qllava.merge import MergeError, merge

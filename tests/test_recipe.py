@@ -290,6 +290,7 @@ def test_the_recipe_knows_no_benchmark_code():
     import ast
     import subprocess
     import sys
+
     from qllava.benchmark_names import BENCHMARK_NAMES
     from qllava.scorers import BENCHMARKS
 

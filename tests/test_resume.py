@@ -11,9 +11,9 @@ import sys
 import time
 
 import pytest
+from conftest import ROOT, TINY_RECIPE, tiny_overrides
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY_RECIPE, tiny_overrides
 from qllava.trainer import COMPLETE, RESUME_READS, checkpoint_problem, latest_checkpoint
 
 STEPS, SAVE_EVERY, KILL_AFTER = 60, 10, 20
@@ -414,8 +414,8 @@ def test_a_stage_begun_by_an_older_qllava_is_continued_saying_it_is_not_checked(
 
 
 def test_a_begun_stage_without_a_checkpoint_says_resume_starts_it_over(tmp_path):
-    from qllava.resume import interrupted_note
     from qllava.recipe import recipe_from_dict
+    from qllava.resume import interrupted_note
 
     run = started_run(tmp_path, ("stage1", "complete"), ("stage2", "begun"), stage2=["stage2.save_steps=0"])
     shutil.rmtree(run.checkpoints("stage2"))

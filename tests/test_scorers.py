@@ -214,7 +214,8 @@ def test_scienceqa_without_problems_json_reads_llava_15_choice_lines(tmp_path):
                     "conversations": [
                         {
                             "from": "human",
-                            "value": "Which closing is correct for a letter?\nA. See you soon,\nJanet\nB. See You Soon,\nJanet",
+                            "value": "Which closing is correct for a letter?\nA. See you soon,\nJanet\n"
+                            "B. See You Soon,\nJanet",
                         },
                         {"from": "gpt", "value": "A"},
                     ],

@@ -21,9 +21,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import TINY_RECIPE, next_recipe, tiny_overrides
 from PIL import Image
 
-from conftest import TINY_RECIPE, next_recipe, tiny_overrides
 from qllava.cli import main
 
 QUESTIONS = [
@@ -540,6 +540,7 @@ WATCH_ANSWERS = """() => { window.seen = [];
 @pytest.mark.browser
 def test_the_page_streams_the_chat_answer_in_a_real_browser(browser, server, client, noisy_run, tiny_inputs, tmp_path):
     from playwright.sync_api import expect
+
     from qllava.chat import Chat
 
     image = tiny_inputs / "shapes" / "images" / "eval-1.png"

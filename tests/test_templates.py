@@ -6,6 +6,7 @@ plus the end token LLaVA appends ("</s>"; "▁" + "</s>" for the LLAMA_2 styles;
 """
 
 import pytest
+
 from qllava import tiny
 from qllava.data import encode, expand_images
 from qllava.templates import TemplateError, render
@@ -236,6 +237,7 @@ def test_a_caption_starting_with_a_space_keeps_sentencepieces_prefix(mistral):
 
 def test_the_tokenizer_encodes_as_sentencepiece(mistral, mistral_tokenizer_dir):
     import random
+
     import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor(model_file=str(mistral_tokenizer_dir / "tokenizer.model"))

@@ -5,8 +5,8 @@ tensor data the trace does not know fails with one line naming the operator and 
 import json
 
 import pytest
-
 from conftest import TINY_RECIPE, smollm2_recipe, tiny_overrides
+
 from qllava import trace
 from qllava.cli import main
 

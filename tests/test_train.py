@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from qllava import model as modeling, train
+from qllava import model as modeling
+from qllava import train
 
 
 def base_state(recipe) -> dict:
@@ -28,6 +29,7 @@ def falling(losses: list[float]) -> bool:
 def stages(tiny_inputs, tmp_path_factory):
     """Stage 1 then stage 2 of the tiny recipe, long enough for losses to move, and the base before them."""
     from conftest import TINY_RECIPE, tiny_overrides
+
     from qllava.recipe import load_recipe
 
     run = tmp_path_factory.mktemp("stages") / "run"

@@ -14,9 +14,9 @@ import io
 import json
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import datasets
 import ijson
@@ -26,7 +26,6 @@ from PIL import Image
 from ..errors import DataError
 from ..templates import IMAGE_TAG
 from ..vision import NOT_FOUND, AnyresGeometry, ImageGeometry, ImageHeader, VisionError, image_header, open_image
-
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 ORIENTED = "image with an EXIF orientation"
@@ -112,7 +111,7 @@ class DataReport:
         if len(kept) < 3:
             kept.append(sample_id)
 
-    def add(self, other: "DataReport") -> None:
+    def add(self, other: DataReport) -> None:
         """Counts of a later part of the data (a tokenizing job) added to these; examples stay the first ones."""
         self.used += other.used
         self.tokens += other.tokens
@@ -146,7 +145,7 @@ class DataReport:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DataReport":
+    def from_dict(cls, d: dict) -> DataReport:
         return cls(
             d["used"],
             Counter(d["skipped"]),
@@ -384,7 +383,8 @@ def _json_list_items(f, path: Path) -> Iterator:
         )
     n = 0
     try:
-        for n, item in enumerate(ijson.items(f, "item", use_float=True), 1):
+        # n outlives the loop: an error names the last complete sample
+        for n, item in enumerate(ijson.items(f, "item", use_float=True), 1):  # noqa: B007
             yield item
     except ijson.JSONError as e:
         raise DataError(f"{path}: not valid JSON ({_json_problem(e, n)})") from None

@@ -18,9 +18,9 @@ import resource
 import shutil
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
 
 import datasets
 import pyarrow as pa
@@ -31,7 +31,6 @@ from ..tokenizer import IMAGE_TOKEN
 from ..vision import AnyresGeometry, ImageGeometry, image_header
 from .formats import DataReport, ImageStore, _DataFile, _ImageFiles, _mtime_ns, image_source, image_stamp, is_llava_json
 from .samples import FEATURES, Tokenization, _sample_columns
-
 
 CACHE_VERSION = 6  # 6: images upright by their EXIF orientation (anyres counts of the upright size); image stamps
 SAMPLES_FILE = "samples.arrow"
@@ -125,7 +124,7 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _prepare(folder: Path, files: list["_DataFile"], sources: list, how: Tokenization, num_proc: int) -> None:
+def _prepare(folder: Path, files: list[_DataFile], sources: list, how: Tokenization, num_proc: int) -> None:
     """Tokenize every data file into folder/samples.arrow, batch by batch, then write the report; the folder
     appears whole or not at all (a crash leaves only a .partial folder, which the next run replaces)."""
     started = time.perf_counter()
@@ -136,7 +135,8 @@ def _prepare(folder: Path, files: list["_DataFile"], sources: list, how: Tokeniz
     jobs = ((file, records) for file, where in zip(files, sources) for records in file.records(where))
     writer = datasets.arrow_writer.ArrowWriter(features=FEATURES, path=str(partial / SAMPLES_FILE))
     processes = 1
-    for batch, part, part_images, processes in _tokenized_jobs(jobs, how, num_proc):
+    # processes outlives the loop: the report records how many worker processes ran
+    for batch, part, part_images, processes in _tokenized_jobs(jobs, how, num_proc):  # noqa: B007
         if batch.num_rows:
             writer.write_table(pa.Table.from_batches([batch]))
         report.add(part)

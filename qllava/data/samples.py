@@ -21,7 +21,6 @@ from ..tokenizer import ids_and_offsets
 from ..vision import AnyresGeometry, ImageGeometry
 from .formats import Conversation, DataReport
 
-
 FEATURES = datasets.Features(
     {
         "id": datasets.Value("string"),

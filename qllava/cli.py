@@ -296,6 +296,8 @@ def cmd_plan(args) -> int:
     from . import console, plan
     from .recipe import load_recipe
 
+    if args.json:
+        console.tables_to_stderr()
     recipe = load_recipe(args.recipe, args.overrides)
     stages = recipe.stages(args.stage)
     result = plan.plan(recipe, args.gpu_memory, stages)
@@ -565,7 +567,7 @@ def _parser() -> argparse.ArgumentParser:
         "a card sold as 16 GB has 16GiB); G alone is refused as ambiguous",
     )
     pl.add_argument("--stage", choices=("1", "2", "all"), default="all", help=STAGE_HELP)
-    pl.add_argument("--json", action="store_true", help="also print one JSON object, last")
+    pl.add_argument("--json", action="store_true", help="print one JSON object on stdout (the tables go to stderr)")
     pl.add_argument(
         "--trace",
         action="store_true",

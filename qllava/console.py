@@ -19,6 +19,12 @@ if not console.is_terminal:  # logs and notebooks: wide enough for the summary t
     console.width = max(console.width, 140)
 
 
+def tables_to_stderr() -> None:
+    """Everything printed from here on goes to stderr: a command's --json leaves stdout to its one JSON object."""
+    global console
+    console = Console(highlight=False, stderr=True, width=console.width if not console.is_terminal else None)
+
+
 def say(message: str) -> None:
     console.print(message, soft_wrap=True, markup=False)  # messages quote sample ids and "[INST]"-like text
 
@@ -411,8 +417,8 @@ def print_plan(result: dict) -> None:
             table.add_row(label, *(f"{est['parts'].get(key, 0) / 2**30:.2f} GiB" for est in stages.values()))
     table.add_row("[bold]peak allocated", *(f"[bold]{est['peak_gib']:.2f} GiB" for est in stages.values()))
     table.add_row(
-        f"+ CUDA context ({result['cuda_context_gib']:.0f} GiB)",
-        *(f"{est['with_context_gib']:.2f} GiB" for est in stages.values()),
+        "+ CUDA context, cuBLAS, fragmentation",
+        *(f"{est['with_allowances_gib']:.2f} GiB" for est in stages.values()),
     )
     table.add_row(
         "verdict",

@@ -95,7 +95,7 @@ def build_image_processor(cfg: ModelConfig):
     shipped recipes' tower, the copy shipped with qllava when it is not cached (plans work offline)."""
     settings = dict(image_size=cfg.image_size, image_mean=cfg.image_mean, image_std=cfg.image_std)
     source = cfg.image_processor or cfg.llava or cfg.vision_tower
-    if source in PACKAGED_PREPROCESSORS and _local_folder(source) is None:
+    if source in PACKAGED_PREPROCESSORS and local_folder(source) is None:
         from importlib.resources import files
 
         import transformers
@@ -213,11 +213,12 @@ def empty_base_model(recipe: Recipe, processor: LlavaProcessor, dtype: str) -> L
 
 
 def _generation_config(name: str, config):
-    """The checkpoint's generation_config.json as from_pretrained reads it, else one from its config."""
+    """The checkpoint's generation_config.json as from_pretrained reads it from its folder or the hub cache, else
+    one from its config (a plan or trace of a checkpoint not downloaded yet makes no hub request)."""
     from transformers import GenerationConfig
 
     try:
-        return GenerationConfig.from_pretrained(name)
+        return GenerationConfig.from_pretrained(name, local_files_only=True)
     except OSError:
         return GenerationConfig.from_model_config(config)
 
@@ -246,7 +247,7 @@ def base_sources(recipe: Recipe, model) -> dict:
 
 
 def _checkpoint_folder(name: str) -> Path:
-    folder = _local_folder(name)
+    folder = local_folder(name)
     if folder is None:
         raise FileNotFoundError(f"{name}: no local folder or cached download holds this checkpoint")
     return folder
@@ -390,7 +391,7 @@ def base_fingerprint(cfg: ModelConfig) -> dict:
     """What identifies the base weights: per checkpoint, its files' names and sizes and a digest of their first
     and last MiB (enough to tell two checkpoints apart without reading gigabytes)."""
     roles = {"llava": cfg.llava} if cfg.llava else {"vision_tower": cfg.vision_tower, "decoder": cfg.decoder}
-    return {role: _folder_digest(_local_folder(name)) for role, name in roles.items()}
+    return {role: _folder_digest(local_folder(name)) for role, name in roles.items()}
 
 
 def check_base(stage_dir: Path, cfg: ModelConfig) -> None:
@@ -503,7 +504,8 @@ def _keep_4bit_trainable_on_cpu(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _local_folder(name: str) -> Path | None:
+def local_folder(name: str) -> Path | None:
+    """A checkpoint's folder on this machine: the path itself, or a hub id's cached snapshot; None if not here."""
     if Path(name).is_dir():
         return Path(name)
     try:  # a hub id: its cached snapshot, if any (never a download)

@@ -23,7 +23,11 @@ from .recipe import Recipe
 from .vision import output_size, tower_tokens
 
 GIB = 2**30
+MIB = 2**20
+# What a card adds to the tensors a training step holds (the trace adds the same; its ALLOWANCE_SOURCES say why).
 CUDA_CONTEXT = 1.0 * GIB
+CUBLAS_WORKSPACE = 2 * 32 * MIB
+FRAGMENTATION = 0.05
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZER_BYTES = {"adamw_torch": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}  # per trainable parameter
 # TRL's fused LM head never holds the logits: it scores tiles of HEAD_TILE_TOKENS positions x HEAD_TILE_VOCAB
@@ -135,13 +139,23 @@ def estimate(recipe: Recipe, stage: str, counts: Counts, tokens: int | None = No
     }
 
 
+def card_allowances(peak_bytes: float) -> dict[str, int]:
+    """What a card needs beside a step's tensors: the CUDA context, cuBLAS's workspaces, the caching allocator's
+    fragmentation (a share of the peak)."""
+    return {
+        "cuda_context": int(CUDA_CONTEXT),
+        "cublas_workspace": CUBLAS_WORKSPACE,
+        "fragmentation": int(FRAGMENTATION * peak_bytes),
+    }
+
+
 def plan(recipe: Recipe, gpu_memory_gib: float = 24.0, stages=("stage1", "stage2")) -> dict:
     counts = count_parameters(recipe)
-    budget = gpu_memory_gib * GIB - CUDA_CONTEXT
+    # the tensors' budget: what the card holds less the fixed allowances, less fragmentation's share of the peak
+    budget = (gpu_memory_gib * GIB - CUDA_CONTEXT - CUBLAS_WORKSPACE) / (1 + FRAGMENTATION)
     result = {
         "recipe": recipe.source,
         "gpu_memory_gib": gpu_memory_gib,
-        "cuda_context_gib": CUDA_CONTEXT / GIB,
         "counts": counts.__dict__,
         "lora_params": counts.lora,
         "projector_params": counts.projector,
@@ -153,11 +167,14 @@ def plan(recipe: Recipe, gpu_memory_gib: float = 24.0, stages=("stage1", "stage2
         per_token = (estimate(recipe, stage, counts, tokens + 1024)["peak_bytes"] - est["peak_bytes"]) / 1024
         fixed = est["peak_bytes"] - per_token * tokens
         max_tokens = int((budget - fixed) / per_token) if budget > fixed else 0
+        allowances = card_allowances(est["peak_bytes"])
+        with_allowances = est["peak_bytes"] + sum(allowances.values())
         est.update(
             peak_gib=est["peak_bytes"] / GIB,
-            with_context_gib=(est["peak_bytes"] + CUDA_CONTEXT) / GIB,
+            allowances_bytes=allowances,
+            with_allowances_gib=with_allowances / GIB,
             fits=est["peak_bytes"] <= budget,
-            headroom_gib=(budget - est["peak_bytes"]) / GIB,
+            headroom_gib=gpu_memory_gib - with_allowances / GIB,
             max_tokens_per_micro_batch=max_tokens,
         )
         result["stages"][stage] = est

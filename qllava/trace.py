@@ -33,10 +33,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import model as modeling
+from .plan import card_allowances
 from .recipe import Recipe
 
 GIB = 2**30
-MIB = 2**20
 STEPS = 2
 CATEGORIES = (
     "quantized_weights",
@@ -49,9 +49,6 @@ CATEGORIES = (
     "transient_at_peak",
 )
 # What a trace of tensors cannot see, on a CUDA card. Each value is an allowance, not a measurement.
-CUDA_CONTEXT = 1.0 * GIB
-CUBLAS_WORKSPACE = 2 * 32 * MIB
-FRAGMENTATION = 0.05
 ALLOWANCE_SOURCES = {
     "cuda_context": "CUDA context and kernel images, outside torch's allocator: 0.3-1 GiB by card and driver "
     "(lazy module loading); the plan's 1 GiB",
@@ -348,6 +345,8 @@ def fake_stage_model(recipe: Recipe, stage: str, device: str, fake):
 def stage_processor(cfg):
     """The processor training builds; when the decoder's tokenizer is not on this machine (a plan needs no download),
     a stand-in with the same vocabulary size, image token id and pad token kind: the trace needs those numbers only."""
+    if modeling.local_folder(cfg.llava or cfg.decoder) is None:  # not here: never a hub request (or its retries)
+        return offline_processor(cfg)
     try:
         return modeling.build_processor(cfg)
     except OSError:
@@ -695,12 +694,7 @@ def allowances_bytes(device: str, counts: Counts, text, shape, attn: str) -> dic
     """What a card adds to the traced peak (none on CPU, where the tracker's count is the whole story)."""
     if device == "cpu":
         return {}
-    parts = {
-        "cuda_context": int(CUDA_CONTEXT),
-        "cublas_workspace": CUBLAS_WORKSPACE,
-        "allocator_rounding": 512 * counts.peak_storages,
-        "fragmentation": int(FRAGMENTATION * counts.peak_bytes),
-    }
+    parts = card_allowances(counts.peak_bytes) | {"allocator_rounding": 512 * counts.peak_storages}
     if attn == "flash_attention_2":
         rows, width = shape
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads

@@ -88,9 +88,9 @@ def test_an_unknown_data_read_fails_naming_the_operator(tiny_recipe, monkeypatch
 def test_plan_trace_cli_prints_the_issue_keys(tiny_inputs, tmp_path, capsys):
     overrides = tiny_overrides(tiny_inputs, tmp_path / "run") + ['stage2.projector="fresh"']
     assert main(["plan", str(TINY_RECIPE), *overrides, "--stage", "1", "--trace", "--device", "cpu", "--json"]) == 0
-    out = capsys.readouterr().out
-    assert "traced peak" in out and "operator at the peak" in out
-    stage = json.loads(out.strip().splitlines()[-1])["stages"]["stage1"]
+    printed = capsys.readouterr()
+    assert "traced peak" in printed.err and "operator at the peak" in printed.err
+    stage = json.loads(printed.out)["stages"]["stage1"]
     assert {
         "traced_peak_bytes",
         "breakdown",
@@ -102,7 +102,7 @@ def test_plan_trace_cli_prints_the_issue_keys(tiny_inputs, tmp_path, capsys):
     assert stage["tokens_per_step"] == 4 * 256 and stage["traced_peak_bytes"] > 0
     epoch = stage["epoch"]  # an estimate per card, labelled, with where its token count comes from
     assert set(epoch["hours"]) == {"RTX 4090", "A100-40GB", "H100"} and "estimate" in epoch["label"]
-    assert "one epoch" in out and epoch["tokens"] > 0 and epoch["hours"]["RTX 4090"] >= epoch["hours"]["H100"]
+    assert "one epoch" in printed.err and epoch["tokens"] > 0 and epoch["hours"]["RTX 4090"] >= epoch["hours"]["H100"]
 
 
 def test_epoch_hours_follow_the_traced_flops():

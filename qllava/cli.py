@@ -296,42 +296,29 @@ def cmd_plan(args) -> int:
     from . import console, plan
     from .recipe import load_recipe
 
-    if args.json:
-        console.tables_to_stderr()
     recipe = load_recipe(args.recipe, args.overrides)
     stages = recipe.stages(args.stage)
-    result = plan.plan(recipe, args.gpu_memory, stages)
-    console.print_plan(result)
-    if args.trace:
-        from . import trace
+    with console.tables_to_stderr(args.json):
+        result = plan.plan(recipe, args.gpu_memory, stages)
+        console.print_plan(result)
+        if args.trace:
+            from . import trace
 
-        traced = trace.trace(recipe, stages, args.device, args.gpu_memory)
-        console.print_trace(traced, args.gpu_memory)
-        if args.json:
-            print(
-                json.dumps(
-                    {
-                        "recipe": result["recipe"],
-                        "gpu_memory_gib": args.gpu_memory,
-                        "device": args.device,
-                        "stages": traced,
-                    }
-                )
-            )
-        return 0
-    if args.json:
+            traced = trace.trace(recipe, stages, args.device, args.gpu_memory)
+            console.print_trace(traced, args.gpu_memory)
+    if args.json and args.trace:
         print(
             json.dumps(
-                {k: v for k, v in result.items() if k != "stages"}
-                | {
-                    "stages": {
-                        s: {k: v for k, v in e.items() if k != "parts"}
-                        | {"parts_gib": {k: round(v / 2**30, 3) for k, v in e["parts"].items()}}
-                        for s, e in result["stages"].items()
-                    }
-                }
+                {"recipe": result["recipe"], "gpu_memory_gib": args.gpu_memory, "device": args.device, "stages": traced}
             )
         )
+    elif args.json:
+        parts = {
+            s: {k: v for k, v in e.items() if k != "parts"}
+            | {"parts_gib": {k: round(v / 2**30, 3) for k, v in e["parts"].items()}}
+            for s, e in result["stages"].items()
+        }
+        print(json.dumps({k: v for k, v in result.items() if k != "stages"} | {"stages": parts}))
     return 0
 
 

@@ -19,10 +19,18 @@ if not console.is_terminal:  # logs and notebooks: wide enough for the summary t
     console.width = max(console.width, 140)
 
 
-def tables_to_stderr() -> None:
-    """Everything printed from here on goes to stderr: a command's --json leaves stdout to its one JSON object."""
+@contextmanager
+def tables_to_stderr(wanted: bool = True):
+    """Within it (when `wanted`), everything printed goes to stderr: a command's --json leaves stdout to its one
+    JSON object."""
     global console
-    console = Console(highlight=False, stderr=True, width=console.width if not console.is_terminal else None)
+    kept = console
+    if wanted:
+        console = Console(highlight=False, stderr=True, width=None if kept.is_terminal else kept.width)
+    try:
+        yield
+    finally:
+        console = kept
 
 
 def say(message: str) -> None:

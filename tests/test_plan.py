@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from qllava import plan
+from qllava import console, plan
 from qllava.cli import main
 from qllava.recipe import load_recipe
 
@@ -57,6 +57,7 @@ def test_plan_cli_prints_the_breakdown_and_json(capsys):
     printed = capsys.readouterr()
     assert "peak memory per training step on a 24 GiB card" in printed.err and "fits" in printed.err
     last = json.loads(printed.out)  # stdout holds the one JSON object, the tables go to stderr
+    assert not console.console.stderr  # and only while plan runs: what comes next prints to stdout again
     assert last["lora_params"] == 335_544_320 and last["projector_params"] == 20_979_712
     assert {"stage1_peak_gib", "stage2_peak_gib"} <= last.keys()
 

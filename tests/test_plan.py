@@ -79,6 +79,8 @@ def test_gpu_check_dry_run():
         ("vicuna", "stage2"),
     ]
     assert all(r["steps"] == 3 and r["tokens_per_s"] > 0 and r["nf4_linears"] == 14 for r in result["rows"])
+    # the same stage traced on fake tensors for the same rows, beside what the card measures (none on CPU)
+    assert all(0 < r["traced_gib"] < r["traced_with_allowances_gib"] for r in result["rows"])
 
 
 def test_gpu_check_llava_next_dry_run():
@@ -110,3 +112,5 @@ def test_gpu_check_meets_the_memory_targets():
     rows = {r["stage"]: r for r in json.loads(done.stdout.strip().splitlines()[-1])["rows"]}
     assert rows["stage2"]["peak_allocated_gib"] <= 16 and rows["stage1"]["peak_allocated_gib"] <= 10
     assert abs(rows["stage2"]["plan_error"]) <= 0.10
+    # the trace against torch.cuda.max_memory_allocated: the first card checks what the CPU tests cannot
+    assert all(abs(r["trace_error"]) <= 0.10 for r in rows.values())

@@ -109,6 +109,20 @@ def main() -> None:
     report(rows, card, peak)
 
 
+def stage_settings(args) -> dict:
+    """What both stages of every recipe here share: packed rows of --tokens, one per micro-batch, --steps steps."""
+    return {
+        "data": ["synthetic"],
+        "max_seq_len": args.tokens,
+        "per_device_train_batch_size": 1,
+        "max_steps": args.steps,
+        "logging_steps": 1,
+        "save_steps": 0,
+        "gradient_checkpointing": True,
+        "warmup_ratio": 0.0,
+    }
+
+
 def write_recipe(folder: Path, name: str, args):
     """Config-only checkpoint folders (and a tokenizer) for the plan and the processor; no weights."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig
@@ -128,16 +142,7 @@ def write_recipe(folder: Path, name: str, args):
         size={"shortest_edge": vision.image_size}, crop_size={"height": vision.image_size, "width": vision.image_size}
     ).save_pretrained(folder / "vision")
     dtype = "float32" if args.dry_run else "bfloat16"
-    stage = {
-        "data": ["synthetic"],
-        "max_seq_len": args.tokens,
-        "per_device_train_batch_size": 1,
-        "max_steps": args.steps,
-        "logging_steps": 1,
-        "save_steps": 0,
-        "gradient_checkpointing": True,
-        "warmup_ratio": 0.0,
-    }
+    stage = stage_settings(args)
     return recipe_from_dict(
         {
             "model": {"vision_tower": str(folder / "vision"), "decoder": str(folder / "decoder"), "dtype": dtype},
@@ -192,17 +197,7 @@ def write_next_recipe(folder: Path, args):
         image_token="<image>",
     ).save_pretrained(folder / "llava")
     dtype = "float32" if args.dry_run else "bfloat16"
-    stage = {
-        "data": ["synthetic"],
-        "max_seq_len": args.tokens,
-        "per_device_train_batch_size": 1,
-        "max_steps": args.steps,
-        "logging_steps": 1,
-        "save_steps": 0,
-        "gradient_checkpointing": True,
-        "warmup_ratio": 0.0,
-        "image_aspect_ratio": "anyres",
-    }
+    stage = stage_settings(args) | {"image_aspect_ratio": "anyres"}
     return recipe_from_dict(
         {
             "model": {"llava": str(folder / "llava"), "dtype": dtype},

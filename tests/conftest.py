@@ -39,7 +39,7 @@ def tiny_inputs(tmp_path_factory):
 
 
 def tiny_overrides(root: Path, run_dir: Path, decoder: str = "mistral") -> list[str]:
-    """Overrides that point recipes/tiny_demo.toml at the session's tiny inputs, with short stages."""
+    """Overrides that point recipes/tiny_demo.toml at the test run's tiny inputs, with short stages."""
     shapes = root / "shapes"
     return [
         f'synthetic.data_dir="{shapes}"',
@@ -76,7 +76,7 @@ def next_inputs(tmp_path_factory):
 
 
 def next_recipe(root: Path, run: Path, *extra: str):
-    """recipes/tiny_next.toml pointed at the session's tiny LLaVA-NeXT inputs."""
+    """recipes/tiny_next.toml pointed at the test run's tiny LLaVA-NeXT inputs."""
     from qllava.recipe import load_recipe
 
     shapes = root / "shapes"
@@ -174,7 +174,7 @@ def smollm2_dir():
 
 
 def stage2_recipe(root: Path, decoder: Path, tower: Path, run_dir: Path, *extra: str):
-    """The tiny recipe on the session's shapes data with another decoder and vision tower, read from the folders
+    """The tiny recipe on the test run's shapes data with another decoder and vision tower, read from the folders
     given (no [synthetic] step), for a short stage 2 from a fresh projector: LoRA + projector only, as the 7B
     recipes train (no modules_to_save)."""
     from qllava.recipe import load_recipe
